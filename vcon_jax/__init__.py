@@ -1,0 +1,47 @@
+"""vcon_jax: Vanishing Contributions for JAX/Flax.
+
+Turn a trained network into a pruned, quantised or low-rank one smoothly: every selected
+weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 0.
+"""
+
+from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
+from vcon_jax._checkpoint import CheckpointManager, restore, save
+from vcon_jax._low_rank import low_rank, svd_factors
+from vcon_jax._paths import DEFAULT_EXCLUDE
+from vcon_jax._prune import magnitude_mask, prune, topk_mask
+from vcon_jax._quantize import binarize, quantize, quantize_values
+from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
+from vcon_jax._train import TrainState, TrainStep, make_train_step, softmax_cross_entropy
+from vcon_jax._transform import Transform, TransformState, chain, compress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointManager",
+    "DEFAULT_EXCLUDE",
+    "TrainState",
+    "TrainStep",
+    "Transform",
+    "TransformState",
+    "binarize",
+    "blend_outputs",
+    "blend_weights",
+    "chain",
+    "compress",
+    "constant",
+    "cosine_vanish",
+    "linear_vanish",
+    "low_rank",
+    "magnitude_mask",
+    "make_train_step",
+    "output_blend_apply",
+    "polynomial_ramp",
+    "prune",
+    "quantize",
+    "quantize_values",
+    "restore",
+    "save",
+    "softmax_cross_entropy",
+    "svd_factors",
+    "topk_mask",
+]

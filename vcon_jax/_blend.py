@@ -1,0 +1,48 @@
+"""Output-space blending: the "two models in parallel" reference form.
+
+The train step blends in weight space (one forward pass). This module runs the dense and
+the compressed model separately and blends their outputs, as the method is stated; it is
+the checked reference (for a layer linear in its weights both agree) and the naive
+baseline of the overhead benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vcon_jax._transform import Transform, TransformState, compress
+
+
+def blend_outputs(apply_fn: Callable[[Any, Any], jax.Array], params: Any,
+                  compressed_params: Any, beta: Any, inputs: Any) -> jax.Array:
+  r"""``beta * f(params, x) + (1 - beta) * f(compressed_params, x)``.
+
+  .. math:: \bar g_\beta(x) = \beta f(x) + (1 - \beta) g(x)
+
+  Args:
+    apply_fn: ``(params, inputs) -> outputs``.
+    params, compressed_params: the dense and compressed parameter trees.
+    beta: blend factor in ``[0, 1]``.
+    inputs: the model inputs.
+  """
+  beta = jnp.asarray(beta, jnp.float32)
+  dense = apply_fn(params, inputs)
+  comp = apply_fn(compressed_params, inputs)
+  return beta * dense + (1.0 - beta) * comp
+
+
+def blend_weights(transform: Transform, params: Any, state: TransformState, beta: Any,
+                  count: Any = 0) -> Any:
+  """The weight-space blend ``beta * W + (1 - beta) * C(W)`` of every selected leaf."""
+  return transform.apply(params, state, beta, count, True)
+
+
+def output_blend_apply(apply_fn: Callable, transform: Transform, params: Any,
+                       state: TransformState, beta: Any, inputs: Any, count: Any = 0
+                       ) -> jax.Array:
+  """Output-space VCON forward (two passes), for comparison with the weight-space one."""
+  return blend_outputs(apply_fn, params, compress(transform, params, state, count), beta,
+                       inputs)

@@ -1,0 +1,191 @@
+"""Magnitude pruning: per layer, per output neuron, per group, or n:m.
+
+The mask keeps the largest ``|w|`` of each group. Finding the k-th largest magnitude by
+sorting costs O(L log L) per step; instead we bisect on the float32 bit pattern of ``|w|``
+(non-negative floats order like their int32 bits), 32 vectorised count passes, which gives
+the *exact* k-th value on CPU, GPU and TPU alike. Ties at the threshold are broken by index
+so exactly ``k`` weights are kept per group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vcon_jax import _paths
+from vcon_jax._transform import LeafRule, Transform, leafwise
+
+GRANULARITIES = ("layer", "neuron", "group")
+_INF_BITS = 0x7F800000
+
+
+def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
+  """Boolean mask of the ``k`` largest entries of each row of ``scores`` (G, L).
+
+  Args:
+    scores: non-negative values, shape ``(groups, group_size)``.
+    k: how many to keep per row (int or traced integer scalar), ``0 <= k <= L``.
+
+  Returns:
+    ``bool`` array of the shape of ``scores`` with exactly ``k`` ``True`` per row; among
+    equal values the lower indices are kept.
+  """
+  bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+  g = bits.shape[0]
+  k = jnp.asarray(k, jnp.int32)
+
+  def body(_, carry):
+    lo, hi = carry  # invariant: count(bits > lo) >= k > count(bits > hi)
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(bits > mid[:, None], axis=1, dtype=jnp.int32) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo0 = jnp.full((g,), -1, jnp.int32)
+  hi0 = jnp.full((g,), _INF_BITS, jnp.int32)
+  _, kth = lax.fori_loop(0, 32, body, (lo0, hi0))
+  greater = bits > kth[:, None]
+  ties = bits == kth[:, None]
+  need = k - jnp.sum(greater, axis=1, keepdims=True, dtype=jnp.int32)
+  return greater | (ties & (jnp.cumsum(ties, axis=1, dtype=jnp.int32) <= need))
+
+
+def _groups(shape, granularity, group_size):
+  """Returns (to_rows, from_rows) reshaping a kernel into (groups, group_len) rows."""
+  fan_in, fan_out = _paths.matricize_shape(shape)
+
+  if granularity == "layer":
+    return (lambda x: x.reshape(1, -1)), (lambda r: r.reshape(shape))
+
+  def to_rows(x):
+    cols = x.reshape(fan_in, fan_out).T  # (fan_out, fan_in): one row per output unit
+    return cols if granularity == "neuron" else cols.reshape(-1, group_size)
+
+  def from_rows(r):
+    return r.reshape(fan_out, fan_in).T.reshape(shape)
+
+  return to_rows, from_rows
+
+
+def _keep_count(group_len: int, sparsity: Any, n: int | None) -> Any:
+  if n is not None:
+    return n
+  if isinstance(sparsity, (int, float)):
+    return group_len - int(round(sparsity * group_len))
+  pruned = jnp.round(jnp.asarray(sparsity, jnp.float32) * group_len).astype(jnp.int32)
+  return group_len - pruned
+
+
+def magnitude_mask(w: jax.Array, sparsity: Any, granularity: str = "layer",
+                   group_size: int | None = None, n: int | None = None) -> jax.Array:
+  """Boolean mask keeping the largest ``|w|``: ``round((1 - sparsity) * L)`` per group."""
+  to_rows, from_rows = _groups(w.shape, granularity, group_size)
+  rows = to_rows(jnp.abs(w))
+  k = _keep_count(rows.shape[1], sparsity, n)
+  return from_rows(topk_mask(rows, k))
+
+
+def _check_int(name, value, low, allow_none=False):
+  if allow_none and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}"
+                     f"{' or None' if allow_none else ''}, got {value!r}.")
+
+
+def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer",
+          group_size: int | None = None, n: int | None = None, m: int | None = None,
+          update_every: int | None = 1, where: str | None = None,
+          exclude: str | None = None) -> Transform:
+  r"""Magnitude pruning with a straight-through gradient.
+
+  .. math:: C(W) = W \odot M(|W|), \quad \partial C / \partial W := I
+
+  Args:
+    sparsity: fraction of weights zeroed per group, in ``[0, 1)``; or a schedule
+      ``count -> sparsity`` (e.g. :func:`vcon_jax.polynomial_ramp`) for gradual pruning.
+    granularity: ``"layer"`` (one threshold per tensor), ``"neuron"`` (per output unit, i.e.
+      per last-axis slice) or ``"group"`` (blocks of ``group_size`` consecutive inputs of
+      each output unit).
+    group_size: block length for ``granularity="group"``.
+    n, m: n:m structured sparsity: keep ``n`` of every ``m`` consecutive inputs of each
+      output unit (e.g. ``n=2, m=4``). Exclusive with ``sparsity``.
+    update_every: recompute the mask every this many optimiser steps (1: online, as in the
+      paper); ``None``: a fixed mask computed once from the initial weights. With values
+      above 1 the mask is stored in the transform state and refreshed in ``update``.
+    where, exclude: regexes selecting leaves by path (default: all kernels with
+      ``ndim >= 2`` except embeddings).
+
+  Returns:
+    A :class:`Transform`.
+
+  >>> import vcon_jax as vj
+  >>> t = vj.prune(sparsity=0.9)
+  >>> t = vj.prune(n=2, m=4)
+  """
+  if (n is None) != (m is None):
+    raise ValueError(f"n:m pruning needs both n and m, got n={n!r}, m={m!r}.")
+  if n is not None:
+    if sparsity is not None:
+      raise ValueError(f"Pass either sparsity or n and m, not both (got sparsity="
+                       f"{sparsity!r}, n={n!r}, m={m!r}).")
+    _check_int("n", n, 0)
+    _check_int("m", m, 1)
+    if n > m:
+      raise ValueError(f"n:m pruning keeps n of every m weights, so n <= m is required; "
+                       f"got n={n}, m={m}.")
+    granularity, group_size = "group", m
+  else:
+    if sparsity is None:
+      raise ValueError("prune() needs sparsity in [0, 1) (or a schedule), or n and m.")
+    if not callable(sparsity):
+      if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
+          0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be a number in [0, 1) or a schedule, got "
+                         f"{sparsity!r}.")
+    if granularity not in GRANULARITIES:
+      raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    if granularity == "group":
+      _check_int("group_size", group_size, 1)
+  _check_int("update_every", update_every, 1, allow_none=True)
+
+  def sparsity_at(count):
+    return sparsity(count) if callable(sparsity) else sparsity
+
+  def mask_of(w, count):
+    return magnitude_mask(lax.stop_gradient(w), sparsity_at(count), granularity,
+                          group_size, n)
+
+  stored = update_every != 1
+
+  def init(path, w):
+    if granularity == "group":
+      fan_in, _ = _paths.matricize_shape(w.shape)
+      if fan_in % group_size:
+        what = f"m={m}" if n is not None else f"group_size={group_size}"
+        raise ValueError(f"{what} must divide the input size of every selected leaf; "
+                         f"{path} has shape {tuple(w.shape)} (input size {fan_in}).")
+    return None, (mask_of(w, 0) if stored else None)
+
+  def compress(w, trainable, mask, count, exact):
+    if mask is None:
+      mask = mask_of(w, count)
+    c = jnp.where(mask, w, jnp.zeros_like(w))
+    return c if exact else w + lax.stop_gradient(c - w)
+
+  def update(w, trainable, mask, count):
+    if update_every is None:
+      return mask
+    return lax.cond(count % update_every == 0, lambda: mask_of(w, count), lambda: mask)
+
+  def describe(w, count):
+    if n is not None:
+      return {"pattern": f"{n}:{m}", "sparsity": 1.0 - n / m}
+    return {"granularity": granularity,
+            "sparsity": float(sparsity_at(count)) if not callable(sparsity) else
+            float(sparsity(count))}
+
+  return leafwise(LeafRule(init, compress, update if stored else None, describe),
+                  where=where, exclude=exclude, name="prune")

@@ -1,0 +1,98 @@
+"""Beta schedules (1 -> 0) and ramps for the gradual baselines; optax-compatible.
+
+Every schedule is a plain function ``count -> value`` made of ``jnp`` ops, so any optax
+schedule works where a beta schedule is expected. Arguments are validated when the
+factory is called.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+Schedule = Callable
+
+
+def _check_steps(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+
+
+def linear_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
+  r"""The paper's schedule: ``beta_t = clip(1 - (t - begin) / Q, 0, 1)``.
+
+  Reaches exactly 0 at ``t = begin + Q`` and stays there; ``Q = 0`` is the post-shot
+  baseline (beta is 0 from the first step).
+
+  .. math:: \beta_t = \max(1 - t / Q, 0)
+
+  >>> import vcon_jax as vj
+  >>> float(vj.linear_vanish(transition_steps=10)(5))
+  0.5
+  """
+  _check_steps("transition_steps", transition_steps)
+  _check_steps("begin_step", begin_step)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32) - begin_step
+    if transition_steps == 0:
+      return jnp.where(t >= 0, 0.0, 1.0).astype(jnp.float32)
+    return jnp.clip(1.0 - t / transition_steps, 0.0, 1.0)
+
+  return schedule
+
+
+def cosine_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
+  r"""Half-cosine from 1 to 0 over ``transition_steps``, then 0.
+
+  .. math:: \beta_t = \tfrac12 (1 + \cos(\pi \min(t / Q, 1)))
+
+  >>> import vcon_jax as vj
+  >>> float(vj.cosine_vanish(transition_steps=10)(10))
+  0.0
+  """
+  _check_steps("transition_steps", transition_steps)
+  _check_steps("begin_step", begin_step)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32) - begin_step
+    if transition_steps == 0:
+      return jnp.where(t >= 0, 0.0, 1.0).astype(jnp.float32)
+    p = jnp.clip(t / transition_steps, 0.0, 1.0)
+    return jnp.where(p >= 1.0, 0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * p)))
+
+  return schedule
+
+
+def polynomial_ramp(final: float, begin_step: int, end_step: int, initial: float = 0.0,
+                    power: float = 3.0) -> Schedule:
+  r"""Zhu and Gupta's gradual ramp (cubic by default), e.g. sparsity 0 -> 0.9.
+
+  .. math:: s_t = s_f + (s_i - s_f) (1 - \mathrm{clip}((t - t_0) / (t_1 - t_0), 0, 1))^p
+
+  >>> import vcon_jax as vj
+  >>> float(vj.polynomial_ramp(0.9, 0, 100)(100))
+  0.9
+  """
+  _check_steps("begin_step", begin_step)
+  _check_steps("end_step", end_step)
+  if end_step < begin_step:
+    raise ValueError(f"end_step must be >= begin_step, got begin_step={begin_step}, "
+                     f"end_step={end_step}.")
+  if power <= 0:
+    raise ValueError(f"power must be > 0, got {power!r}.")
+  span = max(end_step - begin_step, 1)
+
+  def schedule(count):
+    p = jnp.clip((jnp.asarray(count, jnp.float32) - begin_step) / span, 0.0, 1.0)
+    if end_step == begin_step:
+      p = jnp.where(jnp.asarray(count) >= begin_step, 1.0, 0.0)
+    return final + (initial - final) * (1.0 - p) ** power
+
+  return schedule
+
+
+def constant(value: float) -> Schedule:
+  """A constant schedule (``constant(0.0)`` is the gradual baselines' beta)."""
+  return lambda count: jnp.asarray(value, jnp.float32)

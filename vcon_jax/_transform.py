@@ -1,0 +1,212 @@
+"""The transform abstraction: pure functions from dense params to compressed params.
+
+A :class:`Transform` is an optax-style ``NamedTuple`` of pure functions. Its state is a
+:class:`TransformState` pytree the caller holds (and checkpoints): ``trainable`` is trained
+by the optimiser together with the params (low-rank factors), ``aux`` is not (stored masks).
+Both are dicts keyed by leaf path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vcon_jax import _paths
+
+Params = Any
+
+
+class TransformState(NamedTuple):
+  """State of a transform: ``trainable`` (optimised) and ``aux`` (not differentiated)."""
+
+  trainable: Any
+  aux: Any
+
+
+class Transform(NamedTuple):
+  """A compression transform (see :func:`vcon_jax.prune` and friends).
+
+  Attributes:
+    init: ``params -> TransformState``. Validates the selection (raises ``ValueError``).
+    apply: ``(params, state, beta, count=0, exact=False) -> params``: every selected leaf
+      ``w`` becomes ``beta * w + (1 - beta) * C(w)``. With ``exact=False`` the result carries
+      training gradients (straight-through for prune/quantize); with ``exact=True`` it is
+      computed without the straight-through trick, so at ``beta = 0`` it holds exactly the
+      compressed values (for export and evaluation).
+    update: ``(params, state, count) -> state``: non-gradient state update after each
+      optimiser step (e.g. recomputing a stored mask every ``update_every`` steps).
+    select: ``(path, leaf) -> bool``: which leaves the transform compresses.
+    describe: ``(path, leaf, state, count) -> dict`` of the leaf's compression settings.
+  """
+
+  init: Callable[[Params], TransformState]
+  apply: Callable[..., Params]
+  update: Callable[[Params, TransformState, Any], TransformState]
+  select: Callable[[str, Any], bool]
+  describe: Callable[..., dict]
+
+
+class LeafRule(NamedTuple):
+  """How one kind of compression acts on a single selected leaf.
+
+  ``init(path, w) -> (trainable, aux)`` (either may be ``None``);
+  ``compress(w, trainable, aux, count, exact) -> c`` where, for ``exact=False``, ``c``
+  carries the gradient the method wants (``w + stop_gradient(C(w) - w)`` for
+  straight-through); ``update(w, trainable, aux, count) -> aux`` or ``None``;
+  ``describe(w, count) -> dict``.
+  """
+
+  init: Callable
+  compress: Callable
+  update: Callable | None
+  describe: Callable
+
+
+def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
+  """``beta * w + (1 - beta) * c`` in ``w``'s dtype (a Python 0 or 1 short-circuits)."""
+  if isinstance(beta, (int, float)):
+    if beta == 0:
+      return c.astype(w.dtype)
+    if beta == 1:
+      return w
+  beta = jnp.asarray(beta, jnp.float32)
+  out = beta * w.astype(jnp.float32) + (1.0 - beta) * c.astype(jnp.float32)
+  return out.astype(w.dtype)
+
+
+def _no_match_error(where_desc: str, params: Params) -> ValueError:
+  paths = [f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in _paths.leaf_paths(params)]
+  shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
+  return ValueError(
+      f"{where_desc} selects no parameter to compress. Selection matches `re.search` "
+      f"against leaf paths; the params have: {shown}.")
+
+
+def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
+             name: str) -> Transform:
+  """Builds a :class:`Transform` applying ``rule`` to every selected leaf."""
+  select = _paths.make_selector(where, exclude)
+  where_desc = (f"{name}(where={where!r}, exclude={exclude!r})")
+
+  def init(params: Params) -> TransformState:
+    trainable, aux = {}, {}
+    for path, leaf in _paths.leaf_paths(params):
+      if not select(path, leaf):
+        continue
+      tr, ax = rule.init(path, leaf)
+      if tr is not None:
+        trainable[path] = tr
+      if ax is not None:
+        aux[path] = ax
+    if not any(select(p, l) for p, l in _paths.leaf_paths(params)):
+      raise _no_match_error(where_desc, params)
+    return TransformState(trainable, aux)
+
+  def apply(params, state, beta, count=0, exact=False):
+    def one(path, leaf):
+      p = _paths.path_str(path)
+      if not select(p, leaf):
+        return leaf
+      c = rule.compress(leaf, state.trainable.get(p), state.aux.get(p), count, exact)
+      return blend(leaf, c, beta)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+  def update(params, state, count):
+    if rule.update is None:
+      return state
+    flat = dict(_paths.leaf_paths(params))
+    aux = {p: rule.update(flat[p], state.trainable.get(p), a, count)
+           for p, a in state.aux.items()}
+    return TransformState(state.trainable, aux)
+
+  def describe(path, leaf, state, count=0):
+    if not select(path, leaf):
+      return {}
+    return {"transform": name, **rule.describe(leaf, count)}
+
+  return Transform(init, apply, update, select, describe)
+
+
+def _validate_schedule(name: str, schedule: Any) -> None:
+  if schedule is not None and not callable(schedule):
+    raise ValueError(f"{name} must be a callable schedule (count -> beta) or None, got "
+                     f"{schedule!r}.")
+
+
+def chain(*transforms: Transform, schedules: Any = None) -> Transform:
+  """Composes transforms: ``C = C_n o ... o C_1``.
+
+  Without ``schedules`` one beta blends the dense weight with the fully compressed one,
+  ``beta * w + (1 - beta) * C_n(...C_1(w))``. With ``schedules`` (one per member, ``None``
+  meaning "use the train step's beta"), member ``i`` blends its own input with its output
+  using ``schedules[i](count)``, so each compression vanishes in on its own timetable.
+
+  >>> import vcon_jax as vj
+  >>> t = vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=8))
+  """
+  if not transforms:
+    raise ValueError("chain() needs at least one transform, got none.")
+  for i, t in enumerate(transforms):
+    if not isinstance(t, Transform):
+      raise ValueError(f"chain() member {i} must be a vcon_jax Transform (from prune, "
+                       f"quantize, binarize, low_rank, chain), got {type(t).__name__}.")
+  if schedules is not None:
+    schedules = tuple(schedules)
+    if len(schedules) != len(transforms):
+      raise ValueError(f"chain(schedules=...) needs one schedule (or None) per member: "
+                       f"{len(transforms)} members, {len(schedules)} schedules.")
+    for i, s in enumerate(schedules):
+      _validate_schedule(f"chain schedules[{i}]", s)
+
+  def select(path, leaf):
+    return any(t.select(path, leaf) for t in transforms)
+
+  def init(params):
+    states, x = [], params
+    for t in transforms:
+      s = t.init(x)
+      states.append(s)
+      x = t.apply(x, s, 0.0, 0, True)
+    return TransformState(tuple(s.trainable for s in states), tuple(s.aux for s in states))
+
+  def member_states(state):
+    return [TransformState(tr, ax) for tr, ax in zip(state.trainable, state.aux)]
+
+  def apply(params, state, beta, count=0, exact=False):
+    x = params
+    if schedules is not None:
+      for t, s, sched in zip(transforms, member_states(state), schedules):
+        x = t.apply(x, s, beta if sched is None else sched(count), count, exact)
+      return x
+    for t, s in zip(transforms, member_states(state)):
+      x = t.apply(x, s, 0.0, count, exact)
+    def one(path, w, c):
+      return blend(w, c, beta) if select(_paths.path_str(path), w) else w
+    return jax.tree_util.tree_map_with_path(one, params, x)
+
+  def update(params, state, count):
+    new, x = [], params
+    for t, s in zip(transforms, member_states(state)):
+      s = t.update(x, s, count)
+      new.append(s)
+      x = t.apply(x, s, 0.0, count, True)
+    return TransformState(tuple(s.trainable for s in new), tuple(s.aux for s in new))
+
+  def describe(path, leaf, state, count=0):
+    parts = [t.describe(path, leaf, s, count)
+             for t, s in zip(transforms, member_states(state))]
+    merged = {}
+    for d in parts:
+      for k, v in d.items():
+        merged[k] = f"{merged[k]}+{v}" if k == "transform" and k in merged else v
+    return merged
+
+  return Transform(init, apply, update, select, describe)
+
+
+def compress(transform: Transform, params: Params, state: TransformState,
+             count: Any = 0) -> Params:
+  """The exact compressed view (``beta = 0``), same tree as ``params``."""
+  return transform.apply(params, state, 0.0, count, True)

@@ -1,0 +1,67 @@
+"""Flax NNX classifiers for the compression experiments, and a name registry.
+
+All models take ``rngs: nnx.Rngs``, return logits, and switch between training and
+evaluation with ``model.train()`` / ``model.eval()`` (Dropout and BatchNorm). Weight maps
+are ``kernel`` leaves with ``ndim >= 2``; lookup tables are named ``embed``,
+``pos_embedding`` or ``cls_token``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from vcon_jax.models.cnn import CNN
+from vcon_jax.models.mlp import MLP
+from vcon_jax.models.transformer import (
+    FeedForward,
+    MultiHeadSelfAttention,
+    TextTransformer,
+    TransformerBlock,
+    ViT,
+)
+
+#: Registry of model constructors by name.
+MODELS: dict[str, type[nnx.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "vit": ViT,
+    "transformer": TextTransformer,
+}
+
+
+def get_model(name: str, **kwargs: Any) -> nnx.Module:
+  """Builds a registered model.
+
+  Args:
+    name: One of the keys of :data:`MODELS` (``"mlp"``, ``"cnn"``, ``"vit"``,
+      ``"transformer"``).
+    **kwargs: Constructor arguments of the model. ``rngs`` defaults to ``nnx.Rngs(0)``;
+      an ``int`` is taken as a seed.
+
+  Returns:
+    The initialised model (in training mode, as NNX modules start).
+
+  Raises:
+    ValueError: If ``name`` is not registered.
+  """
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; valid names are: {', '.join(sorted(MODELS))}.")
+  rngs = kwargs.pop("rngs", 0)
+  if isinstance(rngs, int):
+    rngs = nnx.Rngs(rngs)
+  return MODELS[name](**kwargs, rngs=rngs)
+
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "MODELS",
+    "FeedForward",
+    "MultiHeadSelfAttention",
+    "TextTransformer",
+    "TransformerBlock",
+    "ViT",
+    "get_model",
+]
