@@ -6,23 +6,18 @@ weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 
 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
 from vcon_jax._checkpoint import CheckpointManager, restore, save
+from vcon_jax._export import CompressedModel, Summary, export, load_compressed, summary
 from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._train import TrainState, TrainStep, make_train_step, softmax_cross_entropy
-from vcon_jax._transform import Transform, TransformState, chain, compress
+from vcon_jax._transform import Transform, TransformState, chain, compress, identity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointManager",
-    "DEFAULT_EXCLUDE",
-    "TrainState",
-    "TrainStep",
-    "Transform",
-    "TransformState",
     "binarize",
     "blend_outputs",
     "blend_weights",
@@ -30,7 +25,11 @@ __all__ = [
     "compress",
     "constant",
     "cosine_vanish",
+    "export",
+    "DEFAULT_EXCLUDE",
+    "identity",
     "linear_vanish",
+    "load_compressed",
     "low_rank",
     "magnitude_mask",
     "make_train_step",
@@ -42,6 +41,14 @@ __all__ = [
     "restore",
     "save",
     "softmax_cross_entropy",
+    "summary",
     "svd_factors",
     "topk_mask",
+    "CheckpointManager",
+    "CompressedModel",
+    "Summary",
+    "TrainState",
+    "TrainStep",
+    "Transform",
+    "TransformState",
 ]

@@ -21,6 +21,8 @@ class ModelAdapter(NamedTuple):
   split: Callable[[Any], tuple[Any, Any]]  # user params -> (params dict, model_state)
   apply: Callable[..., tuple[jax.Array, Any]]
   wrap_params: Callable[[Any], Any]  # params dict -> the tree type the user's model takes
+  # (params dict, model_state) -> NNX: the module, updated in place; Linen: variables dict
+  assign: Callable[[Any, Any], Any]
 
 
 def _is_key(x) -> bool:
@@ -57,7 +59,8 @@ def linen_adapter(model: nn.Module, train_kwargs: dict, eval_kwargs: dict) -> Mo
       return logits, dict(new_state)
     return model.apply(variables, inputs, rngs=rngs, **kwargs), model_state
 
-  return ModelAdapter("linen", split, apply, lambda p: p)
+  return ModelAdapter("linen", split, apply, lambda p: p,
+                      lambda params, model_state: {"params": params, **model_state})
 
 
 def nnx_adapter(model: nnx.Module) -> ModelAdapter:
@@ -91,7 +94,13 @@ def nnx_adapter(model: nnx.Module) -> ModelAdapter:
     nnx.replace_by_pure_dict(state, pure)
     return state
 
-  return ModelAdapter("nnx", split, apply, wrap_params)
+  def assign(params, model_state):
+    rest = jax.tree.map(lambda x: x, rest0)
+    nnx.replace_by_pure_dict(rest, _data_to_keys(model_state, rest_template))
+    nnx.update(model, wrap_params(params), rest)
+    return model
+
+  return ModelAdapter("nnx", split, apply, wrap_params, assign)
 
 
 def make_adapter(model: Any, train_kwargs: dict | None, eval_kwargs: dict | None

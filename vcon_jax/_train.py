@@ -62,7 +62,10 @@ class TrainStep:
 
   def __init__(self, model, transform, schedule, optimizer, loss_fn, mesh, axis_name,
                seed, train_kwargs, eval_kwargs, distill_weight, distill_temperature,
-               donate, input_key, label_key):
+               donate, input_key, label_key, blend="weights"):
+    if blend not in ("weights", "outputs"):
+      raise ValueError(f"blend must be 'weights' (one forward pass) or 'outputs' (dense "
+                       f"and compressed passes, outputs blended), got {blend!r}.")
     if not isinstance(transform, Transform):
       raise ValueError(f"transform must be a vcon_jax Transform (prune, quantize, "
                        f"binarize, low_rank, chain), got {type(transform).__name__}.")
@@ -95,6 +98,7 @@ class TrainStep:
       raise ValueError(f"distill_temperature must be > 0, got {distill_temperature!r}.")
 
     self.model = model
+    self.blend = blend
     self.transform = transform
     self.schedule = schedule
     self.optimizer = optimizer
@@ -174,8 +178,15 @@ class TrainStep:
 
     def loss_of(trainable):
       tstate = TransformState(trainable["transform"], aux_state)
-      blended = self.transform.apply(trainable["params"], tstate, beta, count)
-      logits, new_ms = self.adapter.apply(blended, state.model_state, inputs, rng, True)
+      if self.blend == "weights":
+        blended = self.transform.apply(trainable["params"], tstate, beta, count)
+        logits, new_ms = self.adapter.apply(blended, state.model_state, inputs, rng, True)
+      else:  # the reference form: two forward passes, outputs blended
+        comp = self.transform.apply(trainable["params"], tstate, 0.0, count)
+        dense, _ = self.adapter.apply(trainable["params"], state.model_state, inputs, rng,
+                                      True)
+        logits, new_ms = self.adapter.apply(comp, state.model_state, inputs, rng, True)
+        logits = beta * dense + (1.0 - beta) * logits
       out = self.loss_fn(logits, batch)
       loss, extra = out if isinstance(out, tuple) else (out, {})
       if self.distill_weight > 0:
@@ -251,6 +262,16 @@ class TrainStep:
     """
     return self.adapter.wrap_params(self._compressed(state))
 
+  def update_model(self, state: TrainState, *, compressed: bool = True) -> Any:
+    """The trained model: compressed (default) or dense params plus the model state.
+
+    NNX: updates the module given to :func:`make_train_step` in place (weights *and*
+    BatchNorm statistics, which ``compressed_params`` alone would leave stale) and returns
+    it. Linen: returns the variables dict ``{'params': ..., 'batch_stats': ...}``.
+    """
+    params = self._compressed(state) if compressed else state.params
+    return self.adapter.assign(jax.device_get(params), jax.device_get(state.model_state))
+
   def blended_params(self, state: TrainState, beta: float | None = None) -> Any:
     """The weights the forward pass uses at ``beta`` (default: the schedule's current)."""
     beta = self.schedule(state.step) if beta is None else beta
@@ -290,7 +311,7 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
                     train_kwargs: dict | None = None, eval_kwargs: dict | None = None,
                     distill_weight: float = 0.0, distill_temperature: float = 1.0,
                     donate: bool = True, input_key: str = "inputs",
-                    label_key: str = "labels") -> TrainStep:
+                    label_key: str = "labels", blend: str = "weights") -> TrainStep:
   r"""Builds the VCON train step for a Flax model.
 
   Args:
@@ -316,6 +337,9 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
     donate: donate the input state's buffers to the step (saves memory; the old state
       must not be reused).
     input_key, label_key: batch keys.
+    blend: ``'weights'`` (default): one forward pass with ``beta * W + (1 - beta) * C(W)``;
+      ``'outputs'``: the reference form, dense and compressed forward passes with their
+      logits blended (equal for layers linear in ``W``; about twice the cost).
 
   Returns:
     A :class:`TrainStep`: ``state = step.init(params)``, ``state, metrics = step(state,
@@ -330,4 +354,4 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
   """
   return TrainStep(model, transform, schedule, optimizer, loss_fn, mesh, axis_name, seed,
                    train_kwargs, eval_kwargs, distill_weight, distill_temperature, donate,
-                   input_key, label_key)
+                   input_key, label_key, blend)

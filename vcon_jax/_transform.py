@@ -210,3 +210,18 @@ def compress(transform: Transform, params: Params, state: TransformState,
              count: Any = 0) -> Params:
   """The exact compressed view (``beta = 0``), same tree as ``params``."""
   return transform.apply(params, state, 0.0, count, True)
+
+
+def identity() -> Transform:
+  """No compression: the plain fine-tuning (and dense pretraining) step.
+
+  >>> import vcon_jax as vj
+  >>> vj.identity().init({"w": 1.0})
+  TransformState(trainable={}, aux={})
+  """
+  return Transform(
+      init=lambda params: TransformState({}, {}),
+      apply=lambda params, state, beta, count=0, exact=False: params,
+      update=lambda params, state, count: state,
+      select=lambda path, leaf: False,
+      describe=lambda path, leaf, state, count=0: {})

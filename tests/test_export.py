@@ -1,0 +1,318 @@
+"""Compact export: exact round trips for every transform and chains, sizes from the format."""
+
+import json
+import math
+import os
+import pathlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import vcon_jax as vj
+from vcon_jax import _export
+from vcon_jax.models import get_model
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(64)(x))
+    x = nn.relu(nn.Dense(32)(x))
+    return nn.Dense(10)(x)
+
+
+_X = np.random.RandomState(0).rand(8, 300).astype(np.float32)
+_LINEN = _MLP()
+_LINEN_PARAMS = _LINEN.init(jax.random.key(0), _X)["params"]
+
+LINEN_CASES = {
+    "prune": lambda: vj.prune(sparsity=0.9),
+    "prune_neuron": lambda: vj.prune(sparsity=0.9, granularity="neuron"),
+    "prune_2_4": lambda: vj.prune(n=2, m=4),
+    "binarize": vj.binarize,
+    "quantize2": lambda: vj.quantize(bits=2),
+    "quantize4": lambda: vj.quantize(bits=4),
+    "quantize8": lambda: vj.quantize(bits=8),
+    "low_rank": lambda: vj.low_rank(rank=4),
+    "prune+quantize8": lambda: vj.chain(vj.prune(sparsity=0.9), vj.quantize(bits=8)),
+    "prune+low_rank": lambda: vj.chain(vj.prune(sparsity=0.5), vj.low_rank(rank=4)),
+}
+
+
+def _selected(rows):
+  return [r for r in rows if r["transform"]]
+
+
+def _check_sizes(case, rows):
+  """The size rules, from the export's own per-layer byte counts."""
+  sel = _selected(rows)
+  assert sel, rows
+  dense = sum(r["dense_bytes"] for r in sel)
+  comp = sum(r["compressed_bytes"] for r in sel)
+  for r in sel:
+    assert r["dense_bytes"] == 4 * math.prod(r["shape"])
+  if case.startswith("prune_2_4"):
+    assert comp <= (0.5 * 4 + 1 / 8) / 4 * dense  # half the values + 2-bit positions
+  elif case.startswith("prune+quantize8"):
+    # 1-bit mask + one byte per kept weight + per-channel scales
+    assert comp <= (1 / 8 + 0.1) / 4 * dense + sum(4 * r["shape"][-1] for r in sel)
+  elif case.startswith("prune"):
+    assert comp <= 0.15 * dense, (comp, dense)
+  elif case == "binarize":
+    assert comp <= dense / 25
+  elif case.startswith("quantize"):
+    bits = int(case[len("quantize"):])
+    for r in sel:
+      n, fan_out = math.prod(r["shape"]), r["shape"][-1]
+      assert r["compressed_bytes"] <= math.ceil(n * bits / 8) + 4 * fan_out, r
+  if "low_rank" in case:
+    for r in sel:
+      m, n = r["shape"]
+      assert r["format"] == "low_rank(r=4)"
+      assert r["rank"] == 4
+      assert r["compressed_bytes"] == 4 * (m + n) * 4  # r (m + n) fp32 values
+
+
+def _assert_params(loaded, reference, low_rank):
+  flat_l, tree_l = jax.tree.flatten(loaded)
+  flat_r, tree_r = jax.tree.flatten(reference)
+  assert tree_l == tree_r
+  for a, b in zip(flat_l, flat_r):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if low_rank:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(a, b)  # bit-for-bit the compressed values
+
+
+@pytest.mark.parametrize("case", sorted(LINEN_CASES))
+def test_linen_round_trip_and_sizes(case, tmp_path):
+  step = vj.make_train_step(_LINEN, LINEN_CASES[case](), vj.linear_vanish(0))
+  state = step.init(_LINEN_PARAMS)
+  path = tmp_path / "model.npz"
+  rows = vj.export(step, state, path)
+  assert os.listdir(tmp_path) == ["model.npz"]  # no temporary file left behind
+
+  cparams = step.compressed_params(state)
+  loaded = vj.load_compressed(path)
+  _assert_params(loaded.params(), cparams, "low_rank" in case)
+  reference = _LINEN.apply({"params": cparams}, _X)
+  np.testing.assert_allclose(loaded.apply(_LINEN, _X), reference, rtol=1e-5, atol=1e-5)
+  _check_sizes(case, rows)
+  if case.endswith("low_rank"):
+    assert loaded.fast_layers == ["Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]
+  else:
+    assert loaded.fast_layers == []
+
+
+def test_low_rank_runs_as_two_thin_matmuls(tmp_path):
+  step = vj.make_train_step(_LINEN, vj.low_rank(rank=4), vj.linear_vanish(0))
+  state = step.init(_LINEN_PARAMS)
+  vj.export(step, state, tmp_path / "m.npz")
+  hlo = vj.load_compressed(tmp_path / "m.npz").apply_fn(_LINEN).lower(_X).compile().as_text()
+  assert "f32[300,4]" in hlo  # the factor A is an input
+  assert "f32[300,64]" not in hlo  # the dense kernel is never rebuilt
+
+
+def test_chain_after_training_steps_and_summary(tmp_path, capsys):
+  t = vj.chain(vj.prune(sparsity=0.9), vj.quantize(bits=4))
+  step = vj.make_train_step(_LINEN, t, vj.linear_vanish(1))
+  state = step.init(_LINEN_PARAMS)
+  batch = {"inputs": _X, "labels": np.arange(8) % 10}
+  for _ in range(2):
+    state, _ = step(state, batch)
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  cparams = step.compressed_params(state)
+  _assert_params(loaded.params(), cparams, False)
+  np.testing.assert_allclose(loaded.apply(_LINEN, _X), _LINEN.apply({"params": cparams}, _X),
+                             rtol=1e-5, atol=1e-5)
+  assert loaded.step == 2
+  for r in _selected(rows):
+    assert r["transform"] == "prune+quantize" and r["bits"] == 4
+    assert abs(r["sparsity"] - 0.9) < 0.01
+    assert r["format"].endswith("int4/channel")
+
+  # summary: from the step, from the file and from the loaded model agree; it prints
+  from_step = vj.summary(step, state)
+  printed = capsys.readouterr().out
+  assert "Dense_0/kernel" in printed and "total" in printed and "compressed layers" in printed
+  from_file = vj.summary(tmp_path / "m.npz", print_fn=None)
+  assert list(from_step) == list(rows) == list(from_file) == list(loaded.summary(None))
+  totals = from_file.totals
+  assert totals["compressed_layers_bytes"] == sum(r["compressed_bytes"] for r in _selected(rows))
+  assert totals["dense_bytes"] == sum(r["dense_bytes"] for r in rows)
+  assert totals["file_bytes"] == os.path.getsize(tmp_path / "m.npz")
+  assert {"name", "shape", "transform", "sparsity", "bits", "rank", "dense_bytes",
+          "compressed_bytes"} <= set(rows[0])
+
+
+NNX_CASES = {
+    "prune": lambda: vj.prune(sparsity=0.9),
+    "quantize4": lambda: vj.quantize(bits=4),
+    "low_rank": lambda: vj.low_rank(rank=4),
+    "prune_2_4+quantize8": lambda: vj.chain(vj.prune(n=2, m=4), vj.quantize(bits=8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NNX_CASES))
+def test_nnx_mlp_round_trip(case, tmp_path):
+  module = get_model("mlp", in_features=40, hidden=(32,), num_classes=10)
+  x = np.random.RandomState(1).rand(4, 40).astype(np.float32)
+  step = vj.make_train_step(module, NNX_CASES[case](), vj.linear_vanish(0))
+  state = step.init()
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  cparams = step.compressed_params(state)
+  _assert_params(loaded.params(), cparams.to_pure_dict(), case == "low_rank")
+  assert isinstance(loaded.params(module), nnx.State)
+
+  reference, _ = step.evaluate(state, {"inputs": x, "labels": np.zeros(4, np.int32)})
+  np.testing.assert_allclose(loaded.apply(module, x), reference, rtol=1e-5, atol=1e-5)
+  # the documented NNX route gives the same model
+  other = get_model("mlp", in_features=40, hidden=(32,), num_classes=10, rngs=7)
+  nnx.update(other, loaded.params())
+  other.eval()
+  np.testing.assert_allclose(other(x), reference, rtol=1e-5, atol=1e-5)
+  if case == "low_rank":
+    assert loaded.fast_layers == ["head/kernel", "layers/0/kernel"]
+    for r in _selected(rows):
+      assert r["compressed_bytes"] == 4 * sum(r["shape"]) * 4
+  if case == "prune":
+    _check_sizes("prune", rows)
+
+
+def test_nnx_cnn_with_batch_stats(tmp_path):
+  module = get_model("cnn", features=(4, 8), hidden=16, image_size=8)
+  x = np.random.RandomState(2).rand(4, 8, 8, 1).astype(np.float32)
+  step = vj.make_train_step(module, vj.quantize(bits=4), vj.linear_vanish(0))
+  state = step.init()
+  # trained-looking BatchNorm statistics (the export must carry them)
+  shift = lambda a: a * 1.5 + 0.25 if jnp.issubdtype(a.dtype, jnp.floating) else a
+  state = state._replace(model_state=jax.tree.map(shift, state.model_state))
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  _assert_params(loaded.params(), step.compressed_params(state).to_pure_dict(), False)
+  reference, _ = step.evaluate(state, {"inputs": x, "labels": np.zeros(4, np.int32)})
+  np.testing.assert_allclose(loaded.apply(module, x), reference, rtol=1e-5, atol=1e-5)
+  conv = next(r for r in rows if r["name"] == "convs/1/kernel")
+  assert conv["format"] == "dense+int4/channel" and conv["shape"] == (3, 3, 4, 8)
+  assert conv["compressed_bytes"] == 3 * 3 * 4 * 8 // 2 + 8 * 4
+
+
+def test_nnx_vit_low_rank_fast_path(tmp_path):
+  module = get_model("vit", image_size=8, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
+  x = np.random.RandomState(3).rand(2, 8, 8, 1).astype(np.float32)
+  step = vj.make_train_step(module, vj.low_rank(rank=4), vj.linear_vanish(0))
+  state = step.init()
+  vj.export(step, state, tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  reference, _ = step.evaluate(state, {"inputs": x, "labels": np.zeros(2, np.int32)})
+  np.testing.assert_allclose(loaded.apply(module, x), reference, rtol=1e-5, atol=1e-5)
+  # every nnx.Linear runs as (x @ A) @ B; the patch conv uses its decoded kernel
+  assert "patch_proj/kernel" not in loaded.fast_layers
+  assert "head/kernel" in loaded.fast_layers and "blocks/0/attn/query/kernel" in \
+      loaded.fast_layers and len(loaded.fast_layers) == 7
+
+
+def test_format_detected_from_values_without_metadata(tmp_path):
+  t = vj.quantize(bits=4)
+  t = t._replace(describe=lambda path, leaf, state, count=0: {})  # a custom transform
+  step = vj.make_train_step(_LINEN, t, vj.linear_vanish(0))
+  state = step.init(_LINEN_PARAMS)
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  assert [r["format"] for r in _selected(rows)] == ["dense+int4/channel"] * 3
+  assert all(r["transform"] == "custom" for r in _selected(rows))
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  _assert_params(loaded.params(), step.compressed_params(state), False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_leaf_codecs_exact(dtype, tmp_path):
+  rng = np.random.RandomState(4)
+  w = jnp.asarray(rng.randn(96, 12), dtype)
+  cases = {
+      "int3": (vj.quantize_values(w, 3), {"transform": "quantize", "bits": 3}),
+      "binary": (vj.quantize_values(w, 1, per_channel=False), {"transform": "binarize"}),
+      "1:4": (w * vj.magnitude_mask(w, None, "group", 4, n=1), {"pattern": "1:4",
+                                                                 "transform": "prune"}),
+      "indices": (w * vj.magnitude_mask(w, 0.97), {"transform": "prune"}),
+  }
+  for name, (c, settings) in cases.items():
+    c = np.asarray(c)
+    fmt, arrays = _export._encode_selected(c, settings, None)
+    assert fmt["kind"] == "coded", name
+    assert name.split(":")[0] in _export._format_name(fmt, c.dtype) or name == "1:4" and \
+        fmt["layout"] == "nm", (name, fmt)
+    stored, views = _export._storable(arrays)
+    np.savez(tmp_path / "a.npz", **stored)
+    with np.load(tmp_path / "a.npz") as z:
+      back = {k: z[k].view(jnp.dtype(views[k])) if k in views else z[k] for k in z.files}
+    for xp in (np, jnp):
+      out = np.asarray(_export._decode_leaf(xp, fmt, {k: xp.asarray(v) for k, v in
+                                                     back.items()}, c.shape, c.dtype))
+      assert out.dtype == c.dtype
+      np.testing.assert_array_equal(out, c)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 8, 11])
+def test_bit_packing_round_trip(nbits):
+  codes = np.random.RandomState(nbits).randint(0, 2 ** nbits, size=37)
+  packed = _export._pack(codes, nbits)
+  assert packed.dtype == np.uint8 and packed.size == math.ceil(37 * nbits / 8)
+  np.testing.assert_array_equal(_export._unpack(np, packed, 37, nbits), codes)
+  np.testing.assert_array_equal(_export._unpack(jnp, jnp.asarray(packed), 37, nbits), codes)
+
+
+def test_bad_paths_give_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No compact export at"):
+    vj.load_compressed(tmp_path / "missing.npz")
+  with pytest.raises(ValueError, match="is a directory"):
+    vj.load_compressed(tmp_path)
+  (tmp_path / "notes.txt").write_text("hello")
+  with pytest.raises(ValueError, match="not a vcon_jax compact export"):
+    vj.load_compressed(tmp_path / "notes.txt")
+  np.savez(tmp_path / "other.npz", a=np.ones(3))
+  with pytest.raises(ValueError, match="not a vcon_jax compact export.*__manifest__"):
+    vj.load_compressed(tmp_path / "other.npz")
+  np.save(tmp_path / "one.npy", np.ones(3))
+  with pytest.raises(ValueError, match="single array"):
+    vj.load_compressed(tmp_path / "one.npy")
+  manifest = np.frombuffer(json.dumps({"format": "vcon_jax.compact", "version": 99}).encode(),
+                           np.uint8)
+  np.savez(tmp_path / "new.npz", __manifest__=manifest)
+  with pytest.raises(ValueError, match="newer vcon_jax"):
+    vj.load_compressed(tmp_path / "new.npz")
+
+  step = vj.make_train_step(_LINEN, vj.binarize(), vj.linear_vanish(0))
+  state = step.init(_LINEN_PARAMS)
+  with pytest.raises(ValueError, match="is a directory"):
+    vj.export(step, state, tmp_path)
+  with pytest.raises(ValueError, match="TrainStep"):
+    vj.export(object(), state, tmp_path / "x.npz")
+  with pytest.raises(ValueError, match="needs the train state"):
+    vj.summary(step)
+  vj.export(step, state, tmp_path / "sub" / "dir" / "m.npz")  # parent folders are created
+  loaded = vj.load_compressed(tmp_path / "sub" / "dir" / "m.npz")
+  model = get_model("mlp", in_features=300, hidden=(64,))
+  with pytest.raises(ValueError, match="Linen model"):
+    loaded.apply(model, _X)
+
+
+def test_readme_compact_export_section_runs(tmp_path, monkeypatch):
+  code = re.search(r"## Compact export.*?```python\n(.*?)```", README.read_text(),
+                   re.S).group(1)
+  monkeypatch.chdir(tmp_path)
+  step = vj.make_train_step(_LINEN, vj.prune(sparsity=0.9), vj.linear_vanish(0))
+  scope = {"vj": vj, "step": step, "state": step.init(_LINEN_PARAMS), "model": _LINEN,
+           "x": _X}
+  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert os.path.exists(tmp_path / "model.npz")

@@ -1,0 +1,99 @@
+"""The main job: dense pretraining, then every method for a compression across seeds.
+
+A *suite* is one (dataset, compression) with every method and seed at the same step
+budget; presets list suites (and the transition-length / beta-shape sweep).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from vcon_jax.experiment import report, runner
+from vcon_jax.experiment.config import DATASET_DEFAULTS, METHODS, Config
+
+
+def _dataset_cfg(base: Config, dataset: str) -> Config:
+  return base.replace(dataset=dataset, **DATASET_DEFAULTS.get(dataset, {}))
+
+
+#: Presets: name -> (list of (suite name, config changes, methods), seeds). ``default`` is
+#: the README's main job (< 10 min on 2 CPU cores), ``quick`` the CI end-to-end check.
+def presets(base: Config, seeds: int | None = None):
+  fm = _dataset_cfg(base, "fashion_mnist")
+  quick = fm.replace(model="mlp", model_kwargs={"hidden": (64,)}, train_limit=2048,
+                     test_limit=512, pretrain_steps=60, steps=24, eval_every=8,
+                     eval_examples=256, checkpoint_every=8, batch_size=64)
+  wn = _dataset_cfg(base, "wordnet")
+  suites_full = []
+  for cfg, ds in ((fm, "fashion_mnist/cnn"), (wn, "wordnet/transformer")):
+    for comp, kw in (("prune", {"sparsity": 0.9}), ("binarize", {}),
+                     ("low-rank", {"rank": base.rank})):
+      suites_full.append((f"{ds} {comp}", cfg.replace(compression=comp, **kw), METHODS))
+  sweep = [(f"fashion_mnist/cnn prune Q={q}%", fm.replace(transition=q / 100), ("vcon",))
+           for q in (10, 25, 50)]
+  sweep.append(("fashion_mnist/cnn prune Q=25% cosine",
+                fm.replace(transition=0.25, beta_schedule="cosine"), ("vcon",)))
+  return {
+      "quick": ([("fashion_mnist/mlp prune (quick)", quick, METHODS)], seeds or 2),
+      "default": ([(f"fashion_mnist/cnn {base.compression}", fm, METHODS)], seeds or 3),
+      "single": ([(f"{base.dataset}/{base.model} {base.compression}", base, METHODS)],
+                 seeds or 3),
+      "full": (suites_full + sweep, seeds or 3),
+  }
+
+
+def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.Path,
+        *, seeds: int | None = None, methods=None, progress: bool = True,
+        echo=print) -> dict:
+  """Runs a preset's suites (reusing finished runs) and writes the table and plots."""
+  table = presets(base, seeds)
+  if preset not in table:
+    raise ValueError(f"preset {preset!r} is not allowed; choose one of {', '.join(table)}.")
+  suites, n_seeds = table[preset]
+  root = pathlib.Path(root)
+  results = {"preset": preset, "suites": {}, "wall_s": {}}
+  t_all = time.time()
+  for name, cfg, suite_methods in suites:
+    t0 = time.time()
+    dense = runner.pretrain(cfg, root / _data_key(cfg), progress=progress)
+    suite = {"dense_accuracy": dense["test_accuracy"], "steps": cfg.steps,
+             "seeds": n_seeds, "config": cfg.to_dict(), "runs": {}}
+    for method in methods or suite_methods:
+      for seed in range(n_seeds):
+        c = cfg.replace(method=method, seed=seed)
+        r = runner.compress(c, root / _data_key(cfg), progress=progress)
+        run_dir = root / _data_key(cfg) / c.run_name()
+        curve = runner.RunDir(run_dir, c.to_dict()).metrics()
+        suite["runs"].setdefault(_label(c, suite_methods), []).append(
+            {**{k: v for k, v in r.items() if k != "summary"}, "seed": seed,
+             "curve": [{k: row[k] for k in ("step", "beta", "test_accuracy") if k in row}
+                       for row in curve if "test_accuracy" in row]})
+        echo(f"{name:40s} {method:13s} seed {seed}: test accuracy "
+             f"{r['test_accuracy'] * 100:.2f} % (dense {dense['test_accuracy'] * 100:.2f})")
+    if "post-shot" not in suite["runs"]:
+      # a sweep's Q = 0 point is the post-shot run of its suite, reused when it exists
+      post = cfg.replace(method="post-shot")
+      runs = [runner.RunDir(root / _data_key(cfg) / post.replace(seed=s).run_name(),
+                            post.replace(seed=s).to_dict()).result()
+              for s in range(n_seeds)]
+      if all(runs):
+        suite["runs"] = {"post-shot": [{**r, "seed": s, "curve": []}
+                                       for s, r in enumerate(runs)], **suite["runs"]}
+    results["suites"][name] = suite
+    results["wall_s"][name] = time.time() - t0
+  results["wall_s"]["total"] = time.time() - t_all
+  written = report.write(results, out)
+  echo(report.markdown(results))
+  echo(f"wrote {written['table']}, {written['json']} and {len(written['plots'])} plot(s)")
+  return results
+
+
+def _label(cfg: Config, suite_methods) -> str:
+  if len(suite_methods) == 1 and cfg.method == "vcon":
+    return f"vcon Q={round(cfg.transition * 100)}% {cfg.beta_schedule}"
+  return cfg.method
+
+
+def _data_key(cfg: Config) -> str:
+  return f"{cfg.dataset.replace('/', '_').replace(':', '_')}-{cfg.model}"

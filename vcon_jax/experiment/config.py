@@ -1,0 +1,203 @@
+"""Experiment configuration: one validated dataclass, presets, and where runs live.
+
+Every field is checked before any work starts (:func:`validate`); a config is saved as
+``config.json`` beside each run's results, and a run directory refuses a different config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import pathlib
+from typing import Any
+
+METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
+COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank")
+MODELS = ("mlp", "cnn", "vit", "transformer")
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One experiment: data, model, dense pretraining and one compression run.
+
+  Attributes:
+    dataset: ``fashion_mnist``, ``wordnet`` or a prepared TFDS name (``tfds:cifar10``).
+    model: ``mlp``, ``cnn``, ``vit`` or ``transformer`` (text).
+    model_kwargs: constructor arguments of the model (widths, depth, ...).
+    data_dir: prepared TFDS data (default ``$VCON_JAX_DATA_DIR`` or ~/.cache/vcon_jax).
+    source_dir: raw files of a local dataset (default: the Debian package's directory).
+    max_len: token length of text inputs (byte tokenizer).
+    train_limit, test_limit: use only the first N examples (0: all).
+    batch_size: global batch (split over the 'data' mesh axis).
+    pretrain_steps, pretrain_lr: dense training (AdamW, warm-up + cosine decay).
+    steps: fine-tuning budget of every compression method (equal for all).
+    lr: peak fine-tuning learning rate (AdamW, 5 % warm-up, cosine decay to 1 %).
+    compression: ``prune``, ``binarize``, ``quantize`` or ``low-rank``.
+    sparsity, bits, rank: the compression's target (prune / quantize / low-rank).
+    method: ``post-shot`` (compress at step 0), ``gradual`` (Zhu-Gupta cubic ramp of
+      sparsity, bit width or rank), ``vcon`` (beta 1 -> 0) or ``vcon-distill`` (VCON
+      plus distillation from the dense path's logits).
+    transition: VCON's transition length Q, and the gradual ramp's length, as a fraction
+      of ``steps``.
+    beta_schedule: ``linear`` (the paper's ``max(1 - t/Q, 0)``) or ``cosine``.
+    distill_weight: weight of the distillation term (``vcon-distill``).
+    update_every: prune mask refresh interval (1: every step, the paper's online mask).
+    eval_every: steps between evaluations on ``eval_examples`` test examples.
+    checkpoint_every: steps between Orbax checkpoints (and at the end).
+    seed: seed of data order, dropout and the pretraining init.
+  """
+
+  dataset: str = "fashion_mnist"
+  model: str = "cnn"
+  model_kwargs: dict = dataclasses.field(
+      default_factory=lambda: {"features": (16, 32), "hidden": 64})
+  data_dir: str | None = None
+  source_dir: str | None = None
+  max_len: int = 64
+  train_limit: int = 0
+  test_limit: int = 0
+  batch_size: int = 128
+  pretrain_steps: int = 1500
+  pretrain_lr: float = 3e-3
+  steps: int = 400
+  lr: float = 1e-3
+  compression: str = "prune"
+  sparsity: float = 0.9
+  bits: int = 4
+  rank: int = 4
+  method: str = "vcon"
+  transition: float = 0.25
+  beta_schedule: str = "linear"
+  distill_weight: float = 0.5
+  update_every: int = 1
+  eval_every: int = 50
+  eval_examples: int = 2000
+  checkpoint_every: int = 100
+  seed: int = 0
+
+  def replace(self, **changes: Any) -> "Config":
+    return validate(dataclasses.replace(self, **changes))
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["model_kwargs"] = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in self.model_kwargs.items()}
+    return d
+
+  def dense_key(self) -> dict:
+    """The fields the dense pretraining depends on (its cache key)."""
+    keys = ("dataset", "model", "model_kwargs", "data_dir", "source_dir", "max_len",
+            "train_limit", "batch_size", "pretrain_steps", "pretrain_lr")
+    d = self.to_dict()
+    return {k: d[k] for k in keys}
+
+  def run_name(self) -> str:
+    target = {"prune": f"prune{round(self.sparsity * 100)}", "binarize": "binarize",
+              "quantize": f"quantize{self.bits}", "low-rank": f"lowrank{self.rank}"}
+    extra = ""
+    if self.method in ("vcon", "vcon-distill", "gradual"):
+      extra = f"-Q{round(self.transition * 100)}"
+      if self.method != "gradual" and self.beta_schedule != "linear":
+        extra += f"-{self.beta_schedule}"
+    return f"{target[self.compression]}/{self.method}{extra}/seed{self.seed}"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"{name}={value!r} is not allowed: {allowed}.")
+
+
+def _choice(name, value, choices):
+  if value not in choices:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"{name}={value!r} is not allowed{hint}; choose one of "
+                     f"{', '.join(choices)}.")
+
+
+def _int(name, value, lo, hi=None):
+  if isinstance(value, bool) or not isinstance(value, int):
+    _fail(name, value, "an integer")
+  if value < lo or (hi is not None and value > hi):
+    _fail(name, value, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]")
+
+
+def _float(name, value, lo, hi, hi_open=False, lo_open=False):
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(name, value, "a number")
+  if value < lo or value > hi or (hi_open and value == hi) or (lo_open and value == lo):
+    _fail(name, value, f"a number in {'(' if lo_open else '['}{lo}, {hi}"
+                       f"{')' if hi_open else ']'}")
+
+
+def validate(cfg: Config) -> Config:
+  """Checks every field; raises ``ValueError`` naming the field, value and what is allowed."""
+  _choice("model", cfg.model, MODELS)
+  _choice("compression", cfg.compression, COMPRESSIONS)
+  _choice("method", cfg.method, METHODS)
+  _choice("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
+  if not isinstance(cfg.dataset, str) or not cfg.dataset:
+    _fail("dataset", cfg.dataset, "a dataset name such as fashion_mnist or wordnet")
+  if not isinstance(cfg.model_kwargs, dict):
+    _fail("model_kwargs", cfg.model_kwargs, "a dict of model constructor arguments")
+  for name in ("data_dir", "source_dir"):
+    value = getattr(cfg, name)
+    if value is not None and not pathlib.Path(value).is_dir():
+      _fail(name, value, "an existing directory")
+  _int("max_len", cfg.max_len, 2, 4096)
+  _int("train_limit", cfg.train_limit, 0)
+  _int("test_limit", cfg.test_limit, 0)
+  _int("batch_size", cfg.batch_size, 1)
+  _int("pretrain_steps", cfg.pretrain_steps, 1)
+  _int("steps", cfg.steps, 1)
+  _float("pretrain_lr", cfg.pretrain_lr, 0, 10, lo_open=True)
+  _float("lr", cfg.lr, 0, 10, lo_open=True)
+  _float("sparsity", cfg.sparsity, 0, 1, hi_open=True)
+  _int("bits", cfg.bits, 1, 16)
+  _int("rank", cfg.rank, 1)
+  _float("transition", cfg.transition, 0, 1)
+  _float("distill_weight", cfg.distill_weight, 0, 1)
+  _int("update_every", cfg.update_every, 1)
+  _int("eval_every", cfg.eval_every, 1)
+  _int("eval_examples", cfg.eval_examples, 1)
+  _int("checkpoint_every", cfg.checkpoint_every, 1)
+  _int("seed", cfg.seed, 0)
+  return cfg
+
+
+def from_dict(d: dict) -> Config:
+  """Builds a config from a dict (e.g. a JSON file), rejecting unknown keys."""
+  unknown = [k for k in d if k not in FIELDS]
+  if unknown:
+    k = unknown[0]
+    close = difflib.get_close_matches(k, list(FIELDS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown config key {k!r}{hint} Valid keys: {', '.join(FIELDS)}.")
+  d = dict(d)
+  if isinstance(d.get("model_kwargs"), dict):
+    d["model_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
+                         for k, v in d["model_kwargs"].items()}
+  return validate(Config(**d))
+
+
+def load(path: str | pathlib.Path) -> Config:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"config file {str(path)!r} does not exist.")
+  try:
+    return from_dict(json.loads(path.read_text()))
+  except json.JSONDecodeError as err:
+    raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}.") from None
+
+
+#: Model settings per dataset, sized for 2 CPU cores (configs scale them up on TPU/GPU).
+DATASET_DEFAULTS = {
+    "fashion_mnist": {"model": "cnn", "model_kwargs": {"features": (16, 32), "hidden": 64}},
+    "wordnet": {"model": "transformer",
+                "model_kwargs": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
+                "batch_size": 64, "pretrain_steps": 3000, "pretrain_lr": 1e-3},
+}

@@ -1,0 +1,61 @@
+"""Methods as (transform, beta schedule, distillation weight), all with the library's API.
+
+- ``post-shot``: the target compression from step 0 (``linear_vanish(0)``: beta = 0).
+- ``gradual``: beta = 0 throughout while the compression itself ramps in (Zhu and Gupta's
+  cubic ramp, over the same ``transition`` as VCON's Q): sparsity 0 -> s, bit width
+  8 -> k (binary at the end for ``binarize``), rank full -> r.
+- ``vcon``: the target compression, beta 1 -> 0 over Q steps (linear or cosine).
+- ``vcon-distill``: ``vcon`` plus a distillation term from the dense path (beta = 1 logits).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import vcon_jax as vj
+from vcon_jax import _paths
+from vcon_jax.experiment.config import Config
+
+#: Leaves too thin for a rank-r factorisation to save anything are left dense: the
+#: classifier head and the first conv/patch projection (fan-in 9 or 16).
+LOW_RANK_EXCLUDE = r"head|patch_proj|convs/0/"
+
+
+def _low_rank_full(params: Any) -> int:
+  """The largest full rank among the leaves low rank selects (the gradual ramp's start)."""
+  skip = re.compile(f"{LOW_RANK_EXCLUDE}|{vj.DEFAULT_EXCLUDE}")
+  sizes = [min(_paths.matricize_shape(leaf.shape))
+           for path, leaf in _paths.leaf_paths(params)
+           if getattr(leaf, "ndim", 0) >= 2 and not skip.search(path)]
+  return max(sizes) if sizes else 1
+
+
+def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
+  """Returns ``(transform, beta_schedule, distill_weight)`` for ``cfg``."""
+  q = int(round(cfg.transition * cfg.steps))
+  gradual = cfg.method == "gradual"
+  if cfg.compression == "prune":
+    sparsity = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
+    transform = vj.prune(sparsity=sparsity, update_every=cfg.update_every)
+  elif cfg.compression == "binarize":
+    transform = (vj.quantize(bits=vj.polynomial_ramp(1, 0, q, initial=8), per_channel=False)
+                 if gradual else vj.binarize())
+  elif cfg.compression == "quantize":
+    bits = vj.polynomial_ramp(cfg.bits, 0, q, initial=8) if gradual else cfg.bits
+    transform = vj.quantize(bits=bits)
+  else:
+    if gradual:
+      full = _low_rank_full(params)
+      transform = vj.low_rank(rank=vj.polynomial_ramp(cfg.rank, 0, q, initial=full),
+                              max_rank=full, exclude=LOW_RANK_EXCLUDE)
+    else:
+      transform = vj.low_rank(rank=cfg.rank, exclude=LOW_RANK_EXCLUDE)
+  if cfg.method in ("post-shot", "gradual"):
+    schedule = vj.linear_vanish(0)
+  elif cfg.beta_schedule == "cosine":
+    schedule = vj.cosine_vanish(q)
+  else:
+    schedule = vj.linear_vanish(q)
+  distill = cfg.distill_weight if cfg.method == "vcon-distill" else 0.0
+  return transform, schedule, distill
