@@ -1,0 +1,118 @@
+"""The vcon-jax command line end to end: quick compare, bad input, resume after SIGKILL."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vcon_jax import cli
+
+TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--train-limit", "1024",
+        "--test-limit", "256", "--pretrain-steps", "30", "--steps", "24", "--eval-every", "8",
+        "--eval-examples", "128", "--checkpoint-every", "4", "--batch-size", "64",
+        "--no-progress"]
+
+
+def _cli(*args, check=True):
+  out = subprocess.run([sys.executable, "-m", "vcon_jax", *args], capture_output=True,
+                       text=True, timeout=600, check=False)
+  if check and out.returncode:
+    raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+  return out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compress", "--sparsity", "1.5"], "sparsity=1.5"),
+    (["compress", "--rank", "0"], "rank=0"),
+    (["compress", "--transition", "-0.1"], "transition=-0.1"),
+    (["compress", "--steps", "0"], "steps=0"),
+    (["compress", "--data-dir", "/nonexistent/dir"], "data_dir='/nonexistent/dir'"),
+    (["compress", "--dataset", "no_such_set"], "no_such_set"),
+    (["compare", "--seeds", "0"], "--seeds=0"),
+    (["compress", "--config", "/nonexistent.json"], "does not exist"),
+])
+def test_bad_options_exit_with_one_clear_line(argv, needle, capsys, tmp_path):
+  with pytest.raises(SystemExit) as exc:
+    cli.main(argv + ["--workdir", str(tmp_path / "w")])
+  assert exc.value.code == 2
+  err = capsys.readouterr().err
+  assert needle in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "w").exists()  # no work started
+
+
+def test_unknown_config_key_suggests_the_closest(tmp_path, capsys):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({"sparsty": 0.5}))
+  with pytest.raises(SystemExit):
+    cli.main(["compress", "--config", str(path)])
+  assert "did you mean 'sparsity'" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+  text = cli._parser()._subparsers._group_actions[0].choices["compare"].format_help()  # pylint: disable=protected-access
+  for opt in ("--preset", "--quick", "--seeds", "--transition", "--beta-schedule",
+              "--compression", "--workdir", "--lr", "--steps"):
+    assert opt in text
+
+
+def test_compare_quick_writes_table_json_plots(tmp_path):
+  out = tmp_path / "results"
+  _cli("compare", "--quick", "--seeds", "1", "--workdir", str(tmp_path / "w"),
+       "--out", str(out), "--no-progress")
+  results = json.loads((out / "results.json").read_text())
+  (suite,) = results["suites"].values()
+  assert set(suite["runs"]) == {"post-shot", "gradual", "vcon", "vcon-distill"}
+  for runs in suite["runs"].values():
+    for r in runs:
+      assert 0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["test_accuracy"])
+      assert r["curve"] and all("beta" in row for row in r["curve"])
+  assert "| vcon |" in (out / "table.md").read_text()
+  assert list(out.glob("*.png"))
+  run = next((tmp_path / "w").glob("*/prune90/vcon-Q25/seed0"))
+  assert (run / "config.json").exists() and list((run / "tensorboard").iterdir())
+  # a second call reuses every finished run
+  t0 = time.time()
+  _cli("compare", "--quick", "--seeds", "1", "--workdir", str(tmp_path / "w"),
+       "--out", str(out), "--no-progress")
+  assert time.time() - t0 < 60
+
+
+def _final(workdir):
+  run = next(pathlib.Path(workdir).glob("*/prune90/vcon-Q25/seed0"))
+  result = json.loads((run / "result.json").read_text())
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  return result, rows
+
+
+def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
+  ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+  _cli("compress", "--method", "vcon", *TINY, "--workdir", str(ref_dir))
+  _cli("pretrain", *TINY, "--workdir", str(cut_dir))
+  proc = subprocess.Popen([sys.executable, "-m", "vcon_jax", "compress", "--method", "vcon",
+                           *TINY, "--workdir", str(cut_dir)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  ckpt = None
+  while time.time() < deadline and proc.poll() is None:
+    found = list(cut_dir.glob("*/prune90/vcon-Q25/seed0/checkpoints/12"))
+    if found:
+      ckpt = found[0]
+      break
+    time.sleep(0.05)
+  if proc.poll() is None:
+    os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert ckpt is not None, "the run never reached its step-12 checkpoint"
+  run = ckpt.parents[1]
+  assert not (run / "result.json").exists()  # killed before the end
+  _cli("compress", "--method", "vcon", *TINY, "--workdir", str(cut_dir))
+  (ref, ref_rows), (got, got_rows) = _final(ref_dir), _final(cut_dir)
+  assert got["test_accuracy"] == ref["test_accuracy"]
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+  assert strip(got_rows) == strip(ref_rows)  # same steps, losses and beta, bit for bit
