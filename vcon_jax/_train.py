@@ -62,7 +62,7 @@ class TrainStep:
 
   def __init__(self, model, transform, schedule, optimizer, loss_fn, mesh, axis_name,
                seed, train_kwargs, eval_kwargs, distill_weight, distill_temperature,
-               donate, input_key, label_key, blend="weights"):
+               donate, input_key, label_key, blend="weights", skip_nonfinite=False):
     if blend not in ("weights", "outputs"):
       raise ValueError(f"blend must be 'weights' (one forward pass) or 'outputs' (dense "
                        f"and compressed passes, outputs blended), got {blend!r}.")
@@ -99,6 +99,7 @@ class TrainStep:
 
     self.model = model
     self.blend = blend
+    self.skip_nonfinite = bool(skip_nonfinite)
     self.transform = transform
     self.schedule = schedule
     self.optimizer = optimizer
@@ -210,7 +211,18 @@ class TrainStep:
                           if jnp.issubdtype(x.dtype, jnp.floating) else x, new_ms)
     metrics["grad_norm"] = optax.global_norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    new_trainable = optax.apply_updates(trainable, updates)
+    if self.skip_nonfinite:
+      # A step with a non-finite loss or gradient leaves params, optimiser and model state
+      # as they were (the step counter and beta still advance) and is flagged.
+      finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+          [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_trainable = keep(new_trainable, trainable)
+      opt_state = keep(opt_state, state.opt_state)
+      new_ms = keep(new_ms, state.model_state)
+      metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    trainable = new_trainable
     tstate = self.transform.update(
         trainable["params"], TransformState(trainable["transform"], aux_state), count + 1)
     new_state = TrainState(count + 1, trainable["params"], tstate, opt_state, new_ms,
@@ -311,7 +323,8 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
                     train_kwargs: dict | None = None, eval_kwargs: dict | None = None,
                     distill_weight: float = 0.0, distill_temperature: float = 1.0,
                     donate: bool = True, input_key: str = "inputs",
-                    label_key: str = "labels", blend: str = "weights") -> TrainStep:
+                    label_key: str = "labels", blend: str = "weights",
+                    skip_nonfinite: bool = False) -> TrainStep:
   r"""Builds the VCON train step for a Flax model.
 
   Args:
@@ -340,6 +353,10 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
     blend: ``'weights'`` (default): one forward pass with ``beta * W + (1 - beta) * C(W)``;
       ``'outputs'``: the reference form, dense and compressed forward passes with their
       logits blended (equal for layers linear in ``W``; about twice the cost).
+    skip_nonfinite: a step whose loss or gradients are not finite changes nothing (params,
+      optimiser and model state stay; the step count advances) and reports
+      ``metrics['nonfinite'] = 1``. Default: the update is applied and the caller checks
+      ``metrics['loss']`` (the CLI stops the run, keeping the last good checkpoint).
 
   Returns:
     A :class:`TrainStep`: ``state = step.init(params)``, ``state, metrics = step(state,
@@ -354,4 +371,4 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
   """
   return TrainStep(model, transform, schedule, optimizer, loss_fn, mesh, axis_name, seed,
                    train_kwargs, eval_kwargs, distill_weight, distill_temperature, donate,
-                   input_key, label_key, blend)
+                   input_key, label_key, blend, skip_nonfinite)

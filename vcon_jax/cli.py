@@ -81,6 +81,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                  help=f"where runs, checkpoints and logs go (default ./{DEFAULT_WORKDIR})")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                 help="a step with a non-finite loss: stop the run naming the step, keeping "
+                      "the last good checkpoint (default), or skip it and count it in the "
+                      "metrics ('nonfinite_total')")
 
 
 def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
   progress = not args.no_progress
   try:
     if args.command == "pretrain":
-      r = runner.pretrain(cfg, workdir / compare._data_key(cfg), progress=progress)  # pylint: disable=protected-access
+      r = runner.pretrain(cfg, workdir / compare._data_key(cfg), progress=progress,  # pylint: disable=protected-access
+                          on_nonfinite=args.on_nonfinite)
       print(f"dense test accuracy {r['test_accuracy'] * 100:.2f} %")
     elif args.command == "compress":
       root = workdir / compare._data_key(cfg)  # pylint: disable=protected-access
-      r = runner.compress(cfg, root, progress=progress)
+      r = runner.compress(cfg, root, progress=progress, on_nonfinite=args.on_nonfinite)
       print(f"{cfg.run_name()}: test accuracy of the compressed model "
             f"{r['test_accuracy'] * 100:.2f} % (at step 0: "
             f"{r['compressed_at_start'] * 100:.2f} %)")
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
       preset = "quick" if args.quick else args.preset
       out = pathlib.Path(args.out) if args.out else workdir / "results"
       compare.run(preset, cfg, workdir, out, seeds=args.seeds, methods=args.methods,
-                  progress=progress)
+                  progress=progress, on_nonfinite=args.on_nonfinite)
   except (ValueError, FileNotFoundError, RunLockedError, FloatingPointError) as err:
     print(f"vcon-jax {args.command}: error: {err}", file=sys.stderr)
     return 1

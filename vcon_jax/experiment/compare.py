@@ -45,7 +45,7 @@ def presets(base: Config, seeds: int | None = None):
 
 def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.Path,
         *, seeds: int | None = None, methods=None, progress: bool = True,
-        echo=print) -> dict:
+        echo=print, on_nonfinite: str = "stop") -> dict:
   """Runs a preset's suites (reusing finished runs) and writes the table and plots."""
   table = presets(base, seeds)
   if preset not in table:
@@ -56,13 +56,15 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
   t_all = time.time()
   for name, cfg, suite_methods in suites:
     t0 = time.time()
-    dense = runner.pretrain(cfg, root / _data_key(cfg), progress=progress)
+    dense = runner.pretrain(cfg, root / _data_key(cfg), progress=progress,
+                            on_nonfinite=on_nonfinite)
     suite = {"dense_accuracy": dense["test_accuracy"], "steps": cfg.steps,
              "seeds": n_seeds, "config": cfg.to_dict(), "runs": {}}
     for method in methods or suite_methods:
       for seed in range(n_seeds):
         c = cfg.replace(method=method, seed=seed)
-        r = runner.compress(c, root / _data_key(cfg), progress=progress)
+        r = runner.compress(c, root / _data_key(cfg), progress=progress,
+                            on_nonfinite=on_nonfinite)
         run_dir = root / _data_key(cfg) / c.run_name()
         curve = runner.RunDir(run_dir, c.to_dict()).metrics()
         suite["runs"].setdefault(_label(c, suite_methods), []).append(

@@ -120,15 +120,22 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
   bar = _progress(total, start, desc, progress)
   t0 = time.time()
   try:
+    skipped = sum(r.get("nonfinite", 0) for r in run.metrics())
     for s in range(start, total):
       state, metrics = step(state, batch_at(train, s, cfg.batch_size, seed))
       done = s + 1
+      loss = float(metrics["loss"])
+      if step.skip_nonfinite:
+        skipped += float(metrics["nonfinite"])
+      elif not np.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss} at step {done} in {run.path}; stopped, the last good "
+            f"checkpoint (step {mgr.latest_step()}) is kept. Lower the learning rate, or "
+            f"pass --on-nonfinite skip to skip such steps.")
       if done % 10 == 0 or done == total or done % cfg.eval_every == 0:
         row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-        if not np.isfinite(row["loss"]):
-          raise FloatingPointError(
-              f"non-finite loss {row['loss']} at step {done} in {run.path}; the last good "
-              f"checkpoint (step {mgr.latest_step()}) is kept. Lower the learning rate.")
+        if step.skip_nonfinite:
+          row["nonfinite_total"] = skipped
         if done % cfg.eval_every == 0 or done == total:
           row["test_accuracy"] = evaluate(step, state, test, cfg.eval_examples,
                                           eval_compressed)
@@ -148,7 +155,8 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
   return state
 
 
-def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True) -> dict:
+def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
+             on_nonfinite: str = "stop") -> dict:
   """Trains the dense model once per dense config; a second call reuses the result."""
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
   if run.result() is not None:
@@ -158,7 +166,7 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True) -> 
     model = build_model(cfg, seed=PRETRAIN_SEED)
     step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
                               _optimizer(cfg.pretrain_lr, cfg.pretrain_steps),
-                              seed=PRETRAIN_SEED)
+                              seed=PRETRAIN_SEED, skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
     state = _train_loop(run, step, state, cfg, cfg.pretrain_steps, train, test,
@@ -187,19 +195,21 @@ def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
   return model, state.params
 
 
-def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True) -> dict:
+def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
+             on_nonfinite: str = "stop") -> dict:
   """Fine-tunes the dense model into the compressed one with ``cfg.method``."""
   root = pathlib.Path(root)
   run = RunDir(root / cfg.run_name(), cfg.to_dict())
   if run.result() is not None:
     return run.result()
   with run.lock():
-    pretrain(cfg, root, progress=progress)
+    pretrain(cfg, root, progress=progress, on_nonfinite=on_nonfinite)
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     model, params = dense_model(cfg, root)
     transform, schedule, distill = methods.build(cfg, params)
     step = vj.make_train_step(model, transform, schedule, _optimizer(cfg.lr, cfg.steps),
-                              seed=cfg.seed, distill_weight=distill)
+                              seed=cfg.seed, distill_weight=distill,
+                              skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
     post_shot = evaluate(step, state, test, cfg.eval_examples)

@@ -1,0 +1,104 @@
+"""What happens when things go wrong: non-finite steps, locks, corrupt checkpoints."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+import vcon_jax as vj
+from vcon_jax.experiment import config as config_lib
+from vcon_jax.experiment import runner
+from vcon_jax.experiment.io import RunDir, RunLockedError
+
+TINY = config_lib.Config(model="mlp", model_kwargs={"hidden": (16,)}, train_limit=512,
+                         test_limit=128, pretrain_steps=8, steps=12, eval_every=4,
+                         eval_examples=64, checkpoint_every=4, batch_size=32)
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+def test_skip_nonfinite_leaves_state_and_flags_the_step():
+  model = MLP()
+  x = np.ones((4, 5), np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  step = vj.make_train_step(model, vj.prune(sparsity=0.5), vj.linear_vanish(4),
+                            optax.adam(1e-2), skip_nonfinite=True)
+  state = step.init(params)
+  state, m = step(state, {"inputs": x, "labels": np.zeros(4, np.int32)})
+  assert float(m["nonfinite"]) == 0.0
+  before = jax.device_get(state.params)
+  bad = x.copy()
+  bad[0, 0] = np.nan
+  state, m = step(state, {"inputs": bad, "labels": np.zeros(4, np.int32)})
+  assert float(m["nonfinite"]) == 1.0 and int(state.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+  real = runner.batch_at
+
+  def poisoned(arrays, step, batch_size, seed):
+    b = real(arrays, step, batch_size, seed)
+    if step == 5:  # the 6th step
+      b = {**b, "inputs": np.full_like(b["inputs"], np.nan)}
+    return b
+
+  runner.pretrain(TINY, tmp_path, progress=False)
+  monkeypatch.setattr(runner, "batch_at", poisoned)
+  with pytest.raises(FloatingPointError, match=r"at step 6 .*checkpoint \(step 4\)"):
+    runner.compress(TINY, tmp_path, progress=False)
+  run = tmp_path / TINY.run_name()
+  assert sorted(os.listdir(run / "checkpoints")) == ["4"]
+  assert not (run / "result.json").exists() and not (run / "LOCK").exists()
+  # with the skip option the same data finishes and counts the bad step
+  result = runner.compress(TINY.replace(seed=1), tmp_path, progress=False,
+                           on_nonfinite="skip")
+  rows = \
+      [json.loads(l) for l in (tmp_path / TINY.replace(seed=1).run_name() /
+                               "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["nonfinite_total"] == 1.0 and np.isfinite(result["test_accuracy"])
+
+
+def test_second_run_on_the_same_directory_refuses(tmp_path):
+  run = RunDir(tmp_path / "r", {"a": 1})
+  with run.lock():
+    with pytest.raises(RunLockedError, match="in use by process"):
+      with RunDir(tmp_path / "r", {"a": 1}).lock():
+        pass
+  # a lock left by a dead process is taken over (with a warning)
+  (tmp_path / "r" / "LOCK").write_text(f"{os.uname().nodename} 999999999")
+  with pytest.warns(UserWarning, match="stale lock"):
+    with run.lock():
+      pass
+
+
+def test_different_config_in_the_same_directory_is_refused(tmp_path):
+  with RunDir(tmp_path / "r", {"lr": 0.1, "steps": 3}).lock():
+    pass
+  with pytest.raises(ValueError, match="differs in: lr"):
+    RunDir(tmp_path / "r", {"lr": 0.2, "steps": 3})
+
+
+def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
+  runner.pretrain(TINY, tmp_path, progress=False)
+  cfg = TINY.replace(steps=8)
+  run = tmp_path / cfg.run_name()
+  # run the first 8 steps, then pretend the last checkpoint write was torn
+  result = runner.compress(cfg, tmp_path, progress=False)
+  os.remove(run / "result.json")
+  for f in (run / "checkpoints" / "8").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  with pytest.warns(UserWarning, match="checkpoints/8 is unreadable"):
+    again = runner.compress(cfg, tmp_path, progress=False)
+  assert again["test_accuracy"] == result["test_accuracy"]  # redone from step 4, same
+  shutil.rmtree(run)
