@@ -2,8 +2,9 @@
 
 Shapes: 1-D leaves (biases; not selected by default, so selected here with ``where=``),
 dense ``(fan_in, fan_out)`` matrices and 4-D conv kernels ``(kh, kw, cin, cout)``, with odd
-sizes. Values: integer-valued weights (many exact ties in magnitude, zeros, ``-0.0``) or
-arbitrary finite float32s; dtypes float32 and bfloat16. Properties:
+sizes. Values: integer-valued weights (many exact ties in magnitude, zeros), arbitrary
+finite float32s, or magnitudes spread over 12 decades (outliers next to tiny weights);
+dtypes float32 and bfloat16. Properties:
 
 - pruning (layer / neuron / group granularity, and n:m) keeps exactly
   ``L - round(sparsity * L)`` of every group (``n`` of every ``m``), and the kept ones are
@@ -15,15 +16,21 @@ arbitrary finite float32s; dtypes float32 and bfloat16. Properties:
 - low rank: the compressed matrix has numerical rank ``<= r`` and is the best rank-r
   approximation (Eckart-Young) at init;
 - ``apply(params, state, beta, count, exact)``: ``beta = 1`` returns the dense params and
-  ``beta = 0`` the compressed ones, bit for bit, for ``exact`` True and False; leaves not
-  selected are untouched;
+  ``beta = 0`` the compressed ones, bit for bit, for ``exact`` True and False (the training
+  view at ``beta = 0`` is checked in every transform's test); other ``beta`` blend; leaves
+  not selected are untouched;
 - gradients pass straight through prune / quantize / binarize (``d apply / d W = I``), and
   split ``beta`` / ``1 - beta`` between ``W`` and the factors for low rank;
-- the train step is deterministic for a seed: two fresh runs give bit-identical params.
+- the train step (a Linen MLP with dropout) is deterministic for a seed: two fresh runs
+  give bit-identical params and transform state, also from a separately built step; the
+  seed reaches dropout.
 
 Examples are derandomized (``derandomize=True``, no example database), so CI runs the same
-examples every time. Runtime: about 45 s for this file on 2 CPU cores (under pytest, with
-the two forced host devices of conftest.py); most of it is XLA compiling each new shape.
+examples every time. Runtime of this file (``pytest -q tests/test_properties.py``, the two
+forced host devices of conftest.py): 40 s of CPU time, 52 s wall on a 2-core machine that
+was also running other jobs (load ~5); most of it is XLA compiling each new shape and
+config (~0.3-0.5 s per pruning example, ~2 s per train step), hence the small
+``max_examples``.
 """
 
 import flax.linen as nn
@@ -51,21 +58,24 @@ SHAPES_2D = st.tuples(st.integers(1, 13), st.integers(1, 9))
 SHAPES_4D = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
                       st.integers(1, 5))
 SHAPES = st.one_of(SHAPES_1D, SHAPES_2D, SHAPES_4D)
-SHAPES_ND2 = st.one_of(SHAPES_2D, SHAPES_4D)  # kernels (selected by default)
 
 INT_VALUES = st.integers(-3, 3).map(float)  # ties in magnitude, zeros
 FLOAT_VALUES = st.floats(-8.0, 8.0, width=32, allow_subnormal=False)
+# Magnitudes over 12 decades: outliers next to tiny weights (stops short of the float32
+# subnormals, where XLA:CPU flushes a per-channel scale to zero).
+WIDE_VALUES = st.builds(lambda sign, e: sign * 2.0 ** e, st.sampled_from([-1.0, 1.0]),
+                        st.floats(-20.0, 20.0))
 
 
 @st.composite
 def arrays(draw, shape, dtype):
-  """A float32 array of ``shape``, integer-valued or arbitrary, cast to ``dtype``.
+  """A float32 array of ``shape`` with integer, plain or wide-range values, as ``dtype``.
 
   ``shape`` and ``dtype`` may be strategies.
   """
   shape = draw(shape) if isinstance(shape, st.SearchStrategy) else shape
   dtype = draw(dtype) if isinstance(dtype, st.SearchStrategy) else dtype
-  elements = draw(st.sampled_from([INT_VALUES, FLOAT_VALUES]))
+  elements = draw(st.sampled_from([INT_VALUES, FLOAT_VALUES, WIDE_VALUES]))
   x = draw(hnp.arrays(np.float32, shape, elements=elements))
   return jnp.asarray(x, dtype)
 
@@ -84,13 +94,22 @@ def params_of(w):
   return {"k": w, "other": jnp.arange(3, dtype=jnp.float32)}
 
 
+def check_outputs(p, out, train0):
+  """The selected leaf keeps dtype and shape, others are untouched, and the training view
+  at beta = 0 (``exact=False``, straight-through) holds exactly the compressed values."""
+  np.testing.assert_array_equal(out["other"], p["other"])
+  assert out["k"].dtype == p["k"].dtype and out["k"].shape == p["k"].shape
+  np.testing.assert_array_equal(f32(train0["k"]), f32(out["k"]))
+
+
 def compressed(t, w):
+  """``compress(t, {"k": w, ...})["k"]`` as float32 numpy, checked by ``check_outputs``."""
   p = params_of(w)
   s = t.init(p)
-  out = jax.jit(lambda p, s: vj.compress(t, p, s))(p, s)
-  np.testing.assert_array_equal(out["other"], p["other"])
-  assert out["k"].dtype == w.dtype and out["k"].shape == w.shape
-  return out["k"]
+  out, train0 = jax.jit(lambda p, s: (vj.compress(t, p, s),
+                                      t.apply(p, s, jnp.float32(0.0), 0, False)))(p, s)
+  check_outputs(p, out, train0)
+  return f32(out["k"])
 
 
 def rows_of(x, granularity, group_size=None):
@@ -124,18 +143,18 @@ def prune_outputs(t, w, mask_args):
 
   @jax.jit
   def run(p, s, traced_sparsity):
-    out = vj.compress(t, p, s)
-    return (out, vj.magnitude_mask(p["k"], sparsity, *rest),
+    return (vj.compress(t, p, s), t.apply(p, s, jnp.float32(0.0), 0, False),
+            vj.magnitude_mask(p["k"], sparsity, *rest),
             vj.magnitude_mask(p["k"], traced_sparsity, *rest))
 
-  out, mask, traced_mask = run(p, s, jnp.float32(0.0 if sparsity is None else sparsity))
-  np.testing.assert_array_equal(out["other"], p["other"])
-  assert out["k"].dtype == w.dtype and out["k"].shape == w.shape
+  out, train0, mask, traced_mask = run(p, s, jnp.float32(0.0 if sparsity is None
+                                                         else sparsity))
+  check_outputs(p, out, train0)
   assert mask.shape == w.shape and mask.dtype == jnp.bool_
   return f32(out["k"]), np.asarray(mask), np.asarray(traced_mask)
 
 
-@props(40)
+@props(20)
 @given(data=st.data())
 def test_prune_keeps_exact_count_per_group(data):
   w = data.draw(leaves())
@@ -158,7 +177,7 @@ def test_prune_keeps_exact_count_per_group(data):
   np.testing.assert_array_equal(traced_mask, mask)
 
 
-@props(20)
+@props(12)
 @given(data=st.data())
 def test_prune_n_m_keeps_n_of_every_m(data):
   m = data.draw(st.integers(1, 6), label="m")
@@ -191,23 +210,23 @@ def test_prune_n_m_on_1d_leaf_is_a_clear_error(w, m):
 
 
 # ------------------------------------------------------------------------ quantisation
-@props(30)
+@props(20)
 @given(w=leaves())
 def test_binarize_two_values_plus_minus_mean(w):
-  c = f32(compressed(vj.binarize(where="k"), w))
+  c = compressed(vj.binarize(where="k"), w)
   x = f32(w)
   assert len(np.unique(c)) <= 2
   scale = np.abs(c).max()
   assert len(np.unique(np.abs(c))) == 1  # exactly +-scale, no zeros unless scale is 0
-  rtol = 1e-5 if w.dtype == jnp.float32 else 2 ** -8
+  rtol = 1e-4 if w.dtype == jnp.float32 else 2 ** -8  # float32 sums of up to 225 values
   np.testing.assert_allclose(scale, np.abs(x.astype(np.float64)).mean(), rtol=rtol, atol=0)
   np.testing.assert_array_equal(c, np.where(x >= 0, scale, -scale))
 
 
-@props(40)
+@props(30)
 @given(w=leaves(), bits=st.integers(1, 8), per_channel=st.booleans())
 def test_quantize_levels_per_channel(w, bits, per_channel):
-  c = f32(compressed(vj.quantize(bits=bits, per_channel=per_channel, where="k"), w))
+  c = compressed(vj.quantize(bits=bits, per_channel=per_channel, where="k"), w)
   x = f32(w)
   # Channels: the last axis of a kernel; a 1-D leaf (or per_channel=False) has one scale.
   channelwise = per_channel and w.ndim > 1
@@ -224,11 +243,11 @@ def test_quantize_levels_per_channel(w, bits, per_channel):
   amax = np.abs(xm).max(0)
   scale = np.where(amax > 0, amax / top, 1.0)
   q = cm / scale
-  tol = 1e-5 if w.dtype == jnp.float32 else 2 ** -8 * top
-  np.testing.assert_allclose(q, np.round(q), atol=tol)  # integer multiples of the scale
-  assert np.all(np.abs(q) <= top + tol)
-  step_err = scale / 2 + np.abs(xm) * (1e-6 if w.dtype == jnp.float32 else 2 ** -8)
-  assert np.all(np.abs(cm - xm) <= step_err)
+  eps = 1e-6 if w.dtype == jnp.float32 else 2 ** -8
+  np.testing.assert_allclose(q, np.round(q), atol=eps * top)  # integer multiples of scale
+  assert np.all(np.abs(q) <= top * (1 + eps))
+  err = np.abs(cm.astype(np.float64) - xm)  # within half a step (plus the dtype's rounding)
+  assert np.all(err <= scale / 2 * (1 + eps) + np.abs(xm) * eps)
   # The largest magnitude of each channel is a level itself.
   np.testing.assert_allclose(np.abs(cm).max(0), amax, rtol=1e-6)
 
@@ -241,7 +260,7 @@ def low_rank_cases(draw):
   return w, draw(st.integers(1, min(fan_in, fan_out)))
 
 
-@props(30)
+@props(20)
 @given(case=low_rank_cases())
 def test_low_rank_rank_at_most_r(case):
   w, r = case
@@ -264,8 +283,8 @@ def test_low_rank_rank_at_most_r(case):
 def test_low_rank_on_1d_leaf(w, r):
   # A 1-D leaf is a (1, L) matrix: rank 1 reproduces it, a larger rank is a clear error.
   c = compressed(vj.low_rank(rank=1, where="k"), w)
-  np.testing.assert_allclose(f32(c), f32(w), rtol=1e-6 if w.dtype == jnp.float32 else 2 ** -7,
-                             atol=1e-6)
+  eps = 1e-6 if w.dtype == jnp.float32 else 2 ** -7
+  np.testing.assert_allclose(c, f32(w), rtol=0, atol=eps * np.abs(f32(w)).max())
   with pytest.raises(ValueError, match=rf"rank={r} is larger than leaf k"):
     vj.low_rank(rank=r, where="k").init(params_of(w))
 
@@ -291,29 +310,31 @@ STRAIGHT_THROUGH = ["prune", "prune_neuron", "prune_nm", "prune_interval", "bina
                     "quantize", "chain"]
 
 
-@props(40)
+@props(16)
 @given(w=leaves(), name=st.sampled_from(STRAIGHT_THROUGH + ["low_rank"]),
        exact=st.booleans(), beta=st.floats(0.0, 1.0))
 def test_blend_endpoints(w, name, exact, beta):
   t = make_transform(name, w)
   p = params_of(w)
   s = t.init(p)
-  apply = jax.jit(t.apply, static_argnums=(4,))
-  comp = vj.compress(t, p, s)
-  dense = apply(p, s, jnp.float32(1.0), 0, exact)
-  zero = apply(p, s, jnp.float32(0.0), 0, exact)
+
+  @jax.jit
+  def run(p, s, betas):
+    return [t.apply(p, s, b, 0, exact) for b in betas], vj.compress(t, p, s)
+
+  (dense, zero, mid), comp = run(p, s, (jnp.float32(1.0), jnp.float32(0.0),
+                                        jnp.float32(beta)))
   for out, expect in ((dense, p), (zero, comp)):
     assert out["k"].dtype == w.dtype
     np.testing.assert_array_equal(f32(out["k"]), f32(expect["k"]))
     np.testing.assert_array_equal(out["other"], p["other"])
-  mid = f32(apply(p, s, jnp.float32(beta), 0, exact)["k"])
   expect = beta * f32(w).astype(np.float64) + (1 - beta) * f32(comp["k"])
   scale = np.abs(f32(w)).max() + np.abs(f32(comp["k"])).max()
   tol = (1e-6 if w.dtype == jnp.float32 else 2 ** -8) * scale
-  np.testing.assert_allclose(mid, expect, atol=tol, rtol=0)
+  np.testing.assert_allclose(f32(mid["k"]), expect, atol=tol, rtol=0)
 
 
-@props(30)
+@props(15)
 @given(w=leaves(), name=st.sampled_from(STRAIGHT_THROUGH), beta=st.floats(0.0, 1.0))
 def test_gradients_pass_straight_through(w, name, beta):
   t = make_transform(name, w)
@@ -330,7 +351,7 @@ def test_gradients_pass_straight_through(w, name, beta):
   np.testing.assert_allclose(f32(grad(p, jnp.float32(beta))), f32(g), rtol=tol, atol=tol)
 
 
-@props(15)
+@props(10)
 @given(case=low_rank_cases(), beta=st.floats(0.0, 1.0))
 def test_low_rank_gradient_split(case, beta):
   w, r = case
@@ -357,7 +378,7 @@ def test_low_rank_gradient_split(case, beta):
 class DropoutMLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(nn.Dense(7)(x))
+    x = nn.relu(nn.Dense(8)(x))  # fan_in 12 and 8: n:m with m = 4 divides both
     x = nn.Dropout(0.3, deterministic=not train)(x)
     return nn.Dense(5)(x)
 
@@ -371,39 +392,45 @@ TRAIN_TRANSFORMS = {
 }
 
 
-def train_run(name, seed, steps=3):
-  """A fresh step (own jit) and a fresh state; returns the final params on the host."""
+def batches_and_params(seed, steps=3):
   model = DropoutMLP()
   rng = np.random.RandomState(seed)
   batches = [{"inputs": rng.randn(8, 12).astype(np.float32), "labels": rng.randint(0, 5, 8)}
              for _ in range(steps)]
-  params = model.init(jax.random.key(seed), batches[0]["inputs"])["params"]
-  step = vj.make_train_step(model, TRAIN_TRANSFORMS[name](), vj.linear_vanish(2),
-                            optax.adam(1e-2), seed=seed, train_kwargs={"train": True})
-  state = step.init(params)
+  return model, batches, model.init(jax.random.key(seed), batches[0]["inputs"])["params"]
+
+
+def make_step(model, transform, seed):
+  return vj.make_train_step(model, transform, vj.linear_vanish(2), optax.adam(1e-2),
+                            seed=seed, train_kwargs={"train": True})
+
+
+def train_run(step, params, batches, seed=None):
+  """A fresh run: a new state from ``params``; the final params and transform state."""
+  state = step.init(params, seed=seed)
   for batch in batches:
     state, _ = step(state, batch)
-  return jax.device_get((state.params, state.transform_state, step.compressed_params(state)))
+  return jax.device_get((state.params, state.transform_state))
 
 
-@props(5)
+@props(3)
 @given(name=st.sampled_from(sorted(TRAIN_TRANSFORMS)), seed=st.integers(0, 2 ** 31 - 1))
 def test_train_step_deterministic_for_a_seed(name, seed):
-  first, second = train_run(name, seed), train_run(name, seed)
+  # One compiled step per example (compiling dominates); two runs from fresh states.
+  model, batches, params = batches_and_params(seed)
+  step = make_step(model, TRAIN_TRANSFORMS[name](), seed)
+  first, second = train_run(step, params, batches), train_run(step, params, batches)
   jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
-def test_train_step_seed_matters():
-  # The seed reaches the dropout rng: another seed (same data and init) trains differently.
-  model = DropoutMLP()
-  x = np.random.RandomState(0).randn(8, 12).astype(np.float32)
-  batch = {"inputs": x, "labels": np.arange(8) % 5}
-  params = model.init(jax.random.key(0), x)["params"]
-  finals = []
-  for seed in (0, 1):
-    step = vj.make_train_step(model, vj.prune(sparsity=0.5), vj.linear_vanish(2),
-                              optax.adam(1e-2), seed=seed, train_kwargs={"train": True})
-    state, _ = step(step.init(params), batch)
-    finals.append(jax.device_get(state.params))
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(finals[0]),
-                                                      jax.tree.leaves(finals[1])))
+def test_train_step_fresh_trace_same_result_and_seed_matters():
+  # A separately built (traced and compiled) step reproduces the run bit for bit, as a
+  # restarted process would; another seed (same data, same init) changes the dropout
+  # masks and so the params.
+  model, batches, params = batches_and_params(0)
+  a, b = (make_step(model, vj.binarize(), seed=0) for _ in range(2))
+  runs = [train_run(a, params, batches), train_run(b, params, batches)]
+  jax.tree.map(np.testing.assert_array_equal, *runs)
+  other = train_run(a, params, batches, seed=1)
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(runs[0][0]),
+                                                      jax.tree.leaves(other[0])))

@@ -95,7 +95,10 @@ def _keep_count(group_len: int, sparsity: Any, n: int | None) -> Any:
 
 def magnitude_mask(w: jax.Array, sparsity: Any, granularity: str = "layer",
                    group_size: int | None = None, n: int | None = None) -> jax.Array:
-  """Boolean mask keeping the largest ``|w|``: ``round((1 - sparsity) * L)`` per group."""
+  """Boolean mask keeping the largest ``|w|``: ``L - round(sparsity * L)`` per group of ``L``.
+
+  ``round`` is Python's (half to even): ``sparsity`` is the fraction zeroed, rounded.
+  """
   to_rows, from_rows = _groups(w.shape, granularity, group_size)
   rows = to_rows(jnp.abs(w))
   k = _keep_count(rows.shape[1], sparsity, n)

@@ -46,7 +46,10 @@ def _quantizer(bits, per_channel, where, exclude, name) -> Transform:
 
   def compress(w, trainable, aux, count, exact):
     c = quantize_values(lax.stop_gradient(w), bits_at(count), per_channel)
-    return c if exact else w + lax.stop_gradient(c - w)
+    # Straight-through as c + (w - sg(w)): the forward value is exactly c. The form
+    # w + sg(c - w) rounds c - w when |w| is far from |c| (binarize: an outlier weight next
+    # to the mean), so the training view at beta = 0 was not the exported one.
+    return c if exact else c + (w - lax.stop_gradient(w))
 
   def describe(w, count):
     return {"bits": int(bits_at(count)), "per_channel": per_channel}
