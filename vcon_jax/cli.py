@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(result: dict) -> None:
-  rows = result.get("summary")
-  if not rows:
+  summary = result.get("summary")
+  if not summary:
     return
-  from vcon_jax import _export  # pylint: disable=import-outside-toplevel
-  print(_export.format_summary(rows))
+  from vcon_jax._export import Summary  # pylint: disable=import-outside-toplevel
+  print(Summary(summary["rows"], summary["totals"]).table())
 
 
 if __name__ == "__main__":

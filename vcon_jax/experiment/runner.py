@@ -217,10 +217,7 @@ def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
                         cfg.run_name(), progress, eval_compressed=True, seed=cfg.seed)
     result = {"test_accuracy": evaluate(step, state, test), "steps": cfg.steps,
               "compressed_at_start": post_shot, "wall_s": time.time() - t0}
-    try:
-      from vcon_jax import _export  # pylint: disable=import-outside-toplevel
-      result["summary"] = _export.summary_rows(step, state)
-    except (ImportError, AttributeError):
-      pass
+    summary = vj.export(step, state, run.path / "model.npz")  # the compact model
+    result["summary"] = {"rows": list(summary), "totals": summary.totals}
     run.write_result(result)
     return result
