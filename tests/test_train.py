@@ -191,3 +191,29 @@ def test_bad_step_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     vj.make_train_step(args.pop("model"), args.pop("transform"), args.pop("schedule"),
                        **args)
+
+
+def test_distill_teacher_is_the_frozen_initial_dense_model(tmp_path):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+  model = Net()
+  x = np.random.RandomState(0).randn(8, 5).astype(np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  step = vj.make_train_step(model, vj.prune(sparsity=0.5), vj.linear_vanish(2),
+                            optax.adam(1e-2), distill_weight=0.5)
+  state = step.init(params)
+  for _ in range(3):
+    state, m = step(state, {"inputs": x, "labels": np.zeros(8, np.int32)})
+  assert "distill_loss" in m and np.isfinite(float(m["distill_loss"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.teacher), params)
+  vj.save(state, tmp_path / "ck")
+  restored = vj.restore(tmp_path / "ck", step.init(params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.teacher), params)
+  with pytest.raises(ValueError, match="distill_teacher"):
+    vj.make_train_step(model, vj.prune(sparsity=0.5), vj.linear_vanish(2),
+                       distill_teacher="best")
