@@ -8,10 +8,21 @@ counter resume exactly where they stopped.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+
+from vcon_jax._train import TrainState
+
+
+class _LegacyTrainState(NamedTuple):
+  step: Any
+  params: Any
+  transform_state: Any
+  opt_state: Any
+  model_state: Any
+  rng: Any
 
 
 class CheckpointManager:
@@ -52,7 +63,15 @@ class CheckpointManager:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+    try:
+      return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+    except ValueError:
+      if not (isinstance(target, TrainState) and target.teacher is None):
+        raise
+      # A state saved before TrainState gained its optional `teacher` field.
+      legacy = _LegacyTrainState(*abstract[:len(_LegacyTrainState._fields)])
+      out = self._manager.restore(int(step), args=ocp.args.StandardRestore(legacy))
+      return TrainState(*out, teacher=None)
 
   def close(self) -> None:
     self._manager.close()
