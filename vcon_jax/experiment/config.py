@@ -199,6 +199,6 @@ DATASET_DEFAULTS = {
     "fashion_mnist": {"model": "cnn", "model_kwargs": {"features": (16, 32), "hidden": 64}},
     "wordnet": {"model": "transformer",
                 "model_kwargs": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
-                "batch_size": 64, "max_len": 48, "pretrain_steps": 2000, "pretrain_lr": 1e-3,
-                "steps": 300},
+                "batch_size": 64, "max_len": 48, "pretrain_steps": 1200, "pretrain_lr": 2e-3,
+                "steps": 200, "eval_every": 40},
 }
