@@ -217,3 +217,20 @@ def test_distill_teacher_is_the_frozen_initial_dense_model(tmp_path):
   with pytest.raises(ValueError, match="distill_teacher"):
     vj.make_train_step(model, vj.prune(sparsity=0.5), vj.linear_vanish(2),
                        distill_teacher="best")
+
+
+def test_update_model_writes_compressed_weights_and_batchnorm_stats():
+  from vcon_jax.models import get_model  # pylint: disable=import-outside-toplevel
+  model = get_model("cnn", features=(4, 8), hidden=8, rngs=nnx.Rngs(0))
+  x = np.random.RandomState(0).rand(8, 28, 28, 1).astype(np.float32)
+  y = np.arange(8) % 10
+  step = vj.make_train_step(model, vj.binarize(), vj.linear_vanish(2), optax.adam(1e-2))
+  state = step.init()
+  for _ in range(3):
+    state, _ = step(state, {"inputs": x, "labels": y})
+  want, _ = step.evaluate(state, {"inputs": x, "labels": y})
+  module = step.update_model(state)
+  module.eval()
+  np.testing.assert_allclose(np.asarray(module(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+  kernel = np.asarray(module.fc.kernel.value)
+  assert len(np.unique(kernel)) == 2  # exactly +-scale
