@@ -6,6 +6,9 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+import vcon_jax as vj
 
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax, optax, flax.linen as nn
@@ -59,3 +62,13 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
   assert names and names == [k for k in resumed.files if k != "betas"]
   for k in names:
     np.testing.assert_array_equal(full[k], resumed[k])
+
+
+def test_restore_into_a_different_model_names_the_first_mismatch(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  state = {"params": {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((3, 2))}}}
+  vj.save(state, tmp_path / "ck", step=1)
+  other = {"params": {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((3, 5))}}}
+  with pytest.raises(ValueError, match=r"params\.b\.kernel: saved shape \(3, 2\), expected "
+                                       r"shape \(3, 5\)"):
+    vj.restore(tmp_path / "ck", other)

@@ -63,6 +63,7 @@ class CheckpointManager:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    self._check_shapes(step, abstract)
     try:
       return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
     except ValueError:
@@ -73,8 +74,42 @@ class CheckpointManager:
       out = self._manager.restore(int(step), args=ocp.args.StandardRestore(legacy))
       return TrainState(*out, teacher=None)
 
+  def _check_shapes(self, step: int, abstract: Any) -> None:
+    """Names the first leaf whose saved shape differs from the target's (or is missing)."""
+    try:
+      meta = ocp.StandardCheckpointer().metadata(
+          os.path.join(self.directory, str(int(step)), "default"))
+      meta = getattr(meta, "item_metadata", meta)
+      saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(
+          meta, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "name"))
+               if hasattr(m, "shape")}
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable metadata: the restore itself reports (or a caller skips it)
+    if not saved:
+      return
+    wanted = {_dotted(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    diffs = [(name, saved.get(name), shape) for name, shape in wanted.items()
+             if saved.get(name) != shape]
+    if diffs and len(diffs) < len(wanted):  # name schemes differ entirely: let Orbax judge
+      name, got, want = diffs[0]
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} does not fit this model/transform: "
+          f"{len(diffs)} of {len(wanted)} leaves differ, the first is {name}: saved "
+          f"{'nothing' if got is None else f'shape {got}'}, expected shape {want}.")
+
   def close(self) -> None:
     self._manager.close()
+
+
+def _dotted(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return ".".join(parts)
 
 
 def save(state: Any, directory: str | os.PathLike, step: int | None = None, *,

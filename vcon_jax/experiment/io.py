@@ -141,6 +141,11 @@ class RunDir:
     for step in sorted(mgr.all_steps(), reverse=True):
       try:
         return mgr.restore(target, step), step
+      except ValueError as err:
+        if "does not fit this model" in str(err):
+          raise  # a different model/transform: older checkpoints will not fit either
+        warnings.warn(f"checkpoint {mgr.directory}/{step} is unreadable ({err}); trying the "
+                      f"previous one")
       except Exception as err:  # pylint: disable=broad-except
         warnings.warn(f"checkpoint {mgr.directory}/{step} is unreadable ({type(err).__name__}:"
                       f" {err}); trying the previous one")
