@@ -11,9 +11,11 @@ Model: the library's NNX MLP ``784 -> width -> width -> 10`` (``vcon_jax.models`
 * the compact exports (``vj.export`` of a post-shot state, beta = 0, no training) of
   ``prune(0.9)``, ``binarize()``, ``quantize(4)``, ``quantize(8)`` and
   ``low_rank(width // 16)`` (the 10-class head excluded: it is thinner than the rank), each
-  run by ``vj.load_compressed(path).apply_fn(model)``: one ``jit`` that decodes the packed
-  integer / bit / sparse arrays on the fly, and runs low-rank Linear layers as
-  ``(x @ A) @ B``.
+  run by ``vj.load_compressed(path).apply_fn(model, decode=...)`` in both decode modes
+  (``--decode`` to pick): ``(once)``, the packed integer / bit / sparse arrays decoded to
+  dense fp32 arrays kept on the device at the first call, then the plain dense model;
+  ``(on the fly)``, one ``jit`` that decodes them from the packed arrays in every call.
+  Low-rank Linear layers run as ``(x @ A) @ B`` in both.
 
 The low-rank factors of kernels 2048 wide or more on both sides come from a randomized
 truncated SVD (``--exact-svd``: the library's ``vj.svd_factors``, a full float64 SVD that
@@ -26,7 +28,9 @@ models), then all are timed in interleaved rounds (order shuffled each round, so
 a shared machine hit all alike). Each call is waited for (``block_until_ready``): the
 reported time is the latency of one synchronous batch. Reported: median ms per batch,
 examples/s, the ratio to dense (median of the per-round ratios, min..max), the export's
-bytes, and the largest |logit difference| against the dense model run on the export's
+bytes, the bytes of the arrays the jitted function runs on (held on the device), the first
+call's time (decoding for ``once``, finding sparse positions for ``on the fly``, and the
+compile), and the largest |logit difference| against the dense model run on the export's
 decoded params (``CompressedModel.params()``), a check that the compact path computes the
 same function. Output: ``experiments/results/bench_inference.{md,json}`` (see ``--out``).
 """
@@ -54,6 +58,7 @@ from vcon_jax.models import get_model
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IN_FEATURES, NUM_CLASSES = 784, 10
 DENSE = "dense fp32"
+MODES = {"once": "once", "on_the_fly": "on the fly"}
 
 
 def variants(width: int) -> dict:
@@ -111,7 +116,7 @@ def _time(fn, x, iters):
   return (time.perf_counter() - t0) / iters
 
 
-def bench_width(width, batches, repeats, target_s, tmpdir, log):
+def bench_width(width, batches, repeats, target_s, tmpdir, log, modes=tuple(MODES)):
   xs = {b: jax.device_put(np.random.RandomState(b).rand(b, IN_FEATURES).astype(np.float32))
         for b in batches}
   fns = {DENSE: _dense_fn(_model(width))}
@@ -119,39 +124,53 @@ def bench_width(width, batches, repeats, target_s, tmpdir, log):
   dense_bytes = sum(int(np.asarray(v).nbytes)
                     for v in jax.tree.leaves(nnx.state(_model(width), nnx.Param)))
   info[DENSE].update(bytes=dense_bytes, dense_bytes=dense_bytes, bytes_ratio=1.0,
-                     layer_bytes_ratio=1.0, formats=["float32"])
-  for vname, transform in variants(width).items():
+                     layer_bytes_ratio=1.0, formats=["float32"], device_bytes=dense_bytes,
+                     decode=None)
+  first = {}
+  for base, transform in variants(width).items():
     t0 = time.perf_counter()
     model = _model(width)
     step = vj.make_train_step(model, transform, vj.linear_vanish(0), optax.sgd(0.0))
     state = step.init(nnx.state(model, nnx.Param))
-    path = os.path.join(tmpdir, f"w{width}_{vname}.npz")
+    path = os.path.join(tmpdir, f"w{width}_{base}.npz")
     rows = vj.export(step, state, path)
-    compact = vj.load_compressed(path)
-    fn = compact.apply_fn(_model(width))
+    export_s = time.perf_counter() - t0
     t = rows.totals
     formats = sorted({r["format"] for r in rows if r["transform"]})
-    # the same function? compact path vs the dense model on the decoded params
-    ref_model = _model(width)
-    nnx.update(ref_model, compact.params(ref_model))
-    xb = xs[max(batches)]
-    diff = float(np.max(np.abs(np.asarray(fn(xb)) - np.asarray(_dense_fn(ref_model)(xb)))))
-    info[vname] = {"export_s": time.perf_counter() - t0, "fast_layers": compact.fast_layers,
-                   "max_abs_diff": diff, "bytes": int(t["compressed_bytes"]),
-                   "dense_bytes": int(t["dense_bytes"]), "bytes_ratio": float(t["ratio"]),
-                   "layer_bytes_ratio": float(t["compressed_layers_ratio"]),
-                   "file_bytes": t.get("file_bytes"), "formats": formats}
-    fns[vname] = fn
-    log(f"  exported {vname:12s} {info[vname]['export_s']:6.1f} s  "
-        f"{t['compressed_bytes'] / 2**20:7.2f} MiB ({t['ratio']:.4f} of dense)  "
-        f"{', '.join(formats)}  max|diff| {diff:.2e}")
-    del step, state
+    ref_fn = None
+    for mode in modes:
+      vname = f"{base} ({MODES[mode]})"
+      compact = vj.load_compressed(path)  # one per mode: nothing decoded is shared
+      fn = compact.apply_fn(_model(width), decode=mode)
+      x0 = xs[min(batches)]
+      t1 = time.perf_counter()
+      fn(x0).block_until_ready()  # decoding (once) / positions (on the fly) + compile
+      first[(vname, min(batches))] = time.perf_counter() - t1
+      device_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(fn._arrays))
+      # the same function? compact path vs the dense model on the decoded params
+      if ref_fn is None:
+        ref_model = _model(width)
+        nnx.update(ref_model, compact.params(ref_model))
+        ref_fn = _dense_fn(ref_model)
+      xb = xs[max(batches)]
+      diff = float(np.max(np.abs(np.asarray(fn(xb)) - np.asarray(ref_fn(xb)))))
+      info[vname] = {"export_s": export_s, "fast_layers": compact.fast_layers,
+                     "max_abs_diff": diff, "bytes": int(t["compressed_bytes"]),
+                     "dense_bytes": int(t["dense_bytes"]), "bytes_ratio": float(t["ratio"]),
+                     "layer_bytes_ratio": float(t["compressed_layers_ratio"]),
+                     "file_bytes": t.get("file_bytes"), "formats": formats,
+                     "device_bytes": device_bytes, "decode": mode}
+      fns[vname] = fn
+      log(f"  {vname:24s} export {export_s:6.1f} s  "
+          f"{t['compressed_bytes'] / 2**20:7.2f} MiB ({t['ratio']:.4f} of dense), on device "
+          f"{device_bytes / 2**20:7.2f} MiB  {', '.join(formats)}  max|diff| {diff:.2e}")
+    del step, state, ref_fn
   runs = {}
   for vname, fn in fns.items():
     for b in batches:
       t0 = time.perf_counter()
       fn(xs[b]).block_until_ready()  # compile
-      compile_s = time.perf_counter() - t0
+      compile_s = first.get((vname, b), time.perf_counter() - t0)
       warm = _time(fn, xs[b], 2)
       iters = int(np.clip(round(target_s / max(warm, 1e-6)), 1, 1000))
       runs[(vname, b)] = {"fn": fn, "iters": iters, "compile_s": compile_s, "times": []}
@@ -179,7 +198,9 @@ def bench_width(width, batches, repeats, target_s, tmpdir, log):
 
 
 def _label(vname):
-  return "low_rank r=w/16" if vname.startswith("low_rank") else vname
+  if vname.startswith("low_rank"):
+    return "low_rank r=w/16" + vname[vname.index(" "):] if " " in vname else "low_rank r=w/16"
+  return vname
 
 
 def _row(rows, label):
@@ -207,12 +228,19 @@ def to_markdown(results, meta):
   lines += [
       f"Model: NNX MLP {IN_FEATURES} -> width -> width -> {NUM_CLASSES} (eval mode). Every "
       f"compressed variant is the `vj.export` of a post-shot state (beta = 0) run by "
-      f"`vj.load_compressed(path).apply_fn(model)`; dense fp32 is the plain jitted model. "
+      f"`vj.load_compressed(path).apply_fn(model, decode=...)`: `(once)` decodes the "
+      f"k-bit / binary / sparse layers to dense fp32 arrays kept on the device at the first "
+      f"call, then runs the plain model; `(on the fly)` decodes them from the packed arrays "
+      f"(sparse: values + sorted int32 positions) inside every jitted call; low-rank Linear "
+      f"layers run as `(x @ A) @ B` in both. Dense fp32 is the plain jitted model. "
       f"{meta['repeats']} interleaved rounds (order shuffled per round), each measurement "
       f"about {meta['target_ms']:.0f} ms of calls (at least one), each call waited for. "
       f"ms = median per batch; ratio = variant / dense time (median of per-round ratios, "
       f"min..max); bytes = the export's arrays (`summary` totals, whole model incl. biases "
-      f"and the uncompressed head where excluded); max|diff| = largest logit difference "
+      f"and the uncompressed head where excluded); on device = bytes of the arrays the "
+      f"jitted function runs on (transient decoded kernels inside a call not counted); "
+      f"first call = decoding / sparse positions + compile at the smallest batch; "
+      f"max|diff| = largest logit difference "
       f"against the dense model run on the export's decoded params. Low-rank factors: "
       f"{meta['svd']} (values only; shapes and cost as with the exact SVD).", ""]
   widths = list(results)
@@ -220,24 +248,30 @@ def to_markdown(results, meta):
     batches = list(next(iter(results[widths[0]].values()))["batches"])
     labels = [_label(v) for v in results[widths[0]]]
     lines += ["## Ratio to dense (median time per batch), by batch size and width", "",
-              "| variant | bytes of dense | " + " | ".join(
+              "| variant | bytes of dense | on device of dense | " + " | ".join(
                   f"b={b} w={w}" for b in batches for w in widths) + " |",
-              "|---|---|" + "---|" * (len(batches) * len(widths))]
+              "|---|---|---|" + "---|" * (len(batches) * len(widths))]
     for label in labels[1:]:
       cells = [label, " / ".join(f"{_row(results[w], label)['bytes_ratio']:.3f}"
-                                 for w in widths)]
+                                 for w in widths),
+               " / ".join(f"{_row(results[w], label)['device_bytes'] / _row(results[w], label)['dense_bytes']:.3f}"
+                          for w in widths)]
       cells += [f"{_row(results[w], label)['batches'][b]['ratio_median']:.2f}"
                 for b in batches for w in widths]
       lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "(bytes of dense: per width, in the order of the columns' widths.)", ""]
+    lines += ["", "(bytes / on device of dense: per width, in the order of the columns' "
+              "widths.)", ""]
   for width, rows in results.items():
     batches = list(next(iter(rows.values()))["batches"])
+    modes = [r["decode"] for r in rows.values() if r["decode"]]
     lines += [f"## width {width}", "",
-              "| variant | bytes (MiB) | of dense | " + " | ".join(
-                  f"b={b} ms | b={b} ex/s | b={b} ratio" for b in batches) + " | max\\|diff\\| |",
-              "|---|---|---|" + "---|---|---|" * len(batches) + "---|"]
+              "| variant | bytes (MiB) | of dense | on device (MiB) | first call (s) | " +
+              " | ".join(f"b={b} ms | b={b} ex/s | b={b} ratio" for b in batches) +
+              " | max\\|diff\\| |",
+              "|---|---|---|---|---|" + "---|---|---|" * len(batches) + "---|"]
     for vname, r in rows.items():
-      cells = [vname, _mib(r["bytes"]), f"{r['bytes_ratio']:.3f}"]
+      cells = [vname, _mib(r["bytes"]), f"{r['bytes_ratio']:.3f}", _mib(r["device_bytes"]),
+               f"{r['batches'][batches[0]]['compile_s']:.2f}"]
       for b in batches:
         s = r["batches"][b]
         ratio = (f"{s['ratio_median']:.2f} ({s['ratio_min']:.2f}..{s['ratio_max']:.2f})"
@@ -245,9 +279,9 @@ def to_markdown(results, meta):
         cells += [f"{s['ms_median']:.3f}", f"{s['examples_per_s']:,.0f}", ratio]
       cells.append(f"{r['max_abs_diff']:.1e}" if vname != DENSE else "-")
       lines.append("| " + " | ".join(cells) + " |")
-    fmts = "; ".join(f"{v}: {', '.join(r['formats'])}" + (
+    fmts = "; ".join(f"{v.split(' (')[0]}: {', '.join(r['formats'])}" + (
         f" (thin matmuls: {', '.join(r['fast_layers'])})" if r["fast_layers"] else "")
-                     for v, r in rows.items() if v != DENSE)
+                     for v, r in rows.items() if v != DENSE and r["decode"] == modes[0])
     lines += ["", f"Formats: {fmts}.", ""]
   return "\n".join(lines)
 
@@ -260,6 +294,8 @@ def main(argv=None):
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256],
                       help="batch sizes")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+  parser.add_argument("--decode", nargs="+", choices=list(MODES), default=list(MODES),
+                      help="CompressedModel.apply_fn decode modes to run")
   parser.add_argument("--target-ms", type=float, default=40.0,
                       help="work per measurement: iterations = target / warm-up call time "
                            "(1..1000), so the wide models get fewer")
@@ -278,6 +314,7 @@ def main(argv=None):
           "cores_usable": len(os.sched_getaffinity(0)), "jax": jax.__version__,
           "flax": __import__("flax").__version__, "repeats": args.repeats,
           "target_ms": args.target_ms, "widths": args.widths, "batches": args.batches,
+          "decode": args.decode,
           "loadavg_start": list(load), "shared": load[0] > 1.5,
           "svd": "exact" if args.exact_svd else "randomized for kernels >= 2048 on both sides"}
   if not args.exact_svd:  # read by low_rank's init at call time
@@ -289,9 +326,9 @@ def main(argv=None):
         print(f"width {width} ...", flush=True)
         results[str(width)] = bench_width(width, args.batches, args.repeats,
                                           args.target_ms / 1e3, tmpdir,
-                                          lambda s: print(s, flush=True))
+                                          lambda s: print(s, flush=True), args.decode)
         for vname, r in results[str(width)].items():
-          print(f"  {vname:12s} " + "  ".join(
+          print(f"  {vname:24s} " + "  ".join(
               f"b={b}: {s['ms_median']:8.3f} ms x{s['ratio_median']:.2f}"
               for b, s in r["batches"].items()), flush=True)
   finally:

@@ -121,20 +121,79 @@ def test_linen_round_trip_and_sizes(case, tmp_path):
   loaded = vj.load_compressed(path)
   _assert_params(loaded.params(), cparams, "low_rank" in case)
   reference = _LINEN.apply({"params": cparams}, _X)
-  np.testing.assert_allclose(loaded.apply(_LINEN, _X), reference, rtol=1e-5, atol=1e-5)
   _check_sizes(case, rows)
-  if case.endswith("low_rank"):
-    assert loaded.fast_layers == ["Dense_0/kernel", "Dense_1/kernel"]
-  else:
-    assert loaded.fast_layers == []
+  for decode in ("once", "on_the_fly"):
+    np.testing.assert_allclose(loaded.apply(_LINEN, _X, decode=decode), reference,
+                               rtol=1e-5, atol=1e-5, err_msg=decode)
+    if case.endswith("low_rank"):
+      assert loaded.fast_layers == ["Dense_0/kernel", "Dense_1/kernel"]
+    else:
+      assert loaded.fast_layers == []
 
 
-def test_low_rank_runs_as_two_thin_matmuls(tmp_path):
+def _entry_params(runner):
+  """Shapes of the jitted computation's inputs (``f32[300,64]``, ...)."""
+  text = runner.lower(_X).as_text()
+  main = re.search(r"func\.func public @main\((.*?)\) ->", text, re.S).group(1)
+  return re.findall(r"tensor<([^>]*)>", main)
+
+
+@pytest.mark.parametrize("decode", ["once", "on_the_fly"])
+def test_low_rank_runs_as_two_thin_matmuls(decode, tmp_path):
   step, state = _linen_step("low_rank")
   vj.export(step, state, tmp_path / "m.npz")
-  hlo = vj.load_compressed(tmp_path / "m.npz").apply_fn(_LINEN).lower(_X).compile().as_text()
+  runner = vj.load_compressed(tmp_path / "m.npz").apply_fn(_LINEN, decode=decode)
+  hlo = runner.lower(_X).compile().as_text()
   assert "f32[300,4]" in hlo  # the factor A is an input
   assert "f32[300,64]" not in hlo  # the dense kernel is never rebuilt
+
+
+class _Mixed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(nn.relu(nn.DenseGeneral(64)(x)))
+
+
+def test_decode_modes_inputs_and_caching(tmp_path):
+  """once: dense kernels are the jit's inputs (shared with params()); on the fly: the packed
+  arrays are, sparse ones as values and sorted int32 positions."""
+  for case in ("quantize4", "prune"):
+    step, state = _linen_step(case)
+    vj.export(step, state, tmp_path / f"{case}.npz")
+    loaded = vj.load_compressed(tmp_path / f"{case}.npz")
+    once = _entry_params(loaded.apply_fn(_LINEN))  # the default
+    assert "300x64xf32" in once and "64x10xf32" in once
+    assert not any(t.endswith(("xui8", "xi32")) for t in once), once
+    fly = _entry_params(loaded.apply_fn(_LINEN, decode="on_the_fly"))
+    assert "300x64xf32" not in fly
+    if case == "quantize4":
+      assert "9600xui8" in fly  # 300 * 64 4-bit codes
+    else:
+      nnz = int(np.count_nonzero(step.compressed_params(state)["Dense_0"]["kernel"]))
+      assert f"{nnz}xi32" in fly and f"{nnz}xf32" in fly, fly
+      fmt, arrays = loaded._runtime_leaf(1)  # Dense_0/kernel (leaves sorted: bias first)
+      assert fmt["layout"] == "positions" and np.all(np.diff(np.asarray(arrays["positions"])) > 0)
+  # decoded once, on the device, shared by params() and the runs
+  assert loaded.params()["Dense_0"]["kernel"] is loaded._dense_leaf(1)
+  with pytest.raises(ValueError, match="decode must be one of"):
+    loaded.apply(_LINEN, _X, decode=True)
+
+  # a low-rank layer without the thin-matmul path (DenseGeneral): its kernel A @ B is formed
+  # once with decode="once", in every call on the fly; Dense runs as (x @ A) @ B in both
+  model = _Mixed()
+  params = model.init(jax.random.key(1), _X)["params"]
+  step = vj.make_train_step(model, vj.low_rank(rank=4), vj.linear_vanish(0))
+  state = step.init(params)
+  vj.export(step, state, tmp_path / "mixed.npz")
+  loaded = vj.load_compressed(tmp_path / "mixed.npz")
+  reference = model.apply({"params": step.compressed_params(state)}, _X)
+  for decode, dense_kernel in (("once", True), ("on_the_fly", False)):
+    runner = loaded.apply_fn(model, decode=decode)
+    np.testing.assert_allclose(runner(_X), reference, rtol=1e-5, atol=1e-5, err_msg=decode)
+    assert loaded.fast_layers == ["Dense_0/kernel"]
+    inputs = _entry_params(runner)
+    assert ("300x64xf32" in inputs) == dense_kernel, (decode, inputs)
+    assert "64x4xf32" in inputs and "4x10xf32" in inputs  # Dense_0's factors
 
 
 def test_chain_on_moved_weights_and_summary(tmp_path, capsys):
@@ -194,7 +253,9 @@ def test_nnx_mlp_round_trip(case, tmp_path):
   reference = nnx.clone(module)
   nnx.update(reference, cparams)  # the README's route for NNX
   reference.eval()
-  np.testing.assert_allclose(loaded.apply(module, x), reference(x), rtol=1e-5, atol=1e-5)
+  for decode in ("once", "on_the_fly"):
+    np.testing.assert_allclose(loaded.apply(module, x, decode=decode), reference(x),
+                               rtol=1e-5, atol=1e-5, err_msg=decode)
   other = nnx.clone(module)
   nnx.update(other, loaded.params())  # the plain dict works with nnx.update too
   other.eval()
@@ -272,20 +333,29 @@ def test_leaf_codecs_exact(dtype, tmp_path):
   w = rng.randn(96, 12).astype(dtype)
   one_of_four = _np_keep(w, 1, lambda a: a.T.reshape(-1, 4)).reshape(12, 96).T
   three_pct = _np_keep(w, 35, lambda a: a.reshape(1, -1)).reshape(w.shape)
-  cases = {
+  forty_pct = _np_keep(w, 460, lambda a: a.reshape(1, -1)).reshape(w.shape)
+  cases = {  # name: (values, settings, (layout, codec))
       "int3": (_np_quantize(w, 3), {"transform": "quantize", "bits": 3,
-                                    "per_channel": True}),
-      "binary": (_np_quantize(w, 1, per_channel=False), {"transform": "binarize"}),
+                                    "per_channel": True}, (None, "int")),  # any layout
+      "binary": (_np_quantize(w, 1, per_channel=False), {"transform": "binarize"},
+                 ("dense", "binary")),
       "nm": (np.where(one_of_four, w, 0).astype(dtype), {"pattern": "1:4",
-                                                        "transform": "prune"}),
-      "indices": (np.where(three_pct, w, 0).astype(dtype), {"transform": "prune"}),
+                                                        "transform": "prune"},
+             ("nm", "float")),
+      "indices": (np.where(three_pct, w, 0).astype(dtype), {"transform": "prune"},
+                  ("indices", "float")),
+      "bitmask": (np.where(forty_pct, w, 0).astype(dtype), {"transform": "prune"},
+                  ("bitmask", "float")),
+      "bitmask_int4": (_np_quantize(np.where(forty_pct, w, 0).astype(dtype), 4),
+                       {"transform": "prune+quantize", "bits": 4, "per_channel": True},
+                       ("bitmask", "int")),
   }
   encoded = {}
-  for name, (c, settings) in cases.items():
+  for name, (c, settings, expected) in cases.items():
     fmt, arrays = _export._encode_selected(c, settings, None)
     assert fmt["kind"] == "coded", name
-    assert name in (fmt["layout"], fmt["codec"] + str(fmt.get("bits", ""))) or (
-        name == "binary" and fmt["codec"] == "binary"), (name, fmt)
+    assert fmt["layout"] == (expected[0] or fmt["layout"]), (name, fmt)
+    assert fmt["codec"] == expected[1], (name, fmt)
     stored, views = _export._storable(arrays)
     np.savez(tmp_path / "a.npz", **stored)
     with np.load(tmp_path / "a.npz") as z:
@@ -293,7 +363,11 @@ def test_leaf_codecs_exact(dtype, tmp_path):
     out = _export._decode_leaf(np, fmt, back, c.shape, c.dtype)
     assert out.dtype == c.dtype
     np.testing.assert_array_equal(out, c)
-    encoded[name] = fmt, back
+    # the on-the-fly form: sparse layouts as sorted positions, values permuted to match
+    encoded[name] = _export._runtime_coded(fmt, back, c.shape)
+    assert encoded[name][0]["layout"] == ("dense" if fmt["layout"] == "dense" else "positions")
+    out = _export._decode_leaf(np, *encoded[name], c.shape, c.dtype)
+    np.testing.assert_array_equal(out, c)
 
   @jax.jit
   def decode_all(arrays):
@@ -301,8 +375,8 @@ def test_leaf_codecs_exact(dtype, tmp_path):
             for n, a in arrays.items()}
 
   out = decode_all({n: back for n, (_, back) in encoded.items()})
-  for name, (c, _) in cases.items():
-    np.testing.assert_array_equal(np.asarray(out[name]), c)
+  for name, (c, _, _) in cases.items():
+    np.testing.assert_array_equal(np.asarray(out[name]), c, err_msg=name)
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 8, 11])

@@ -91,19 +91,88 @@ def _count_dtype(size: int) -> np.dtype:
 
 
 # ----------------------------------------------------------------------- leaf decoding
-def _scatter(xp, positions, vals, total):
-  if xp is np:
-    out = np.zeros((total,), vals.dtype)
-    out[positions] = vals
-    return out
-  return jnp.zeros((total,), vals.dtype).at[positions].set(vals, unique_indices=True)
+_SPARSE_LAYOUTS = ("bitmask", "indices", "nm")
+
+
+def _sparse_positions(fmt: dict, arr: Mapping, fan_in: int, fan_out: int) -> np.ndarray:
+  """Flat positions in the ``(fan_in, fan_out)`` row-major kernel of the stored values (in
+  their stored, unit-major order) of a sparse layout; numpy, on the host.
+
+  Linear in the stored bytes: the bitmask is unpacked once and its set bits found with
+  ``np.nonzero`` (no running count over every bit), indices and n:m positions are offset
+  by their unit and group.
+  """
+  nv, layout = fmt["count"], fmt["layout"]
+  if layout == "bitmask":
+    bits = np.unpackbits(np.asarray(arr["mask"]), count=fan_in * fan_out)
+    unit, index = np.nonzero(bits.reshape(fan_out, fan_in))
+  elif layout == "indices":
+    unit = np.repeat(np.arange(fan_out), np.asarray(arr["counts"]).astype(np.int64))
+    index = np.asarray(arr["indices"]).astype(np.int64)
+  elif layout == "nm":
+    n, m = fmt["n"], fmt["m"]
+    groups = fan_in // m
+    local = _unpack(np, np.asarray(arr["nm_index"]), nv, _nm_bits(m)).reshape(
+        fan_out, groups, n)
+    index = (np.arange(groups)[None, :, None] * m + local).reshape(-1)
+    unit = np.repeat(np.arange(fan_out), groups * n)
+  else:
+    raise ValueError(f"unknown layout {layout!r} in the export manifest.")
+  if unit.size != nv:
+    raise ValueError(f"corrupt export: a {layout} leaf holds {unit.size} positions for "
+                     f"{nv} values.")
+  return index.astype(np.int64) * fan_out + unit
+
+
+def _runtime_coded(fmt: dict, arr: Mapping, shape) -> tuple[dict, dict]:
+  """The form of a ``coded`` leaf that :meth:`CompressedModel.apply` decodes on the fly.
+
+  Dense layouts stay as stored. Sparse layouts (bitmask, indices, n:m) become the
+  ``positions`` layout: ``int32`` flat positions in the kernel, sorted, and the values (or
+  their bit-packed codes) permuted to match, so decoding is one in-order scatter. 4 bytes
+  per kept value on top of the stored values (a bitmask is 1 bit per weight), found once
+  on the host.
+  """
+  if fmt["kind"] != "coded" or fmt["layout"] not in _SPARSE_LAYOUTS:
+    return fmt, dict(arr)
+  fan_in, fan_out = _paths.matricize_shape(tuple(shape))
+  if fan_in * fan_out >= 2 ** 31:
+    raise ValueError(f"a sparse leaf of shape {tuple(shape)} has too many entries for int32 "
+                     f"positions; run it with decode='once'.")
+  positions = _sparse_positions(fmt, arr, fan_in, fan_out)
+  order = np.argsort(positions, kind="stable")
+  out = {"positions": positions[order].astype(np.int32)}
+  nv = fmt["count"]
+  if fmt["codec"] == "float":
+    out["values"] = np.asarray(arr["values"])[order]
+  else:
+    bits = fmt["bits"]
+    out["codes"] = _pack(_unpack(np, np.asarray(arr["codes"]), nv, bits)[order], bits)
+    out["scale"] = arr["scale"]
+  new = {k: v for k, v in fmt.items() if k not in ("n", "m")}
+  new.update(layout="positions", sorted=True)
+  return new, out
 
 
 def _decode_coded(xp, fmt: dict, arr: Mapping, shape, dtype):
-  """Dense value of a ``coded`` leaf (layout + codec) with numpy or jax.numpy."""
+  """Dense value of a ``coded`` leaf (layout + codec) with numpy or jax.numpy.
+
+  Stored sparse layouts are decoded with numpy only (their positions are found on the
+  host); ``jax.numpy`` decodes the dense layout and the ``positions`` layout of
+  :func:`_runtime_coded`.
+  """
   fan_in, fan_out = _paths.matricize_shape(tuple(shape))
   total = fan_in * fan_out
   nv, codec, layout = fmt["count"], fmt["codec"], fmt["layout"]
+  if layout in _SPARSE_LAYOUTS:
+    if xp is not np:
+      raise ValueError(f"internal: a stored {layout} leaf is decoded with numpy, or after "
+                       f"_runtime_coded with jax.numpy.")
+    positions = _sparse_positions(fmt, arr, fan_in, fan_out)
+  elif layout == "positions":
+    positions = arr["positions"]
+  elif layout != "dense":
+    raise ValueError(f"unknown layout {layout!r} in the export manifest.")
   if codec == "float":
     vals = arr["values"]
   elif codec == "binary":
@@ -114,39 +183,22 @@ def _decode_coded(xp, fmt: dict, arr: Mapping, shape, dtype):
 
   if layout == "dense":
     mat = vals.reshape(fan_in, fan_out)
-  else:
-    if layout == "bitmask":
-      mask = _unpack(xp, arr["mask"], total, 1).astype(bool)
-      if nv == 0:
-        flat = xp.zeros((total,), vals.dtype)
-      else:
-        idx = xp.clip(xp.cumsum(mask.astype(xp.int32)) - 1, 0, nv - 1)
-        flat = xp.where(mask, vals[idx], xp.zeros((), vals.dtype))
-    elif layout == "indices":
-      counts = arr["counts"].astype(xp.int32)
-      units = np.arange(fan_out, dtype=np.int32)
-      if xp is np:
-        unit = np.repeat(units, counts)
-      else:
-        unit = jnp.repeat(jnp.asarray(units), counts, total_repeat_length=nv)
-      positions = unit * fan_in + arr["indices"].astype(xp.int32)
-      flat = _scatter(xp, positions, vals, total)
-    elif layout == "nm":
-      n, m = fmt["n"], fmt["m"]
-      groups = fan_in // m
-      local = _unpack(xp, arr["nm_index"], nv, _nm_bits(m)).reshape(fan_out, groups, n)
-      base = (np.arange(fan_out, dtype=np.int32)[:, None, None] * fan_in
-              + np.arange(groups, dtype=np.int32)[None, :, None] * m)
-      positions = (xp.asarray(base) + local).reshape(-1)
-      flat = _scatter(xp, positions, vals, total)
-    else:
-      raise ValueError(f"unknown layout {layout!r} in the export manifest.")
-    mat = flat.reshape(fan_out, fan_in).T
-  if codec != "float":
+    if codec != "float":
+      scale = arr["scale"]
+      mat = mat.astype(xp.float32) * (scale if scale.ndim == 0 else scale[None, :])
+    return mat.astype(dtype).reshape(tuple(shape))
+  if codec != "float":  # scaled per value: the same products as the dense layout's
     scale = arr["scale"]
-    scale = scale if scale.ndim == 0 else scale[None, :]
-    mat = mat.astype(xp.float32) * scale
-  return mat.astype(dtype).reshape(tuple(shape))
+    vals = vals.astype(xp.float32) * (scale if scale.ndim == 0 else scale[positions % fan_out])
+  vals = vals.astype(dtype)
+  if xp is np:
+    flat = np.zeros((total,), vals.dtype)
+    flat[positions] = vals
+  else:
+    flat = jnp.zeros((total,), vals.dtype).at[positions].set(
+        vals, unique_indices=True, indices_are_sorted=bool(fmt.get("sorted")),
+        mode="promise_in_bounds")
+  return flat.reshape(tuple(shape))
 
 
 def _decode_leaf(xp, fmt: dict, arr: Mapping, shape, dtype):
@@ -677,17 +729,30 @@ def _thin_dot_general(a, b):
   return dot_general
 
 
-class _Runner:
-  """``x -> logits`` of a loaded export; ``lower(x)`` gives the jitted computation."""
+DECODE_MODES = ("once", "on_the_fly")
 
-  def __init__(self, jitted, arrays: Callable, extra):
-    self._jitted, self._arrays, self._extra = jitted, arrays, extra
+
+class _Runner:
+  """``x -> logits`` of a loaded export; ``lower(x)`` gives the jitted computation.
+
+  ``build(x)`` makes ``(jitted, arrays)`` at the first call: the ``"once"`` mode traces
+  the model on ``x`` first to find the low-rank layers that run as thin matmuls.
+  """
+
+  def __init__(self, build: Callable, extra):
+    self._build, self._extra = build, extra
+    self._jitted = self._arrays = None
+
+  def _ready(self, x):
+    if self._jitted is None:
+      self._jitted, self._arrays = self._build(x)
+    return self._jitted
 
   def __call__(self, x):
-    return self._jitted(self._arrays(), self._extra, x)
+    return self._ready(x)(self._arrays, self._extra, x)
 
   def lower(self, x):
-    return self._jitted.lower(self._arrays(), self._extra, x)
+    return self._ready(x).lower(self._arrays, self._extra, x)
 
 
 class CompressedModel:
@@ -695,11 +760,12 @@ class CompressedModel:
 
   * :meth:`params` decodes the dense-equivalent params (the tree of
     ``step.compressed_params(state)``);
-  * :meth:`apply` runs a model from the compact arrays inside one ``jit``: k-bit, binary
-    and sparse layers are decoded from their integer/bit form on the fly, and low-rank
-    ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers run as two thin matmuls
-    ``(x @ A) @ B`` (the rebuilt ``A @ B`` is never formed); other low-rank layers (conv,
-    ``DenseGeneral``, einsum) use the decoded kernel.
+  * :meth:`apply` / :meth:`apply_fn` run a model inside one ``jit``, with the k-bit,
+    binary and sparse layers either decoded once to dense arrays kept on the device
+    (``decode="once"``, the default: as fast as the dense model) or decoded from their
+    packed form inside every call (``decode="on_the_fly"``: only the compact arrays stay
+    on the device). In both, low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers
+    run as two thin matmuls ``(x @ A) @ B`` (the rebuilt ``A @ B`` is never formed).
 
   Attributes:
     manifest: the export's JSON manifest.
@@ -715,8 +781,8 @@ class CompressedModel:
     self.kind = manifest["kind"]
     self.step = manifest.get("step")
     self._leaves = manifest["leaves"]
-    self._device_arrays = None
-    self._params = None
+    self._dense: dict[int, jax.Array] = {}  # decoded leaves on the device: params(), "once"
+    self._runtime: dict[int, tuple] = {}  # on-the-fly forms on the device
     self._apply_cache: dict = {}
     #: paths of the low-rank kernels the last traced :meth:`apply` ran as ``(x @ A) @ B``
     self.fast_layers: list[str] = []
@@ -728,43 +794,76 @@ class CompressedModel:
             f"{f', from {self.path!r}' if self.path else ''})")
 
   # ------------------------------------------------------------------------ decoding
-  def _device(self):
-    if self._device_arrays is None:
-      self._device_arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
-    return self._device_arrays
+  def _stored(self, leaf) -> dict:
+    return {role: self.arrays[name] for role, name in leaf["arrays"].items()}
 
-  def _leaf_arrays(self, arrays, leaf):
-    return {role: arrays[name] for role, name in leaf["arrays"].items()}
+  def _dense_leaf(self, i: int) -> jax.Array:
+    """Leaf ``i`` decoded on the host (numpy: no compile) and put on the device, cached."""
+    if i not in self._dense:
+      leaf = self._leaves[i]
+      value = _decode_leaf(np, leaf["format"], self._stored(leaf), leaf["shape"],
+                           jnp.dtype(leaf["dtype"]))
+      self._dense[i] = jnp.asarray(value)
+    return self._dense[i]
 
-  def _decode_all(self, arrays, xp=jnp):
-    entries = []
-    for leaf in self._leaves:
-      value = _decode_leaf(xp, leaf["format"], self._leaf_arrays(arrays, leaf),
-                           leaf["shape"], jnp.dtype(leaf["dtype"]))
-      entries.append((leaf["keys"], value))
-    return _unflatten(entries)
+  def _runtime_leaf(self, i: int) -> tuple[dict, dict]:
+    """Leaf ``i`` as decoded inside a jitted call (:func:`_runtime_coded`), cached."""
+    if i not in self._runtime:
+      leaf = self._leaves[i]
+      fmt, arrays = _runtime_coded(leaf["format"], self._stored(leaf), leaf["shape"])
+      self._runtime[i] = (fmt, {k: jnp.asarray(v) for k, v in arrays.items()})
+    return self._runtime[i]
 
-  def _factors(self, arrays) -> dict:
-    return {tuple(leaf["keys"]): (arrays[leaf["arrays"]["a"]], arrays[leaf["arrays"]["b"]])
-            for leaf in self._leaves if leaf["format"]["kind"] == "low_rank"}
+  def _plan(self, decode: str, dense_keys=frozenset()) -> tuple[list, list]:
+    """Per leaf, the (static) format and the device arrays a jitted call decodes.
+
+    ``"once"``: every leaf dense except low-rank ones (their factors), unless in
+    ``dense_keys`` (low-rank kernels not run as thin matmuls). ``"on_the_fly"``: the
+    compact forms.
+    """
+    fmts, arrays = [], []
+    for i, leaf in enumerate(self._leaves):
+      kind = leaf["format"]["kind"]
+      if kind == "low_rank" and tuple(leaf["keys"]) not in dense_keys:
+        fmt, arr = self._runtime_leaf(i)
+      elif kind == "raw" or decode == "once":
+        fmt, arr = {"kind": "raw"}, {"value": self._dense_leaf(i)}
+      else:
+        fmt, arr = self._runtime_leaf(i)
+      fmts.append(fmt)
+      arrays.append(arr)
+    return fmts, arrays
+
+  def _decode_all(self, fmts, arrays) -> dict:
+    return _unflatten([
+        (leaf["keys"], _decode_leaf(jnp, fmt, arr, leaf["shape"], jnp.dtype(leaf["dtype"])))
+        for leaf, fmt, arr in zip(self._leaves, fmts, arrays)])
+
+  def _factors(self, fmts, arrays) -> dict:
+    return {tuple(leaf["keys"]): (arr["a"], arr["b"])
+            for leaf, fmt, arr in zip(self._leaves, fmts, arrays)
+            if fmt["kind"] == "low_rank"}
 
   def params(self, model: Any = None) -> Any:
     """The dense-equivalent params, the tree of ``step.compressed_params(state)``.
+
+    Decoded on the host once and kept on the device (the same arrays a
+    ``decode="once"`` :meth:`apply` runs on).
 
     Args:
       model: optional. For an NNX module the result is an ``nnx.State`` (for
         ``nnx.update(model, ...)``); otherwise a nested dict (Linen's ``params``; NNX's
         ``nnx.update`` also takes it).
     """
-    if self._params is None:  # decoded on the host: the same arithmetic, no compile
-      self._params = jax.tree.map(jnp.asarray, self._decode_all(self.arrays, np))
+    params = _unflatten([(leaf["keys"], self._dense_leaf(i))
+                         for i, leaf in enumerate(self._leaves)])
     if model is not None and self.kind == "nnx":
       from flax import nnx
       if isinstance(model, nnx.Module):
         state = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
-        nnx.replace_by_pure_dict(state, self._params)
+        nnx.replace_by_pure_dict(state, params)
         return state
-    return self._params
+    return params
 
   def model_state(self) -> dict:
     """The exported non-param state (Linen collections such as ``batch_stats``; NNX
@@ -773,53 +872,96 @@ class CompressedModel:
                        for e in self.manifest["model_state"]])
 
   # -------------------------------------------------------------------------- running
-  def apply_fn(self, model: Any, **kwargs) -> Callable:
-    """A jitted ``x -> logits`` running ``model`` (eval mode) from the compact arrays.
+  def apply_fn(self, model: Any, *, decode: str = "once", **kwargs) -> Callable:
+    """A jitted ``x -> logits`` running ``model`` (eval mode) on this export.
 
     ``model`` is the same architecture that was exported (a ``flax.linen.Module`` or an
     ``nnx.Module``; the NNX module's structure and its non-exported state are read now).
-    ``kwargs`` go to a Linen model's ``apply`` (e.g. ``train=False``).
+
+    Args:
+      model: the Linen or NNX model.
+      decode: where the k-bit, binary and sparse layers are decoded.
+
+        * ``"once"`` (default): on the host at the first call, to dense arrays of the
+          model's dtype that stay on the device (cached on this object and shared with
+          :meth:`params`); every call then runs the plain dense model. Fastest; device
+          memory of the dense model for those layers.
+        * ``"on_the_fly"``: inside every jitted call, from the packed arrays (which are
+          all that stays on the device; sparse layers as their values and ``int32``
+          positions, 4 bytes per kept value more than the file's bitmask). Saves device
+          memory between calls, but each call writes every such layer's dense kernel
+          (transient, one layer at a time in XLA's schedule) before its matmul: on CPU
+          several times slower than ``"once"`` at small batches.
+
+        In both modes low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers run as
+        two thin matmuls ``(x @ A) @ B`` from their factors (see :attr:`fast_layers`);
+        other low-rank layers (convs, ``DenseGeneral``, einsums) use the kernel ``A @ B``,
+        formed once (``"once"``) or in every call (``"on_the_fly"``).
+      **kwargs: passed to a Linen model's ``apply`` (e.g. ``train=False``).
     """
     from flax import linen as nn
     from flax import nnx
+    if decode not in DECODE_MODES:
+      raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
     if isinstance(model, nnx.Module):
       if kwargs:
         raise ValueError("keyword arguments are for Linen models' apply; an NNX module is "
                          "run in eval mode as it is.")
-      return self._nnx_apply_fn(model)
+      return self._nnx_apply_fn(model, decode)
     if isinstance(model, nn.Module):
-      return self._linen_apply_fn(model, kwargs)
+      return self._linen_apply_fn(model, kwargs, decode)
     raise ValueError(f"model must be a flax.linen.Module or a flax.nnx.Module, got "
                      f"{type(model).__name__}.")
 
-  def apply(self, model: Any, x: Any, **kwargs) -> jax.Array:
-    """Logits of ``model`` on ``x`` from the compact arrays (see :meth:`apply_fn`)."""
+  def apply(self, model: Any, x: Any, *, decode: str = "once", **kwargs) -> jax.Array:
+    """Logits of ``model`` on ``x`` from this export (see :meth:`apply_fn`; the jitted
+    function is kept per model, ``decode`` mode and keyword arguments)."""
     try:
-      key = (id(model), tuple(sorted(kwargs.items())))
+      key = (id(model), decode, tuple(sorted(kwargs.items())))
       hash(key)
     except TypeError:
-      return self.apply_fn(model, **kwargs)(x)
+      return self.apply_fn(model, decode=decode, **kwargs)(x)
     if key not in self._apply_cache:
-      self._apply_cache[key] = (model, self.apply_fn(model, **kwargs))
+      self._apply_cache[key] = (model, self.apply_fn(model, decode=decode, **kwargs))
     return self._apply_cache[key][1](x)
 
-  def _linen_apply_fn(self, model, kwargs):
+  def _runner(self, make_run: Callable, extra, decode: str) -> _Runner:
+    """``make_run(fmts, used)`` gives ``run(arrays, extra, x)``, which adds the keys of
+    the low-rank kernels it runs as thin matmuls to the set ``used``."""
+    low_rank = {tuple(leaf["keys"]) for leaf in self._leaves
+                if leaf["format"]["kind"] == "low_rank"}
+
+    def build(x):
+      used: set = set()
+      fmts, arrays = self._plan(decode)
+      if decode == "once" and low_rank:
+        # which low-rank kernels run as thin matmuls: a trace, no compile; the others are
+        # formed once here rather than in every call
+        jax.eval_shape(make_run(fmts, used), arrays, extra, x)
+        if low_rank - used:
+          fmts, arrays = self._plan(decode, dense_keys=frozenset(low_rank - used))
+      return jax.jit(make_run(fmts, used)), arrays
+
+    return _Runner(build, extra)
+
+  def _linen_apply_fn(self, model, kwargs, decode):
     from flax import linen as nn
     if self.kind != "linen":
       raise ValueError("this export is of an NNX model; pass the nnx.Module.")
-    model_state = self.model_state()
 
-    def run(arrays, model_state, x):
-      params = self._decode_all(arrays)
-      used: set = set()
-      with nn.intercept_methods(_linen_interceptor(self._factors(arrays), used)):
-        out = model.apply({"params": params, **model_state}, x, **kwargs)
-      self.fast_layers = sorted("/".join(map(str, k)) for k in used)
-      return out
+    def make_run(fmts, used):
+      def run(arrays, model_state, x):
+        params = self._decode_all(fmts, arrays)
+        used.clear()
+        with nn.intercept_methods(_linen_interceptor(self._factors(fmts, arrays), used)):
+          out = model.apply({"params": params, **model_state}, x, **kwargs)
+        self.fast_layers = sorted("/".join(map(str, k)) for k in used)
+        return out
+      return run
 
-    return _Runner(jax.jit(run), self._device, model_state)
+    return self._runner(make_run, self.model_state(), decode)
 
-  def _nnx_apply_fn(self, model):
+  def _nnx_apply_fn(self, model, decode):
     from flax import nnx
     if self.kind != "nnx":
       raise ValueError("this export is of a Linen model; pass the flax.linen.Module.")
@@ -846,23 +988,26 @@ class CompressedModel:
       merged.append((keys, leaf))
     nnx.replace_by_pure_dict(rest, _unflatten(merged))
 
-    def run(arrays, rest, x):
-      pure = self._decode_all(arrays)
-      state = jax.tree.map(lambda s: s, template)
-      nnx.replace_by_pure_dict(state, pure)
-      module = nnx.merge(graphdef, state, rest)
-      module.eval()
-      factors, used = self._factors(arrays), []
-      for path, sub in nnx.iter_modules(module):
-        key = (*path, "kernel")
-        if (type(sub) is nnx.Linear and key in factors
-            and getattr(sub, "dot_general", None) is lax.dot_general):
-          sub.dot_general = _thin_dot_general(*factors[key])
-          used.append("/".join(map(str, key)))
-      self.fast_layers = sorted(used)
-      return module(x)
+    def make_run(fmts, used):
+      def run(arrays, rest, x):
+        pure = self._decode_all(fmts, arrays)
+        state = jax.tree.map(lambda s: s, template)
+        nnx.replace_by_pure_dict(state, pure)
+        module = nnx.merge(graphdef, state, rest)
+        module.eval()
+        factors = self._factors(fmts, arrays)
+        used.clear()
+        for path, sub in nnx.iter_modules(module):
+          key = (*path, "kernel")
+          if (type(sub) is nnx.Linear and key in factors
+              and getattr(sub, "dot_general", None) is lax.dot_general):
+            sub.dot_general = _thin_dot_general(*factors[key])
+            used.add(key)
+        self.fast_layers = sorted("/".join(map(str, k)) for k in used)
+        return module(x)
+      return run
 
-    return _Runner(jax.jit(run), self._device, rest)
+    return self._runner(make_run, rest, decode)
 
   def summary(self, print_fn: Callable | None = print) -> "Summary":
     """The per-layer size table of this export (see :func:`summary`)."""
