@@ -24,10 +24,10 @@ LOW_RANK_EXCLUDE = r"head|patch_proj|convs/0/"
 
 def _low_rank_full(params: Any) -> int:
   """The largest full rank among the leaves low rank selects (the gradual ramp's start)."""
-  skip = re.compile(f"{LOW_RANK_EXCLUDE}|{vj.DEFAULT_EXCLUDE}")
+  skip = (re.compile(LOW_RANK_EXCLUDE), re.compile(vj.DEFAULT_EXCLUDE))
   sizes = [min(_paths.matricize_shape(leaf.shape))
            for path, leaf in _paths.leaf_paths(params)
-           if getattr(leaf, "ndim", 0) >= 2 and not skip.search(path)]
+           if getattr(leaf, "ndim", 0) >= 2 and not any(r.search(path) for r in skip)]
   return max(sizes) if sizes else 1
 
 
