@@ -48,7 +48,7 @@ def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
     if gradual:
       full = _low_rank_full(params)
       transform = vj.low_rank(rank=vj.polynomial_ramp(cfg.rank, 0, q, initial=full),
-                              max_rank=full, exclude=LOW_RANK_EXCLUDE)
+                              exclude=LOW_RANK_EXCLUDE)  # factors: each leaf's full rank
     else:
       transform = vj.low_rank(rank=cfg.rank, exclude=LOW_RANK_EXCLUDE)
   if cfg.method in ("post-shot", "gradual"):
