@@ -37,9 +37,11 @@ MODELS = {
     "mlp1024": (dict(name="mlp", in_features=784, hidden=(1024, 1024, 1024),
                      num_classes=10), (784,), False, 128),
     "mlp": (dict(name="mlp"), (784,), False, 128),
-    "cnn": (dict(name="cnn"), (28, 28, 1), False, 128),
+    # the experiments' models (vcon_jax/experiment/config.py DATASET_DEFAULTS)
+    "cnn": (dict(name="cnn", features=(16, 32), hidden=64), (28, 28, 1), False, 128),
     "vit": (dict(name="vit"), (28, 28, 1), False, 128),
-    "transformer": (dict(name="transformer", max_len=64), (64,), True, 64),
+    "transformer": (dict(name="transformer", max_len=48, dim=64, depth=2, heads=4,
+                         mlp_dim=128), (48,), True, 64),
 }
 
 
