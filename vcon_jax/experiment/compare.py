@@ -11,6 +11,7 @@ import time
 
 from vcon_jax.experiment import report, runner
 from vcon_jax.experiment.config import DATASET_DEFAULTS, METHODS, Config
+from vcon_jax.experiment.io import RunLockedError
 
 
 def _dataset_cfg(base: Config, dataset: str) -> Config:
@@ -25,21 +26,21 @@ def presets(base: Config, seeds: int | None = None):
                      test_limit=512, pretrain_steps=60, steps=24, eval_every=8,
                      eval_examples=256, checkpoint_every=8, batch_size=64)
   wn = _dataset_cfg(base, "wordnet")
-  suites_full = []
-  for cfg, ds in ((fm, "fashion_mnist/cnn"), (wn, "wordnet/transformer")):
-    for comp, kw in (("prune", {"sparsity": 0.9}), ("binarize", {}),
-                     ("low-rank", {"rank": base.rank})):
-      suites_full.append((f"{ds} {comp}", cfg.replace(compression=comp, **kw), METHODS))
+  def suites(cfg, ds):
+    return [(f"{ds} {comp}", cfg.replace(compression=comp, **kw), METHODS)
+            for comp, kw in (("prune", {"sparsity": 0.9}), ("binarize", {}),
+                             ("low-rank", {"rank": base.rank}))]
   sweep = [(f"fashion_mnist/cnn prune Q={q}%", fm.replace(transition=q / 100), ("vcon",))
            for q in (10, 25, 50)]
   sweep.append(("fashion_mnist/cnn prune Q=25% cosine",
                 fm.replace(transition=0.25, beta_schedule="cosine"), ("vcon",)))
+  suites_full = suites(fm, "fashion_mnist/cnn") + sweep + suites(wn, "wordnet/transformer")
   return {
       "quick": ([("fashion_mnist/mlp prune (quick)", quick, METHODS)], seeds or 2),
       "default": ([(f"fashion_mnist/cnn {base.compression}", fm, METHODS)], seeds or 3),
       "single": ([(f"{base.dataset}/{base.model} {base.compression}", base, METHODS)],
                  seeds or 3),
-      "full": (suites_full + sweep, seeds or 3),
+      "full": (suites_full, seeds or 3),
   }
 
 
@@ -63,8 +64,14 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
     for method in methods or suite_methods:
       for seed in range(n_seeds):
         c = cfg.replace(method=method, seed=seed)
-        r = runner.compress(c, root / _data_key(cfg), progress=progress,
-                            on_nonfinite=on_nonfinite)
+        while True:
+          try:
+            r = runner.compress(c, root / _data_key(cfg), progress=progress,
+                                on_nonfinite=on_nonfinite)
+            break
+          except RunLockedError as err:  # another process runs it: use its result
+            echo(f"waiting: {err}")
+            time.sleep(15)
         run_dir = root / _data_key(cfg) / c.run_name()
         curve = runner.RunDir(run_dir, c.to_dict()).metrics()
         suite["runs"].setdefault(_label(c, suite_methods), []).append(
