@@ -82,7 +82,9 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
              f"{r['test_accuracy'] * 100:.2f} % (dense {dense['test_accuracy'] * 100:.2f})")
     if "post-shot" not in suite["runs"]:
       # a sweep's Q = 0 point is the post-shot run of its suite, reused when it exists
-      post = cfg.replace(method="post-shot")
+      # (post-shot ignores transition and beta shape; its runs carry the defaults)
+      post = cfg.replace(method="post-shot", transition=Config.transition,
+                         beta_schedule=Config.beta_schedule)
       runs = [runner.RunDir(root / _data_key(cfg) / post.replace(seed=s).run_name(),
                             post.replace(seed=s).to_dict()).result()
               for s in range(n_seeds)]
