@@ -76,7 +76,9 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
         curve = runner.RunDir(run_dir, c.to_dict()).metrics()
         suite["runs"].setdefault(_label(c, suite_methods), []).append(
             {**{k: v for k, v in r.items() if k != "summary"}, "seed": seed,
-             "curve": [{k: row[k] for k in ("step", "beta", "test_accuracy") if k in row}
+             "curve": [{"step": 0, "beta": 1.0 if c.method.startswith("vcon") else 0.0,
+                        "test_accuracy": r["compressed_at_start"]}] +
+                      [{k: row[k] for k in ("step", "beta", "test_accuracy") if k in row}
                        for row in curve if "test_accuracy" in row]})
         echo(f"{name:40s} {method:13s} seed {seed}: test accuracy "
              f"{r['test_accuracy'] * 100:.2f} % (dense {dense['test_accuracy'] * 100:.2f})")

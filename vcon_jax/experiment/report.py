@@ -47,6 +47,26 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def headline(results: dict) -> str:
+  """One row per suite with all four methods: mean +- std (gap closed), dense as ceiling."""
+  methods = ("post-shot", "gradual", "vcon", "vcon-distill")
+  lines = ["| configuration | dense | " + " | ".join(methods) + " |",
+           "|---|---|" + "---|" * len(methods)]
+  for name, suite in results["suites"].items():
+    rows = summarize(suite)
+    if not all(m in rows for m in methods):
+      continue
+    cells = []
+    for m in methods:
+      r = rows[m]
+      gap = "" if m == "post-shot" or r["gap_closed"] is None else \
+          f" ({r['gap_closed'] * 100:+.0f} %)"
+      cells.append(f"{r['mean']:.2f} +- {r['std']:.2f}{gap}")
+    lines.append(f"| {name} | {suite['dense_accuracy'] * 100:.2f} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _mean_curves(runs):
   by_step = {}
   for r in runs:
@@ -106,5 +126,6 @@ def write(results: dict, out_dir: str | pathlib.Path) -> dict:
   summary = {name: summarize(s) for name, s in results["suites"].items()}
   write_json_atomic(out_dir / "results.json", {**results, "summary": summary})
   write_text_atomic(out_dir / "table.md", markdown(results))
+  write_text_atomic(out_dir / "headline.md", headline(results))
   pngs = plots(results, out_dir)
   return {"json": out_dir / "results.json", "table": out_dir / "table.md", "plots": pngs}
