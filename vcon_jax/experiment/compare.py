@@ -34,6 +34,12 @@ def presets(base: Config, seeds: int | None = None):
            for q in (10, 25, 50)]
   sweep.append(("fashion_mnist/cnn prune Q=25% cosine",
                 fm.replace(transition=0.25, beta_schedule="cosine"), ("vcon",)))
+  # what else we tried where VCON did not win: a higher fine-tuning learning rate (for
+  # both), and a mask refreshed every 16 steps instead of every step
+  sweep.append(("fashion_mnist/cnn prune lr=3e-3", fm.replace(lr=3e-3),
+                ("post-shot", "vcon")))
+  sweep.append(("fashion_mnist/cnn prune Q=25% update_every=16", fm.replace(update_every=16),
+                ("vcon",)))
   suites_full = suites(fm, "fashion_mnist/cnn") + sweep + suites(wn, "wordnet/transformer")
   return {
       "quick": ([("fashion_mnist/mlp prune (quick)", quick, METHODS)], seeds or 2),
@@ -104,7 +110,8 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
 
 def _label(cfg: Config, suite_methods) -> str:
   if len(suite_methods) == 1 and cfg.method == "vcon":
-    return f"vcon Q={round(cfg.transition * 100)}% {cfg.beta_schedule}"
+    extra = f" update_every={cfg.update_every}" if cfg.update_every != 1 else ""
+    return f"vcon Q={round(cfg.transition * 100)}% {cfg.beta_schedule}{extra}"
   return cfg.method
 
 
