@@ -101,6 +101,12 @@ class Config:
       extra = f"-Q{round(self.transition * 100)}"
       if self.method != "gradual" and self.beta_schedule != "linear":
         extra += f"-{self.beta_schedule}"
+    if self.update_every != 1 and self.compression == "prune":
+      extra += f"-every{self.update_every}"
+    if self.lr != Config.lr:
+      extra += f"-lr{self.lr:g}"
+    if self.method == "vcon-distill" and self.distill_weight != Config.distill_weight:
+      extra += f"-kd{self.distill_weight:g}"
     return f"{target[self.compression]}/{self.method}{extra}/seed{self.seed}"
 
 
