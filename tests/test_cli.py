@@ -142,3 +142,17 @@ def test_compress_killed_during_a_checkpoint_write_resumes(tmp_path):
   assert got["test_accuracy"] == ref["test_accuracy"]
   strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
   assert strip(got_rows) == strip(ref_rows)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"steps": "10"}, "steps='10'"),
+    ({"method": "vcon2"}, "did you mean 'vcon'"),
+    ({"model_kwargs": [1]}, "model_kwargs"),
+])
+def test_bad_config_values(tmp_path, capsys, content, needle):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps(content))
+  with pytest.raises(SystemExit) as exc:
+    cli.main(["compress", "--config", str(path), "--workdir", str(tmp_path / "w")])
+  assert exc.value.code == 2 and needle in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()

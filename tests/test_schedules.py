@@ -36,3 +36,15 @@ def test_optax_schedule_is_a_beta_schedule():
   import optax
   s = optax.linear_schedule(1.0, 0.0, 4)
   assert float(s(4)) == 0.0
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: vj.linear_vanish(-1), "transition_steps"),
+    (lambda: vj.cosine_vanish(-5), "transition_steps"),
+    (lambda: vj.linear_vanish(10, begin_step=-1), "begin_step"),
+    (lambda: vj.polynomial_ramp(0.9, 10, 5), "end_step must be >= begin_step"),
+    (lambda: vj.polynomial_ramp(0.9, 0, 5, power=0), "power"),
+])
+def test_bad_schedule_arguments(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
