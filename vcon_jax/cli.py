@@ -2,7 +2,7 @@
 
     vcon-jax compare                      # the main job: Fashion-MNIST CNN, prune 90 %,
                                           # post-shot / gradual / VCON / VCON+distill, 3 seeds
-    vcon-jax compare --preset full        # every table of experiments/results (~1 h, 2 cores)
+    vcon-jax compare --preset full        # every table of experiments/results (~1.5 h, 2 cores)
     vcon-jax compare --preset quick       # a 1-minute end-to-end check (CI)
     vcon-jax pretrain --dataset wordnet
     vcon-jax compress --method vcon --compression binarize --seed 1
@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--preset", default="default", choices=("default", "quick", "single", "full"),
                  help="default: Fashion-MNIST CNN with --compression (< 10 min on 2 cores); "
                       "quick: a 1-minute end-to-end check; single: the config as given; "
-                      "full: every suite of experiments/results (~1 h)")
+                      "full: every suite of experiments/results (~1.5 h)")
   p.add_argument("--quick", action="store_true", help="same as --preset quick")
   p.add_argument("--seeds", type=int, default=None, help="number of seeds (preset's: 3)")
   p.add_argument("--methods", nargs="+", choices=config_lib.METHODS, default=None,
