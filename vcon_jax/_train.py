@@ -53,6 +53,10 @@ def _distill_loss(student, teacher, temperature):
   return jnp.mean(jnp.sum(t * (jnp.log(t + 1e-12) - log_s), -1)) * temperature ** 2
 
 
+def _copy_tree(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def _check_callable(name, value, allowed):
   if not callable(value):
     raise ValueError(f"{name} must be callable ({allowed}), got {value!r}.")
@@ -160,8 +164,8 @@ class TrainStep:
       raise ValueError("init() needs the Linen model's params (model.init(...)).")
     params, model_state = self.adapter.split(params)
     # A copy: the step donates its input state, which must not delete the caller's arrays.
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-    model_state = jax.tree.map(lambda x: jnp.array(x, copy=True), model_state)
+    params = _copy_tree(params)
+    model_state = _copy_tree(model_state)
     tstate = self.transform.init(params)
     trainable = {"params": params, "transform": tstate.trainable}
     seed = self.seed if seed is None else seed
@@ -169,7 +173,7 @@ class TrainStep:
         step=jnp.zeros((), jnp.int32), params=params, transform_state=tstate,
         opt_state=self.optimizer.init(trainable), model_state=model_state,
         rng=jax.random.key_data(jax.random.key(seed)),
-        teacher=(jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+        teacher=(_copy_tree(params)
                  if self.distill_weight > 0 and self.distill_teacher == "initial" else None))
     if self.mesh is not None:
       state = jax.device_put(state, self.replicated)

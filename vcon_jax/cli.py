@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 
@@ -98,9 +97,6 @@ def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
     if value is not None and f.name != "dataset":
       changes[f.name] = value
   changes.update({k: v for k, v in extra.items() if v is not None})
-  if isinstance(changes.get("model_kwargs"), dict):
-    changes["model_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
-                               for k, v in changes["model_kwargs"].items()}
   cfg = dataclasses.replace(base, **changes)
   cfg = config_lib.validate(cfg)
   from vcon_jax import data  # pylint: disable=import-outside-toplevel
@@ -160,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
   progress = not args.no_progress
   try:
     if args.command == "pretrain":
-      r = runner.pretrain(cfg, workdir / compare._data_key(cfg), progress=progress,  # pylint: disable=protected-access
+      r = runner.pretrain(cfg, workdir / compare.data_key(cfg), progress=progress,
                           on_nonfinite=args.on_nonfinite)
       print(f"dense test accuracy {r['test_accuracy'] * 100:.2f} %")
     elif args.command == "compress":
-      root = workdir / compare._data_key(cfg)  # pylint: disable=protected-access
+      root = workdir / compare.data_key(cfg)
       r = runner.compress(cfg, root, progress=progress, on_nonfinite=args.on_nonfinite)
       print(f"{cfg.run_name()}: test accuracy of the compressed model "
             f"{r['test_accuracy'] * 100:.2f} % (at step 0: "

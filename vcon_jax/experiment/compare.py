@@ -63,7 +63,8 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
   t_all = time.time()
   for name, cfg, suite_methods in suites:
     t0 = time.time()
-    dense = runner.pretrain(cfg, root / _data_key(cfg), progress=progress,
+    suite_root = root / data_key(cfg)
+    dense = runner.pretrain(cfg, suite_root, progress=progress,
                             on_nonfinite=on_nonfinite)
     suite = {"dense_accuracy": dense["test_accuracy"], "steps": cfg.steps,
              "seeds": n_seeds, "config": cfg.to_dict(), "runs": {}}
@@ -72,13 +73,13 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
         c = cfg.replace(method=method, seed=seed)
         while True:
           try:
-            r = runner.compress(c, root / _data_key(cfg), progress=progress,
+            r = runner.compress(c, suite_root, progress=progress,
                                 on_nonfinite=on_nonfinite)
             break
           except RunLockedError as err:  # another process runs it: use its result
             echo(f"waiting: {err}")
             time.sleep(15)
-        run_dir = root / _data_key(cfg) / c.run_name()
+        run_dir = suite_root / c.run_name()
         curve = runner.RunDir(run_dir, c.to_dict()).metrics()
         suite["runs"].setdefault(_label(c, suite_methods), []).append(
             {**{k: v for k, v in r.items() if k != "summary"}, "seed": seed,
@@ -93,7 +94,7 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
       # (post-shot ignores transition and beta shape; its runs carry the defaults)
       post = cfg.replace(method="post-shot", transition=Config.transition,
                          beta_schedule=Config.beta_schedule)
-      runs = [runner.RunDir(root / _data_key(cfg) / post.replace(seed=s).run_name(),
+      runs = [runner.RunDir(suite_root / post.replace(seed=s).run_name(),
                             post.replace(seed=s).to_dict()).result()
               for s in range(n_seeds)]
       if all(runs):
@@ -115,5 +116,5 @@ def _label(cfg: Config, suite_methods) -> str:
   return cfg.method
 
 
-def _data_key(cfg: Config) -> str:
+def data_key(cfg: Config) -> str:
   return f"{cfg.dataset.replace('/', '_').replace(':', '_')}-{cfg.model}"

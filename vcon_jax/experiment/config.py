@@ -117,12 +117,16 @@ def _fail(name: str, value: Any, allowed: str) -> None:
   raise ValueError(f"{name}={value!r} is not allowed: {allowed}.")
 
 
+def _did_you_mean(value: Any, choices) -> str:
+  close = difflib.get_close_matches(str(value), list(choices), n=1)
+  return f"did you mean {close[0]!r}?" if close else ""
+
+
 def _choice(name, value, choices):
   if value not in choices:
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"{name}={value!r} is not allowed{hint}; choose one of "
-                     f"{', '.join(choices)}.")
+    hint = _did_you_mean(value, choices)
+    raise ValueError(f"{name}={value!r} is not allowed{f' ({hint})' if hint else ''}; "
+                     f"choose one of {', '.join(choices)}.")
 
 
 def _int(name, value, lo, hi=None):
@@ -150,6 +154,9 @@ def validate(cfg: Config) -> Config:
     _fail("dataset", cfg.dataset, "a dataset name such as fashion_mnist or wordnet")
   if not isinstance(cfg.model_kwargs, dict):
     _fail("model_kwargs", cfg.model_kwargs, "a dict of model constructor arguments")
+  # JSON (config files, --model-kwargs) gives lists where the models take tuples
+  cfg = dataclasses.replace(cfg, model_kwargs={
+      k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model_kwargs.items()})
   for name in ("data_dir", "source_dir"):
     value = getattr(cfg, name)
     if value is not None and not pathlib.Path(value).is_dir():
@@ -180,13 +187,9 @@ def from_dict(d: dict) -> Config:
   unknown = [k for k in d if k not in FIELDS]
   if unknown:
     k = unknown[0]
-    close = difflib.get_close_matches(k, list(FIELDS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = _did_you_mean(k, FIELDS)
+    hint = f"; {hint}" if hint else ""
     raise ValueError(f"unknown config key {k!r}{hint} Valid keys: {', '.join(FIELDS)}.")
-  d = dict(d)
-  if isinstance(d.get("model_kwargs"), dict):
-    d["model_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
-                         for k, v in d["model_kwargs"].items()}
   return validate(Config(**d))
 
 

@@ -13,14 +13,11 @@ from typing import Any
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   """Writes JSON via a temporary file and ``os.replace``: readers never see half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
+  write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` via a temporary file and ``os.replace``."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -155,6 +155,15 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
   return state
 
 
+def _dense_step(cfg: Config, skip_nonfinite: bool = False):
+  """The dense model and its plain training step (also the restore target of its state)."""
+  model = build_model(cfg, seed=PRETRAIN_SEED)
+  step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
+                            _optimizer(cfg.pretrain_lr, cfg.pretrain_steps),
+                            seed=PRETRAIN_SEED, skip_nonfinite=skip_nonfinite)
+  return model, step
+
+
 def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
              on_nonfinite: str = "stop") -> dict:
   """Trains the dense model once per dense config; a second call reuses the result."""
@@ -163,10 +172,7 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
     return run.result()
   with run.lock():
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
-    model = build_model(cfg, seed=PRETRAIN_SEED)
-    step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
-                              _optimizer(cfg.pretrain_lr, cfg.pretrain_steps),
-                              seed=PRETRAIN_SEED, skip_nonfinite=on_nonfinite == "skip")
+    _, step = _dense_step(cfg, skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
     state = _train_loop(run, step, state, cfg, cfg.pretrain_steps, train, test,
@@ -183,9 +189,7 @@ def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
   if run.result() is None:
     raise FileNotFoundError(f"no finished dense pretraining in {run.path}; run "
                             f"`vcon-jax pretrain` with the same data/model options first.")
-  model = build_model(cfg, seed=PRETRAIN_SEED)
-  step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
-                            _optimizer(cfg.pretrain_lr, cfg.pretrain_steps))
+  model, step = _dense_step(cfg)
   mgr = vj.CheckpointManager(run.path / "checkpoints", max_to_keep=None)
   try:
     state = mgr.restore(step.init())
