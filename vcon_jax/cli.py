@@ -49,8 +49,20 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                  help=f"dense training steps ({d.pretrain_steps})")
   g.add_argument("--pretrain-lr", type=float, default=None,
                  help=f"dense peak learning rate ({d.pretrain_lr})")
+  g.add_argument("--epochs", type=float, default=None,
+                 help="fine-tuning budget in epochs of the training set, equal for every "
+                      "method (sets the steps; default: --steps)")
   g.add_argument("--steps", type=int, default=None,
-                 help=f"fine-tuning steps, equal for every method ({d.steps})")
+                 help=f"fine-tuning steps, equal for every method, when --epochs is not "
+                      f"given ({d.steps})")
+  g.add_argument("--regime", choices=config_lib.REGIMES, default=None,
+                 help="same-task: compress a dense model trained on the target task "
+                      "(default); transfer: pretrain on a source task, then compress while "
+                      "adapting to the target with a fresh dense head")
+  g.add_argument("--mixup", type=float, default=None,
+                 help="mixup alpha for fine-tuning (0: off; the paper uses 1)")
+  g.add_argument("--augment", action="store_const", const=True, default=None,
+                 help="light image augmentation in fine-tuning (shifts, flips)")
   g.add_argument("--lr", type=float, default=None,
                  help=f"fine-tuning peak learning rate, AdamW + cosine decay ({d.lr})")
   g.add_argument("--eval-every", type=int, default=None,
@@ -123,10 +135,17 @@ def _parser() -> argparse.ArgumentParser:
                      description="Dense pretraining, then every method for a compression "
                                  "across seeds; writes table.md, results.json and plots.")
   _add_config_options(p)
-  p.add_argument("--preset", default="default", choices=("default", "quick", "single", "full"),
+  p.add_argument("--preset", default="default",
+                 choices=("default", "quick", "single", "full", "map"),
                  help="default: Fashion-MNIST CNN with --compression (< 10 min on 2 cores); "
                       "quick: a 1-minute end-to-end check; single: the config as given; "
-                      "full: every suite of experiments/results (~1.5 h)")
+                      "full: the v0.1 sub-epoch suites; map: budget x severity x regime "
+                      "on Fashion-MNIST ViT and WordNet (experiments/results/map)")
+  p.add_argument("--shard", default=None, metavar="I/N",
+                 help="run only every N-th run starting at the I-th (start N processes, "
+                      "I = 0..N-1, to share the cores; then one --collect for the report)")
+  p.add_argument("--collect", action="store_true",
+                 help="run nothing; report the finished runs of the preset")
   p.add_argument("--quick", action="store_true", help="same as --preset quick")
   p.add_argument("--seeds", type=int, default=None, help="number of seeds (preset's: 3)")
   p.add_argument("--methods", nargs="+", choices=config_lib.METHODS, default=None,
@@ -146,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args, **extra)
     if args.command == "compare" and args.seeds is not None and args.seeds < 1:
       raise ValueError(f"--seeds={args.seeds} is not allowed: at least 1.")
+    shard = _shard(getattr(args, "shard", None))
     workdir = pathlib.Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
       raise ValueError(f"--workdir={str(workdir)!r} exists and is not a directory.")
@@ -170,11 +190,24 @@ def main(argv: list[str] | None = None) -> int:
       preset = "quick" if args.quick else args.preset
       out = pathlib.Path(args.out) if args.out else workdir / "results"
       compare.run(preset, cfg, workdir, out, seeds=args.seeds, methods=args.methods,
-                  progress=progress, on_nonfinite=args.on_nonfinite)
+                  progress=progress, on_nonfinite=args.on_nonfinite,
+                  shard=shard, collect=args.collect)
   except (ValueError, FileNotFoundError, RunLockedError, FloatingPointError) as err:
     print(f"vcon-jax {args.command}: error: {err}", file=sys.stderr)
     return 1
   return 0
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+  if text is None:
+    return 0, 1
+  try:
+    i, n = (int(v) for v in text.split("/"))
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ValueError(f"--shard={text!r} is not allowed: I/N with 0 <= I < N, e.g. 0/2.")
+  return i, n
 
 
 def _print_summary(result: dict) -> None:

@@ -13,6 +13,10 @@ import pathlib
 from typing import Any
 
 METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
+#: ``dense``: the same fine-tuning without compression (the ceiling at equal budget; in the
+#: transfer regime the dense reference, since the pretrained model has no target head).
+ALL_METHODS = METHODS + ("dense",)
+REGIMES = ("same-task", "transfer")
 COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank")
 MODELS = ("mlp", "cnn", "vit", "transformer")
 BETA_SCHEDULES = ("linear", "cosine")
@@ -32,7 +36,17 @@ class Config:
     train_limit, test_limit: use only the first N examples (0: all).
     batch_size: global batch (split over the 'data' mesh axis).
     pretrain_steps, pretrain_lr: dense training (AdamW, warm-up + cosine decay).
-    steps: fine-tuning budget of every compression method (equal for all).
+    regime: ``same-task`` (the dense model is trained on the target task, then
+      compressed) or ``transfer`` (the network is pretrained on a source task: the other
+      half of the classes for images, masked-byte language modelling of the training
+      glosses for text; it gets a fresh, dense head and is compressed while it adapts).
+    epochs: fine-tuning budget in epochs of the (limited) training set; when > 0 it sets
+      ``steps`` (``round(epochs * train_examples / batch_size)``) and names the runs.
+    steps: fine-tuning budget in optimiser steps of every method (equal for all); used
+      when ``epochs`` is 0.
+    mixup: mixup's Beta(alpha, alpha) parameter for fine-tuning (0: off; the paper: 1).
+    augment: light image augmentation in fine-tuning (random shifts of up to 2 pixels and
+      horizontal flips).
     lr: peak fine-tuning learning rate (AdamW, 5 % warm-up, cosine decay to 1 %).
     compression: ``prune``, ``binarize``, ``quantize`` or ``low-rank``.
     sparsity, bits, rank: the compression's target (prune / quantize / low-rank).
@@ -40,7 +54,7 @@ class Config:
       sparsity, bit width or rank), ``vcon`` (beta 1 -> 0) or ``vcon-distill`` (VCON
       plus distillation from the dense path's logits).
     transition: VCON's transition length Q, and the gradual ramp's length, as a fraction
-      of ``steps``.
+      of the budget (default 0.2: the paper's 12 of 60 epochs).
     beta_schedule: ``linear`` (the paper's ``max(1 - t/Q, 0)``) or ``cosine``.
     distill_weight: weight of the distillation term (``vcon-distill``).
     update_every: prune mask refresh interval (1: every step, the paper's online mask).
@@ -61,14 +75,18 @@ class Config:
   batch_size: int = 128
   pretrain_steps: int = 1500
   pretrain_lr: float = 3e-3
+  regime: str = "same-task"
+  epochs: float = 0.0
   steps: int = 400
+  mixup: float = 0.0
+  augment: bool = False
   lr: float = 1e-3
   compression: str = "prune"
   sparsity: float = 0.9
   bits: int = 4
   rank: int = 4
   method: str = "vcon"
-  transition: float = 0.25
+  transition: float = 0.2
   beta_schedule: str = "linear"
   distill_weight: float = 0.5
   update_every: int = 1
@@ -89,25 +107,39 @@ class Config:
   def dense_key(self) -> dict:
     """The fields the dense pretraining depends on (its cache key)."""
     keys = ("dataset", "model", "model_kwargs", "data_dir", "source_dir", "max_len",
-            "train_limit", "batch_size", "pretrain_steps", "pretrain_lr")
+            "train_limit", "batch_size", "pretrain_steps", "pretrain_lr", "regime")
     d = self.to_dict()
     return {k: d[k] for k in keys}
+
+  def budget_name(self) -> str:
+    """``e4`` (4 epochs) or ``s400`` (400 steps): the budget as the user gave it."""
+    return f"e{self.epochs:g}" if self.epochs > 0 else f"s{self.steps}"
 
   def run_name(self) -> str:
     target = {"prune": f"prune{round(self.sparsity * 100)}", "binarize": "binarize",
               "quantize": f"quantize{self.bits}", "low-rank": f"lowrank{self.rank}"}
     extra = ""
+    if self.method == "dense":
+      return f"{self.regime}/{self.budget_name()}/dense{self._train_extra()}/seed{self.seed}"
     if self.method in ("vcon", "vcon-distill", "gradual"):
       extra = f"-Q{round(self.transition * 100)}"
       if self.method != "gradual" and self.beta_schedule != "linear":
         extra += f"-{self.beta_schedule}"
     if self.update_every != 1 and self.compression == "prune":
       extra += f"-every{self.update_every}"
-    if self.lr != Config.lr:
-      extra += f"-lr{self.lr:g}"
+    extra += self._train_extra()
     if self.method == "vcon-distill" and self.distill_weight != Config.distill_weight:
       extra += f"-kd{self.distill_weight:g}"
-    return f"{target[self.compression]}/{self.method}{extra}/seed{self.seed}"
+    return (f"{self.regime}/{self.budget_name()}/{target[self.compression]}/"
+            f"{self.method}{extra}/seed{self.seed}")
+
+  def _train_extra(self) -> str:
+    extra = f"-lr{self.lr:g}" if self.lr != Config.lr else ""
+    if self.mixup:
+      extra += f"-mixup{self.mixup:g}"
+    if self.augment:
+      extra += "-aug"
+    return extra
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -148,7 +180,8 @@ def validate(cfg: Config) -> Config:
   """Checks every field; raises ``ValueError`` naming the field, value and what is allowed."""
   _choice("model", cfg.model, MODELS)
   _choice("compression", cfg.compression, COMPRESSIONS)
-  _choice("method", cfg.method, METHODS)
+  _choice("method", cfg.method, ALL_METHODS)
+  _choice("regime", cfg.regime, REGIMES)
   _choice("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
   if not isinstance(cfg.dataset, str) or not cfg.dataset:
     _fail("dataset", cfg.dataset, "a dataset name such as fashion_mnist or wordnet")
@@ -167,6 +200,10 @@ def validate(cfg: Config) -> Config:
   _int("batch_size", cfg.batch_size, 1)
   _int("pretrain_steps", cfg.pretrain_steps, 1)
   _int("steps", cfg.steps, 1)
+  _float("epochs", cfg.epochs, 0, 10000)
+  _float("mixup", cfg.mixup, 0, 100)
+  if not isinstance(cfg.augment, bool):
+    _fail("augment", cfg.augment, "true or false")
   _float("pretrain_lr", cfg.pretrain_lr, 0, 10, lo_open=True)
   _float("lr", cfg.lr, 0, 10, lo_open=True)
   _float("sparsity", cfg.sparsity, 0, 1, hi_open=True)

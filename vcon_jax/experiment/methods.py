@@ -6,6 +6,12 @@
   8 -> k (binary at the end for ``binarize``), rank full -> r.
 - ``vcon``: the target compression, beta 1 -> 0 over Q steps (linear or cosine).
 - ``vcon-distill``: ``vcon`` plus a distillation term from the dense path (beta = 1 logits).
+- ``dense``: the same fine-tuning without compression (the ceiling at equal budget).
+
+What is compressed is what the paper compresses: the linear maps *inside* the network
+(attention query/key/value/out, MLP layers, convolutions after the first). The classifier
+head and the stem (the first convolution, the ViT patch projection) stay dense, as do
+embeddings, position tables, biases and norms (:data:`KEEP_DENSE`).
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import vcon_jax as vj
 from vcon_jax import _paths
 from vcon_jax.experiment.config import Config
 
-#: Leaves too thin for a rank-r factorisation to save anything are left dense: the
-#: classifier head and the first conv/patch projection (fan-in 9 or 16).
-LOW_RANK_EXCLUDE = r"head|patch_proj|convs/0/"
+#: The classifier head and the stem (first conv, patch projection) stay dense, as in the
+#: reference; matched on whole path segments.
+KEEP_DENSE = r"(^|/)(head|lm_head|patch_proj)(/|$)|(^|/)convs/0(/|$)"
 
 
 def _low_rank_full(params: Any) -> int:
   """The largest full rank among the leaves low rank selects (the gradual ramp's start)."""
-  skip = (re.compile(LOW_RANK_EXCLUDE), re.compile(vj.DEFAULT_EXCLUDE))
+  skip = (re.compile(KEEP_DENSE), re.compile(vj.DEFAULT_EXCLUDE))
   sizes = [min(_paths.matricize_shape(leaf.shape))
            for path, leaf in _paths.leaf_paths(params)
            if getattr(leaf, "ndim", 0) >= 2 and not any(r.search(path) for r in skip)]
@@ -35,22 +41,25 @@ def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
   """Returns ``(transform, beta_schedule, distill_weight)`` for ``cfg``."""
   q = int(round(cfg.transition * cfg.steps))
   gradual = cfg.method == "gradual"
+  if cfg.method == "dense":
+    return vj.identity(), vj.constant(1.0), 0.0
   if cfg.compression == "prune":
     sparsity = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
-    transform = vj.prune(sparsity=sparsity, update_every=cfg.update_every)
+    transform = vj.prune(sparsity=sparsity, update_every=cfg.update_every, exclude=KEEP_DENSE)
   elif cfg.compression == "binarize":
-    transform = (vj.quantize(bits=vj.polynomial_ramp(1, 0, q, initial=8), per_channel=False)
-                 if gradual else vj.binarize())
+    transform = (vj.quantize(bits=vj.polynomial_ramp(1, 0, q, initial=8), per_channel=False,
+                             exclude=KEEP_DENSE)
+                 if gradual else vj.binarize(exclude=KEEP_DENSE))
   elif cfg.compression == "quantize":
     bits = vj.polynomial_ramp(cfg.bits, 0, q, initial=8) if gradual else cfg.bits
-    transform = vj.quantize(bits=bits)
+    transform = vj.quantize(bits=bits, exclude=KEEP_DENSE)
   else:
     if gradual:
       full = _low_rank_full(params)
       transform = vj.low_rank(rank=vj.polynomial_ramp(cfg.rank, 0, q, initial=full),
-                              exclude=LOW_RANK_EXCLUDE)  # factors: each leaf's full rank
+                              exclude=KEEP_DENSE)  # factors: each leaf's full rank
     else:
-      transform = vj.low_rank(rank=cfg.rank, exclude=LOW_RANK_EXCLUDE)
+      transform = vj.low_rank(rank=cfg.rank, exclude=KEEP_DENSE)
   if cfg.method in ("post-shot", "gradual"):
     schedule = vj.linear_vanish(0)
   elif cfg.beta_schedule == "cosine":

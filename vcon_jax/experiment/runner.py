@@ -9,7 +9,6 @@ exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
@@ -17,13 +16,14 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax import data as vdata
-from vcon_jax.experiment import methods
+from vcon_jax.experiment import methods, tasks
 from vcon_jax.experiment.config import Config
 from vcon_jax.experiment.io import RunDir
 
@@ -33,46 +33,34 @@ PRETRAIN_SEED = 0
 
 
 # ---------------------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=4)
-def _arrays(dataset, split, data_dir, source_dir, max_len, limit):
-  info = vdata.dataset_info(dataset)
-  tokenizer = vdata.ByteTokenizer(max_len) if info.kind == "text" else None
-  return vdata.as_arrays(dataset, split, data_dir=data_dir, source_dir=source_dir,
-                         tokenizer=tokenizer, limit=limit or None)
+def load_split(cfg: Config, split: str, role: str = "target") -> tuple[np.ndarray, np.ndarray]:
+  """The arrays of ``split`` for the regime's ``target`` (or ``source``) task."""
+  return tasks.split(cfg, split, role)
 
 
-def load_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
-  limit = cfg.train_limit if split == "train" else cfg.test_limit
-  return _arrays(cfg.dataset, split, cfg.data_dir, cfg.source_dir, cfg.max_len, limit)
+batch_at = tasks.batch_at
 
 
-def batch_at(arrays, step: int, batch_size: int, seed: int) -> dict:
-  """The batch of optimiser step ``step``: epoch-wise permutations seeded by (seed, epoch)."""
-  x, y = arrays
-  per_epoch = len(x) // batch_size
-  if per_epoch < 1:
-    raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(x)} "
-                     f"examples).")
-  epoch, i = divmod(step, per_epoch)
-  order = np.random.default_rng((seed, epoch)).permutation(len(x))
-  idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
-  return {"inputs": x[idx], "labels": y[idx]}
-
-
-def build_model(cfg: Config, seed: int = 0) -> nnx.Module:
+def build_model(cfg: Config, seed: int = 0, role: str = "target") -> nnx.Module:
+  """The model of ``cfg`` for the target task or, with ``role="source"``, for pretraining
+  (the source classes, or the masked-byte language model of the text transfer regime)."""
   info = vdata.dataset_info(cfg.dataset)
   kwargs = dict(cfg.model_kwargs)
-  from vcon_jax.models import get_model  # pylint: disable=import-outside-toplevel
+  from vcon_jax.models import MaskedByteLM, get_model  # pylint: disable=import-outside-toplevel
+  transfer = cfg.regime == "transfer"
   if info.kind == "text":
-    kwargs.setdefault("vocab_size", vdata.ByteTokenizer(cfg.max_len).vocab_size)
+    vocab = vdata.ByteTokenizer(cfg.max_len).vocab_size + (1 if transfer else 0)
+    kwargs.setdefault("vocab_size", vocab)  # transfer: one more id, the [MASK] token
     kwargs.setdefault("max_len", cfg.max_len)
+    if transfer and role == "source":
+      return MaskedByteLM(**kwargs, rngs=nnx.Rngs(seed))
   elif cfg.model == "mlp":
     kwargs.setdefault("in_features", int(np.prod(info.input_shape)))
   else:
     kwargs.setdefault("in_channels", info.input_shape[-1])
     if cfg.model in ("cnn", "vit"):
       kwargs.setdefault("image_size", info.input_shape[0])
-  kwargs.setdefault("num_classes", info.num_classes)
+  kwargs.setdefault("num_classes", tasks.num_classes(cfg, role))
   return get_model(cfg.model, rngs=nnx.Rngs(seed), **kwargs)
 
 
@@ -108,8 +96,16 @@ def _progress(total, initial, desc, enabled):
 
 
 def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
-                train, test, desc: str, progress: bool, eval_compressed: bool, seed: int):
-  """Runs ``step`` to ``total`` steps with logging, evaluation and checkpoints."""
+                train, test, desc: str, progress: bool, eval_compressed: bool, seed: int,
+                make_batch=None):
+  """Runs ``step`` to ``total`` steps with logging, evaluation and checkpoints.
+
+  The loop never waits for the device between log points: non-finite losses are
+  detected on the device (the first bad step is kept in a device scalar and read at
+  each log point and before each checkpoint, so a checkpoint never holds a bad step),
+  and the host prepares the next batch while the device runs the current step.
+  ``test=None`` skips evaluation; ``make_batch(batch, s)`` post-processes each batch.
+  """
   mgr = vj.CheckpointManager(run.path / "checkpoints", max_to_keep=2)
   start = 0
   restored = run.restore_latest(mgr, state)
@@ -118,25 +114,38 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
   run.truncate_metrics(start)
   writer = run.tensorboard()
   bar = _progress(total, start, desc, progress)
+  evals = _every(cfg.eval_every, total, 12)
   t0 = time.time()
+  first_bad = jnp.zeros((), jnp.int32)  # 0: none yet; else the 1-based step
+  skip = step.skip_nonfinite
+
+  def check():
+    bad = int(first_bad)
+    if bad:
+      raise FloatingPointError(
+          f"non-finite loss at step {bad} in {run.path}; stopped, the last good "
+          f"checkpoint (step {mgr.latest_step()}) is kept. Lower the learning rate, or "
+          f"pass --on-nonfinite skip to skip such steps.")
+
   try:
     skipped = sum(r.get("nonfinite", 0) for r in run.metrics())
+    nonfinite = jnp.zeros((), jnp.float32)
     for s in range(start, total):
-      state, metrics = step(state, batch_at(train, s, cfg.batch_size, seed))
+      batch = batch_at(train, s, cfg.batch_size, seed)
+      if make_batch is not None:
+        batch = make_batch(batch, s)
+      state, metrics = step(state, batch)
       done = s + 1
-      loss = float(metrics["loss"])
-      if step.skip_nonfinite:
-        skipped += float(metrics["nonfinite"])
-      elif not np.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss {loss} at step {done} in {run.path}; stopped, the last good "
-            f"checkpoint (step {mgr.latest_step()}) is kept. Lower the learning rate, or "
-            f"pass --on-nonfinite skip to skip such steps.")
-      if done % 10 == 0 or done == total or done % cfg.eval_every == 0:
+      if skip:
+        nonfinite = nonfinite + metrics["nonfinite"]
+      else:
+        first_bad = _first_bad(first_bad, metrics["loss"], done)
+      if done % 10 == 0 or done == total or done % evals == 0:
+        check()
         row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-        if step.skip_nonfinite:
-          row["nonfinite_total"] = skipped
-        if done % cfg.eval_every == 0 or done == total:
+        if skip:
+          row["nonfinite_total"] = skipped + float(nonfinite)
+        if test is not None and (done % evals == 0 or done == total):
           row["test_accuracy"] = evaluate(step, state, test, cfg.eval_examples,
                                           eval_compressed)
           if eval_compressed and row["beta"] > 0:
@@ -145,9 +154,10 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
         row["time"] = time.time() - t0
         run.log(row, writer)
         bar.set_postfix(loss=f"{row['loss']:.3f}", beta=f"{row['beta']:.2f}")
+        bar.update(done - bar.n)
       if done % cfg.checkpoint_every == 0 or done == total:
+        check()
         mgr.save(done, state)
-      bar.update(1)
   finally:
     bar.close()
     writer.close()
@@ -155,36 +165,82 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
   return state
 
 
+@jax.jit
+def _first_bad_jit(first_bad, loss, done):
+  return jnp.where((first_bad == 0) & ~jnp.isfinite(loss), done, first_bad)
+
+
+def _first_bad(first_bad, loss, done):
+  return _first_bad_jit(first_bad, loss, jnp.int32(done))
+
+
+def _every(every: int, total: int, most: int) -> int:
+  """``every``, widened so that a run evaluates at most ``most`` times."""
+  return max(every, -(-total // most))
+
+
 def _dense_step(cfg: Config, skip_nonfinite: bool = False):
-  """The dense model and its plain training step (also the restore target of its state)."""
-  model = build_model(cfg, seed=PRETRAIN_SEED)
+  """The pretraining model and its plain training step (also the restore target)."""
+  model = build_model(cfg, seed=PRETRAIN_SEED, role="source")
+  mlm = cfg.regime == "transfer" and not tasks.is_image(cfg)
   step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
                             _optimizer(cfg.pretrain_lr, cfg.pretrain_steps),
+                            loss_fn=tasks.mlm_loss if mlm else None,
                             seed=PRETRAIN_SEED, skip_nonfinite=skip_nonfinite)
   return model, step
 
 
 def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
              on_nonfinite: str = "stop") -> dict:
-  """Trains the dense model once per dense config; a second call reuses the result."""
+  """Trains the dense model once per dense config; a second call reuses the result.
+
+  ``same-task``: on the target task. ``transfer``: on the source task (images: the other
+  half of the classes; text: masked-byte language modelling of the training glosses,
+  evaluated by masked-byte accuracy on the test glosses).
+  """
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
   if run.result() is not None:
     return run.result()
   with run.lock():
-    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    mlm = cfg.regime == "transfer" and not tasks.is_image(cfg)
+    train, test = load_split(cfg, "train", "source"), load_split(cfg, "test", "source")
     _, step = _dense_step(cfg, skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
-    state = _train_loop(run, step, state, cfg, cfg.pretrain_steps, train, test,
-                        "pretrain", progress, eval_compressed=False, seed=PRETRAIN_SEED)
-    result = {"test_accuracy": evaluate(step, state, test, compressed=False),
-              "steps": cfg.pretrain_steps, "wall_s": time.time() - t0}
+    make_batch = None
+    if mlm:
+      mask = tasks.mask_id(cfg)
+      make_batch = lambda b, s: tasks.mlm_batch(  # noqa: E731
+          b["inputs"], np.random.default_rng((PRETRAIN_SEED, s, 2)), mask)
+    state = _train_loop(run, step, state, cfg, cfg.pretrain_steps, train,
+                        None if mlm else test, "pretrain", progress, eval_compressed=False,
+                        seed=PRETRAIN_SEED, make_batch=make_batch)
+    if mlm:
+      acc = _mlm_accuracy(step, state, test[0], tasks.mask_id(cfg))
+    else:
+      acc = evaluate(step, state, test, compressed=False)
+    result = {"test_accuracy": acc, "steps": cfg.pretrain_steps, "wall_s": time.time() - t0,
+              "task": "masked-byte LM" if mlm else
+                      ("source classes" if cfg.regime == "transfer" else "target")}
     run.write_result(result)
     return result
 
 
+def _mlm_accuracy(step, state, tokens, mask: int, n: int = 2000) -> float:
+  batch = tasks.mlm_batch(tokens[:n], np.random.default_rng(12345), mask)
+  logits, _ = step.evaluate(state, batch, compressed=False)
+  pred = np.asarray(jax.device_get(logits)).argmax(-1)
+  w = batch["weights"]
+  return float(((pred == batch["labels"]) * w).sum() / max(w.sum(), 1.0))
+
+
 def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
-  """The pretrained dense model (weights and BatchNorm statistics) and its params."""
+  """The model fine-tuning starts from and its params.
+
+  ``same-task``: the pretrained dense model (weights and BatchNorm statistics).
+  ``transfer``: the pretrained network with a fresh head for the target task (the
+  pretraining head, and the language-model head, are dropped).
+  """
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
   if run.result() is None:
     raise FileNotFoundError(f"no finished dense pretraining in {run.path}; run "
@@ -196,13 +252,50 @@ def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
   finally:
     mgr.close()
   step.update_model(state, compressed=False)
-  return model, state.params
+  if cfg.regime == "same-task":
+    return model, state.params
+  target = build_model(cfg, seed=PRETRAIN_SEED)
+  nnx.update(target, nnx.State({k: v for k, v in nnx.state(model).items()
+                                if k not in ("head", "lm_head")}))
+  plain = vj.make_train_step(target, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
+  return target, plain.init().params
+
+
+def resolve(cfg: Config) -> Config:
+  """The config a run is stored under: the budget in steps; a dense run's compression
+  fields at their defaults (it compresses nothing, so one run serves every severity)."""
+  cfg = cfg.replace(steps=tasks.steps_for(cfg))
+  if cfg.method == "dense":
+    d = Config()
+    cfg = cfg.replace(compression=d.compression, sparsity=d.sparsity, bits=d.bits,
+                      rank=d.rank, transition=d.transition, beta_schedule=d.beta_schedule,
+                      distill_weight=d.distill_weight, update_every=d.update_every)
+  return cfg
+
+
+def result_of(cfg: Config, root) -> dict | None:
+  """The result of a finished run, or None."""
+  cfg = resolve(cfg)
+  return RunDir(pathlib.Path(root) / cfg.run_name(), cfg.to_dict()).result()
+
+
+def metrics_of(cfg: Config, root) -> list[dict]:
+  cfg = resolve(cfg)
+  return RunDir(pathlib.Path(root) / cfg.run_name(), cfg.to_dict()).metrics()
+
+
+def pretrain_result(cfg: Config, root) -> dict | None:
+  return RunDir(pathlib.Path(root) / "dense", cfg.dense_key()).result()
 
 
 def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
              on_nonfinite: str = "stop") -> dict:
-  """Fine-tunes the dense model into the compressed one with ``cfg.method``."""
+  """Fine-tunes the dense model into the compressed one with ``cfg.method``.
+
+  With ``cfg.epochs > 0`` the step budget is derived from the training-set size first.
+  """
   root = pathlib.Path(root)
+  cfg = resolve(cfg)
   run = RunDir(root / cfg.run_name(), cfg.to_dict())
   if run.result() is not None:
     return run.result()
@@ -212,16 +305,19 @@ def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
     model, params = dense_model(cfg, root)
     transform, schedule, distill = methods.build(cfg, params)
     step = vj.make_train_step(model, transform, schedule, _optimizer(cfg.lr, cfg.steps),
+                              loss_fn=tasks.mixup_loss if cfg.mixup else None,
                               seed=cfg.seed, distill_weight=distill,
                               skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
     post_shot = evaluate(step, state, test, cfg.eval_examples)
     state = _train_loop(run, step, state, cfg, cfg.steps, train, test,
-                        cfg.run_name(), progress, eval_compressed=True, seed=cfg.seed)
+                        cfg.run_name(), progress, eval_compressed=True, seed=cfg.seed,
+                        make_batch=lambda b, s: tasks.finetune_batch(cfg, b, s, cfg.seed))
     result = {"test_accuracy": evaluate(step, state, test), "steps": cfg.steps,
               "compressed_at_start": post_shot, "wall_s": time.time() - t0}
-    summary = vj.export(step, state, run.path / "model.npz")  # the compact model
-    result["summary"] = {"rows": list(summary), "totals": summary.totals}
+    if cfg.method != "dense":
+      summary = vj.export(step, state, run.path / "model.npz")  # the compact model
+      result["summary"] = {"rows": list(summary), "totals": summary.totals}
     run.write_result(result)
     return result

@@ -16,6 +16,7 @@ from vcon_jax.models.cnn import CNN
 from vcon_jax.models.mlp import MLP
 from vcon_jax.models.transformer import (
     FeedForward,
+    MaskedByteLM,
     MultiHeadSelfAttention,
     TextTransformer,
     TransformerBlock,
@@ -59,6 +60,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "FeedForward",
+    "MaskedByteLM",
     "MultiHeadSelfAttention",
     "TextTransformer",
     "TransformerBlock",

@@ -240,3 +240,28 @@ class TextTransformer(nnx.Module):
     weights = mask[..., None].astype(x.dtype)
     pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
     return self.head(self.norm(pooled))
+
+
+class MaskedByteLM(TextTransformer):
+  """A :class:`TextTransformer` with a per-token ``lm_head``: masked-byte language model.
+
+  Pretraining for the text transfer regime: every attribute of the classifier
+  (``embed``, ``pos_embedding``, ``blocks``, ``norm``) is shared by name, so the
+  pretrained encoder is copied into a classifier by dropping ``head`` and ``lm_head``.
+  ``__call__`` returns logits ``(batch, length, vocab_size)``.
+  """
+
+  def __init__(self, vocab_size: int = 259, max_len: int = 128, dim: int = 64, depth: int = 2,
+               heads: int = 4, mlp_dim: int = 128, dropout: float = 0.0, pad_id: int = 0,
+               *, rngs: nnx.Rngs, num_classes: int = 1):
+    super().__init__(vocab_size, max_len, num_classes, dim, depth, heads, mlp_dim, dropout,
+                     pad_id, rngs=rngs)
+    self.lm_head = nnx.Linear(dim, vocab_size, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    length = tokens.shape[1]
+    mask = tokens != self.pad_id
+    x = self.dropout(self.embed(tokens) + self.pos_embedding[...][:length])
+    for block in self.blocks:
+      x = block(x, mask)
+    return self.lm_head(self.norm(x))
