@@ -74,7 +74,7 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
       assert r["curve"] and all("beta" in row for row in r["curve"])
   assert "| vcon |" in (out / "table.md").read_text()
   assert list(out.glob("*.png"))
-  run = next((tmp_path / "w").glob("*/prune90/vcon-Q25/seed0"))
+  run = next((tmp_path / "w").glob("*/same-task/s*/prune90/vcon-Q20/seed0"))
   assert (run / "config.json").exists() and list((run / "tensorboard").iterdir())
   # a second call reuses every finished run
   t0 = time.time()
@@ -84,7 +84,7 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
 
 
 def _final(workdir):
-  run = next(pathlib.Path(workdir).glob("*/prune90/vcon-Q25/seed0"))
+  run = next(pathlib.Path(workdir).glob("*/same-task/s*/prune90/vcon-Q20/seed0"))
   result = json.loads((run / "result.json").read_text())
   rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   return result, rows

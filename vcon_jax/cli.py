@@ -113,7 +113,21 @@ def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
   cfg = config_lib.validate(cfg)
   from vcon_jax import data  # pylint: disable=import-outside-toplevel
   data.dataset_info(cfg.dataset)  # unknown dataset names fail here, before any work
+  _check_model_kwargs(cfg)
   return cfg
+
+
+def _check_model_kwargs(cfg: config_lib.Config) -> None:
+  """Unknown model arguments fail here, naming the valid ones, before anything is written."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  from vcon_jax.models import MODELS  # pylint: disable=import-outside-toplevel
+  params = inspect.signature(MODELS[cfg.model].__init__).parameters
+  valid = [n for n in params if n not in ("self", "rngs")]
+  for key in cfg.model_kwargs:
+    if key not in valid:
+      hint = config_lib._did_you_mean(key, valid)  # pylint: disable=protected-access
+      raise ValueError(f"--model-kwargs: {cfg.model} takes no argument {key!r}"
+                       f"{f' ({hint})' if hint else ''}; valid: {', '.join(valid)}.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,7 +171,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
-  args = parser.parse_args(argv)
+  args, unknown = parser.parse_known_args(argv)
+  if unknown:
+    parser.exit(2, f"vcon-jax: error: unrecognized argument {unknown[0]!r}"
+                   f"{_option_hint(parser, unknown[0])}; see vcon-jax "
+                   f"{args.command} --help.\n")
+  _quiet_orbax()
   try:
     extra = {}
     if args.command == "compress":
@@ -166,10 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare" and args.seeds is not None and args.seeds < 1:
       raise ValueError(f"--seeds={args.seeds} is not allowed: at least 1.")
     shard = _shard(getattr(args, "shard", None))
+    if getattr(args, "quick", False) and args.preset not in ("default", "quick"):
+      raise ValueError(f"--quick and --preset {args.preset} contradict each other; give one.")
+    if not getattr(args, "collect", False):
+      from vcon_jax import data  # pylint: disable=import-outside-toplevel
+      data.check_available(cfg.dataset, data_dir=cfg.data_dir, source_dir=cfg.source_dir)
     workdir = pathlib.Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
       raise ValueError(f"--workdir={str(workdir)!r} exists and is not a directory.")
-  except ValueError as err:
+  except (ValueError, FileNotFoundError) as err:
     parser.exit(2, f"vcon-jax {args.command}: error: {err}\n")
   from vcon_jax.experiment import compare, runner  # pylint: disable=import-outside-toplevel
   from vcon_jax.experiment.io import RunLockedError  # pylint: disable=import-outside-toplevel
@@ -196,6 +220,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vcon-jax {args.command}: error: {err}", file=sys.stderr)
     return 1
   return 0
+
+
+def _option_hint(parser: argparse.ArgumentParser, arg: str) -> str:
+  if not arg.startswith("--"):
+    return ""
+  options = set()
+  for action in parser._actions:  # pylint: disable=protected-access
+    for sub in (getattr(action, "choices", None) or {}).values():
+      if isinstance(sub, argparse.ArgumentParser):
+        for a in sub._actions:  # pylint: disable=protected-access
+          options.update(o for o in a.option_strings if o.startswith("--"))
+  hint = config_lib._did_you_mean(arg.split("=")[0], sorted(options))  # pylint: disable=protected-access
+  return f" ({hint})" if hint else ""
+
+
+def _quiet_orbax() -> None:
+  """Orbax logs 'Metadata file does not exist' through absl on every restore: not news."""
+  try:
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
 
 
 def _shard(text: str | None) -> tuple[int, int]:

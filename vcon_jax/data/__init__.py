@@ -23,7 +23,7 @@ Example::
 
 from vcon_jax.data.catalog import DatasetInfo, dataset_info, names
 from vcon_jax.data.fashion_mnist import FashionMnistLocal
-from vcon_jax.data.loader import as_arrays, batches, load, prepare
+from vcon_jax.data.loader import as_arrays, batches, check_available, load, prepare
 from vcon_jax.data.source import Source
 from vcon_jax.data.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer
 from vcon_jax.data.wordnet import LEXNAMES, WordnetSupersenses
@@ -39,6 +39,7 @@ __all__ = [
     "WordnetSupersenses",
     "as_arrays",
     "batches",
+    "check_available",
     "dataset_info",
     "load",
     "names",

@@ -54,6 +54,27 @@ def prepare(name: str, *, data_dir: str | Path | None = None,
   return builder
 
 
+def check_available(name: str, *, data_dir: str | Path | None = None,
+                    source_dir: str | Path | None = None) -> None:
+  """Raises a one-line error unless ``name`` can be read here, writing nothing.
+
+  A local dataset needs its prepared copy or its raw files (the Debian package); a
+  standard TFDS dataset must already be prepared (nothing is downloaded).
+  """
+  info = catalog.dataset_info(name)
+  if info.local:
+    builder = _LOCAL_BUILDERS[info.name](
+        data_dir=str(data_dir or locations.default_data_dir()), source_dir=source_dir)
+    if not (Path(builder.data_dir) / "dataset_info.json").exists():
+      builder.check_source()
+  elif not _is_prepared(info.tfds_name, None if data_dir is None else str(data_dir)):
+    where = data_dir or "the TFDS default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    raise FileNotFoundError(
+        f"dataset {name!r} is not prepared in {where} and is never downloaded here; "
+        f"prepare it with TFDS first (tfds build {info.tfds_name} "
+        f"--file_format=array_record) or pass --data-dir pointing at a prepared copy.")
+
+
 def _is_prepared(tfds_name: str, data_dir: str | None) -> bool:
   try:
     return tfds.builder(tfds_name, data_dir=data_dir).is_prepared()

@@ -35,7 +35,7 @@ def markdown(results: dict) -> str:
     rows = summarize(suite)
     lines += [f"### {name}", "",
               f"dense (ceiling): {suite['dense_accuracy'] * 100:.2f} %; "
-              f"{suite['steps']} fine-tuning steps for every method; "
+              f"{suite.get('steps', '?')} fine-tuning steps for every method; "
               f"{suite['seeds']} seeds.", "",
               "| method | test accuracy % (mean +- std) | gap closed | seeds |",
               "|---|---|---|---|"]
@@ -128,4 +128,119 @@ def write(results: dict, out_dir: str | pathlib.Path) -> dict:
   write_text_atomic(out_dir / "table.md", markdown(results))
   write_text_atomic(out_dir / "headline.md", headline(results))
   pngs = plots(results, out_dir)
+  cells = map_cells(results)
+  if cells:
+    write_json_atomic(out_dir / "map.json", cells)
+    write_text_atomic(out_dir / "map.md", map_markdown(cells))
+    pngs += map_plots(cells, out_dir)
   return {"json": out_dir / "results.json", "table": out_dir / "table.md", "plots": pngs}
+
+
+# ------------------------------------------------------------------------------- the map
+def _severity(cfg: dict) -> str:
+  return {"prune": f"prune {round(cfg['sparsity'] * 100)}%", "binarize": "binary",
+          "quantize": f"{cfg['bits']}-bit", "low-rank": f"rank {cfg['rank']}"}[
+              cfg["compression"]]
+
+
+def paired_difference(suite: dict, method: str, other: str) -> dict | None:
+  """``method - other`` in accuracy points, paired by seed (same data order): mean, std
+  over seeds and the per-seed values; None when either is missing."""
+  a = {r["seed"]: r["test_accuracy"] for r in suite["runs"].get(method, [])}
+  b = {r["seed"]: r["test_accuracy"] for r in suite["runs"].get(other, [])}
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return None
+  d = np.array([(a[s] - b[s]) * 100 for s in seeds])
+  return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+          "n": len(d), "values": d.round(2).tolist()}
+
+
+def map_cells(results: dict) -> list[dict]:
+  """One record per suite: dataset/model, regime, severity, budget and the differences."""
+  cells = []
+  for name, suite in results["suites"].items():
+    cfg = suite["config"]
+    if not cfg.get("epochs"):
+      continue
+    rows = summarize(suite)
+    cells.append({
+        "suite": name, "data": f"{cfg['dataset']}/{cfg['model']}", "regime": cfg["regime"],
+        "severity": _severity(cfg), "epochs": cfg["epochs"],
+        "dense": suite["dense_accuracy"] * 100,
+        "accuracy": {m: {k: r[k] for k in ("mean", "std", "n")} for m, r in rows.items()},
+        "vcon_minus_post_shot": paired_difference(suite, "vcon", "post-shot"),
+        "vcon_minus_gradual": paired_difference(suite, "vcon", "gradual")})
+  return cells
+
+
+def _fmt(d):
+  return "-" if d is None else f"{d['mean']:+.2f} +- {d['std']:.2f} (n={d['n']})"
+
+
+def map_markdown(cells: list[dict]) -> str:
+  """Per (data, regime): severity rows x budget columns of VCON - post-shot / - gradual."""
+  lines = []
+  for data in sorted({c["data"] for c in cells}):
+    for regime in ("same-task", "transfer"):
+      sub = [c for c in cells if c["data"] == data and c["regime"] == regime]
+      if not sub:
+        continue
+      budgets = sorted({c["epochs"] for c in sub})
+      sevs = list(dict.fromkeys(c["severity"] for c in sub))
+      for key, title in (("vcon_minus_post_shot", "VCON - post-shot"),
+                         ("vcon_minus_gradual", "VCON - gradual")):
+        lines += [f"### {data}, {regime}: {title} (accuracy points, mean +- std over "
+                  f"seeds, paired by seed)", "",
+                  "| severity | " + " | ".join(f"{b:g} epochs" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for sev in sevs:
+          row = []
+          for b in budgets:
+            c = next((c for c in sub if c["severity"] == sev and c["epochs"] == b), None)
+            row.append(_fmt(c and c[key]))
+          lines.append(f"| {sev} | " + " | ".join(row) + " |")
+        lines.append("")
+  return "\n".join(lines)
+
+
+def map_plots(cells: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """One figure per data set: heat maps (severity x budget) of VCON - post-shot and
+  VCON - gradual for both regimes, annotated with mean +- std over seeds."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  written = []
+  for data in sorted({c["data"] for c in cells}):
+    sub = [c for c in cells if c["data"] == data]
+    budgets = sorted({c["epochs"] for c in sub})
+    sevs = list(dict.fromkeys(c["severity"] for c in sub))
+    fig, axes = plt.subplots(2, 2, figsize=(4 + 1.6 * len(budgets), 2.2 + 1.4 * len(sevs)),
+                             squeeze=False)
+    for i, regime in enumerate(("same-task", "transfer")):
+      for j, (key, title) in enumerate((("vcon_minus_post_shot", "VCON - post-shot"),
+                                        ("vcon_minus_gradual", "VCON - gradual"))):
+        ax = axes[i][j]
+        grid = np.full((len(sevs), len(budgets)), np.nan)
+        for c in sub:
+          if c["regime"] == regime and c[key] is not None:
+            grid[sevs.index(c["severity"]), budgets.index(c["epochs"])] = c[key]["mean"]
+        lim = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
+        ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        for c in sub:
+          if c["regime"] == regime and c[key] is not None:
+            d = c[key]
+            ax.text(budgets.index(c["epochs"]), sevs.index(c["severity"]),
+                    f"{d['mean']:+.1f}\n±{d['std']:.1f}", ha="center", va="center",
+                    fontsize=8)
+        ax.set_xticks(range(len(budgets)), [f"{b:g} ep" for b in budgets])
+        ax.set_yticks(range(len(sevs)), sevs)
+        ax.set_title(f"{regime}: {title}", fontsize=9)
+    fig.suptitle(f"{data}: accuracy points (blue: VCON better), mean ± std over seeds",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"map_{data.replace('/', '_')}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+  return written
