@@ -84,7 +84,8 @@ def test_text_transfer_pretrains_a_masked_byte_lm(tmp_path):
 
 
 def test_experiments_leave_head_and_stem_dense():
-  cfg = TINY.replace(model="vit")
+  cfg = TINY.replace(model="vit", model_kwargs={"patch_size": 7, "dim": 16, "depth": 1,
+                                                "heads": 2, "mlp_dim": 32})
   model = runner.build_model(cfg)
   step = runner.vj.make_train_step(model, runner.vj.identity(), runner.vj.constant(1.0),
                                    runner.optax.sgd(0.0))
