@@ -129,3 +129,37 @@ def test_cli_refuses_before_writing_anything(tmp_path, args, msg):
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
   assert not work.exists()
+
+
+def test_paper_preset_runs_a_few_steps_from_init_weights_on_mock_cifar10(tmp_path):
+  """The accelerator preset's config, shrunk to a tiny ViT, on tfds mock data."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from vcon_jax.experiment import config as config_lib  # pylint: disable=import-outside-toplevel
+  from vcon_jax.models import ViT  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(__file__).parents[1] / "experiments/configs/paper_cifar10_vit_ti.json"
+  paper = config_lib.load(path)
+  assert paper.lr == 1e-4 and paper.epochs == 60 and paper.mixup == 1.0
+  tiny_kw = {"image_size": 64, "patch_size": 16, "dim": 16, "depth": 1, "heads": 2,
+             "mlp_dim": 32, "resize_inputs": True}
+  # "pretrained" weights with a 1000-class head: the head is replaced, the rest kept
+  src = ViT(in_channels=3, num_classes=1000, rngs=runner.nnx.Rngs(3), **tiny_kw)
+  step = runner.vj.make_train_step(src, runner.vj.identity(), runner.vj.constant(1.0),
+                                   runner.optax.sgd(0.0))
+  flat = {p: np.asarray(v) for p, v in _paths.leaf_paths(step.init().params)}
+  np.savez(tmp_path / "vit.npz", **flat)
+  cfg = paper.replace(model_kwargs=tiny_kw, init_from=str(tmp_path / "vit.npz"), epochs=0.0,
+                      steps=3, batch_size=8, eval_every=3, eval_examples=16,
+                      checkpoint_every=3, train_limit=32, test_limit=16)
+  with tfds.testing.mock_data(num_examples=64):
+    model, params = runner.dense_model(cfg, tmp_path)
+    np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"],
+                                  flat["blocks/0/mlp/fc1/kernel"])
+    assert params["head"]["kernel"].shape == (16, 10)
+    r = runner.compress(cfg.replace(method="vcon"), tmp_path / "w", progress=False)
+  assert r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, **{k: v for k, v in flat.items() if "fc1" not in k})
+  with pytest.raises(ValueError, match="has no leaf 'blocks/0/mlp/fc1/bias'"):
+    runner.dense_model(cfg.replace(init_from=str(bad)), tmp_path)

@@ -87,6 +87,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                  help=f"vcon-distill: weight of the distillation term ({d.distill_weight})")
   g.add_argument("--update-every", type=int, default=None,
                  help=f"prune: mask refresh interval in steps ({d.update_every})")
+  g.add_argument("--init-from", default=None, metavar="PATH",
+                 help="start from these weights instead of pretraining: an .npz of the "
+                      "model's params keyed by /-joined paths, or an Orbax checkpoint; a "
+                      "fresh head when the class count differs")
   p.add_argument("--config", default=None,
                  help="JSON file of config keys (command-line options override it)")
   p.add_argument("--workdir", default=DEFAULT_WORKDIR,

@@ -61,6 +61,11 @@ class Config:
     eval_every: steps between evaluations on ``eval_examples`` test examples.
     checkpoint_every: steps between Orbax checkpoints (and at the end).
     seed: seed of data order, dropout and the pretraining init.
+    init_from: start from these weights instead of pretraining: an ``.npz`` of the
+      model's params keyed by ``/``-joined paths (``blocks/0/attn/query/kernel``) or an
+      Orbax checkpoint directory of the params tree. Every leaf must match by path and
+      shape, except the classifier head, which is left fresh when its class count
+      differs (a pretrained network on a new task).
   """
 
   dataset: str = "fashion_mnist"
@@ -94,6 +99,7 @@ class Config:
   eval_examples: int = 2000
   checkpoint_every: int = 100
   seed: int = 0
+  init_from: str | None = None
 
   def replace(self, **changes: Any) -> "Config":
     return validate(dataclasses.replace(self, **changes))
@@ -102,14 +108,16 @@ class Config:
     d = dataclasses.asdict(self)
     d["model_kwargs"] = {k: list(v) if isinstance(v, tuple) else v
                          for k, v in self.model_kwargs.items()}
+    if d["init_from"] is None:  # keeps the configs (and run dirs) of earlier runs valid
+      del d["init_from"]
     return d
 
   def dense_key(self) -> dict:
     """The fields the dense pretraining depends on (its cache key)."""
     keys = ("dataset", "model", "model_kwargs", "data_dir", "source_dir", "max_len",
-            "train_limit", "batch_size", "pretrain_steps", "pretrain_lr", "regime")
+            "train_limit", "batch_size", "pretrain_steps", "pretrain_lr", "regime", "init_from")
     d = self.to_dict()
-    return {k: d[k] for k in keys}
+    return {k: d[k] for k in keys if k in d}
 
   def budget_name(self) -> str:
     """``e4`` (4 epochs) or ``s400`` (400 steps): the budget as the user gave it."""
@@ -194,6 +202,8 @@ def validate(cfg: Config) -> Config:
     value = getattr(cfg, name)
     if value is not None and not pathlib.Path(value).is_dir():
       _fail(name, value, "an existing directory")
+  if cfg.init_from is not None and not pathlib.Path(cfg.init_from).exists():
+    _fail("init_from", cfg.init_from, "an existing .npz file or Orbax checkpoint directory")
   _int("max_len", cfg.max_len, 2, 4096)
   _int("train_limit", cfg.train_limit, 0)
   _int("test_limit", cfg.test_limit, 0)
@@ -220,7 +230,12 @@ def validate(cfg: Config) -> Config:
 
 
 def from_dict(d: dict) -> Config:
-  """Builds a config from a dict (e.g. a JSON file), rejecting unknown keys."""
+  """Builds a config from a dict (e.g. a JSON file), rejecting unknown keys.
+
+  A ``"__doc__"`` entry (a config file's description: the command that runs it, its
+  time and the result it should give) is skipped.
+  """
+  d = {k: v for k, v in d.items() if k != "__doc__"}
   unknown = [k for k in d if k not in FIELDS]
   if unknown:
     k = unknown[0]

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 import vcon_jax as vj
+from vcon_jax import _paths as vj_paths
 from vcon_jax import data as vdata
 from vcon_jax.experiment import methods, tasks
 from vcon_jax.experiment.config import Config
@@ -201,6 +202,13 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
   if run.result() is not None:
     return run.result()
+  if cfg.init_from is not None:  # pretrained weights given: nothing to train here
+    with run.lock():
+      _, params = dense_model(cfg, root)
+      result = {"test_accuracy": None, "steps": 0, "wall_s": 0.0,
+                "task": f"init-from {cfg.init_from}"}
+      run.write_result(result)
+      return result
   with run.lock():
     mlm = cfg.regime == "transfer" and not tasks.is_image(cfg)
     train, test = load_split(cfg, "train", "source"), load_split(cfg, "test", "source")
@@ -241,6 +249,8 @@ def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
   ``transfer``: the pretrained network with a fresh head for the target task (the
   pretraining head, and the language-model head, are dropped).
   """
+  if cfg.init_from is not None:
+    return _init_from(cfg)
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
   if run.result() is None:
     raise FileNotFoundError(f"no finished dense pretraining in {run.path}; run "
@@ -286,6 +296,45 @@ def metrics_of(cfg: Config, root) -> list[dict]:
 
 def pretrain_result(cfg: Config, root) -> dict | None:
   return RunDir(pathlib.Path(root) / "dense", cfg.dense_key()).result()
+
+
+def load_params_file(path: str) -> dict[str, np.ndarray]:
+  """``{"/"-joined path: array}`` from an ``.npz`` or an Orbax checkpoint of params."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  tree = ocp.StandardCheckpointer().restore(path.resolve())
+  return {p: np.asarray(v) for p, v in vj_paths.leaf_paths(tree)}
+
+
+def _init_from(cfg: Config) -> tuple[nnx.Module, Any]:
+  """The target model with the weights of ``cfg.init_from`` (a fresh head if the class
+  count differs); any other missing or misshapen leaf is an error naming it."""
+  model = build_model(cfg, seed=PRETRAIN_SEED)
+  plain = vj.make_train_step(model, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
+  fresh = plain.init().params
+  loaded = load_params_file(cfg.init_from)
+  used = set()
+
+  def take(path, leaf):
+    name = vj_paths.path_str(path)
+    if name not in loaded:
+      raise ValueError(f"init_from={cfg.init_from!r} has no leaf {name!r} (shape "
+                       f"{tuple(leaf.shape)}); it holds e.g. {sorted(loaded)[:3]}.")
+    value = loaded[name]
+    used.add(name)
+    if value.shape != leaf.shape:
+      if name.split("/")[0] == "head":
+        return leaf  # a pretrained network on a new task: a fresh head
+      raise ValueError(f"init_from={cfg.init_from!r}: leaf {name!r} has shape "
+                       f"{value.shape}, the model needs {tuple(leaf.shape)}.")
+    return jnp.asarray(value, leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(take, fresh)
+  plain.update_model(plain.init(params), compressed=False)
+  return model, params
 
 
 def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True,

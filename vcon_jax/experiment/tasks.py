@@ -2,6 +2,8 @@
 
 - ``same-task``: pretraining and fine-tuning both see the target task (the first
   ``train_limit`` training examples).
+- ``transfer`` with ``init_from`` (weights pretrained elsewhere, e.g. ImageNet): the
+  target task is the whole data set.
 - ``transfer``, images: the classes are split in two halves. The network is pretrained on
   the first half (all of their training examples: the "large source task") and fine-tuned,
   with a fresh head, on the second half (the first ``train_limit`` of their training
@@ -41,13 +43,18 @@ def _limit(arrays, n):
 def num_classes(cfg, role: str = "target") -> int:
   """Classes of the target task (or, for image transfer, of the source task)."""
   n = vdata.dataset_info(cfg.dataset).num_classes
-  if cfg.regime == "transfer" and is_image(cfg):
+  if _class_split(cfg):
     return n // 2 if role == "source" else n - n // 2
   return n
 
 
 def is_image(cfg) -> bool:
   return vdata.dataset_info(cfg.dataset).kind != "text"
+
+
+def _class_split(cfg) -> bool:
+  """Image transfer splits the classes, unless the source is external (``init_from``)."""
+  return cfg.regime == "transfer" and is_image(cfg) and getattr(cfg, "init_from", None) is None
 
 
 def mask_id(cfg) -> int:
@@ -59,7 +66,7 @@ def split(cfg, split_name: str, role: str = "target") -> tuple[np.ndarray, np.nd
   """``(inputs, labels)`` of ``split_name`` for the ``target`` or ``source`` task."""
   limit = cfg.train_limit if split_name == "train" else cfg.test_limit
   x, y = _arrays(cfg.dataset, split_name, cfg.data_dir, cfg.source_dir, cfg.max_len)
-  if cfg.regime != "transfer" or not is_image(cfg):
+  if not _class_split(cfg):
     return _limit((x, y), limit)
   half = vdata.dataset_info(cfg.dataset).num_classes // 2
   keep = (y < half) if role == "source" else (y >= half)

@@ -130,6 +130,9 @@ class ViT(nnx.Module):
     heads: Number of attention heads.
     mlp_dim: Hidden width of the feed-forward blocks.
     dropout: Dropout rate (embeddings and inside the blocks; train mode only).
+    resize_inputs: Resize (bilinear) inputs of another size to ``image_size`` first, e.g.
+      CIFAR-10's 32 px to the 224 px of an ImageNet-pretrained ViT. Off by default: an
+      input of the wrong size is then an error.
     rngs: Random streams for initialisation and dropout.
   """
 
@@ -144,10 +147,13 @@ class ViT(nnx.Module):
       heads: int = 4,
       mlp_dim: int = 128,
       dropout: float = 0.0,
+      resize_inputs: bool = False,
       *,
       rngs: nnx.Rngs,
   ):
     _check_heads(dim, heads)
+    self.image_size = image_size
+    self.resize_inputs = resize_inputs
     if image_size % patch_size:
       raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}.")
     num_patches = (image_size // patch_size) ** 2
@@ -166,6 +172,12 @@ class ViT(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Returns logits ``(batch, num_classes)`` for NHWC images ``x``."""
+    if x.shape[1:3] != (self.image_size, self.image_size):
+      if not self.resize_inputs:
+        raise ValueError(f"ViT expects {self.image_size}x{self.image_size} images, got "
+                         f"{x.shape[1]}x{x.shape[2]}; pass resize_inputs=True to resize.")
+      x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, x.shape[3]),
+                           "bilinear")
     x = self.patch_proj(x)
     b = x.shape[0]
     x = x.reshape(b, -1, x.shape[-1])
