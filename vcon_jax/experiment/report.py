@@ -9,10 +9,16 @@ import numpy as np
 from vcon_jax.experiment.io import write_text_atomic
 
 
+#: Below this many accuracy points between dense and post-shot there is no gap to speak
+#: of, and a share of it would be noise divided by noise.
+MIN_GAP = 1.0
+
+
 def gap_closed(method: float, post_shot: float, dense: float) -> float | None:
-  """``(method - post-shot) / (dense - post-shot)``; None when there is no gap."""
+  """``(method - post-shot) / (dense - post-shot)`` (accuracies in %); None when the gap
+  is under :data:`MIN_GAP` points."""
   gap = dense - post_shot
-  return None if abs(gap) < 1e-9 else (method - post_shot) / gap
+  return None if gap < MIN_GAP else (method - post_shot) / gap
 
 
 def summarize(suite: dict) -> dict:
