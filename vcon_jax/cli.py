@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                      description="Fine-tunes from the dense checkpoint with one method; "
                                  "checkpoints as it goes and resumes if restarted.")
   _add_config_options(p)
-  p.add_argument("--method", choices=config_lib.METHODS, default=None,
+  p.add_argument("--method", choices=config_lib.ALL_METHODS, default=None,
                  help="post-shot, gradual, vcon (default) or vcon-distill")
   p.add_argument("--seed", type=int, default=None, help="seed of data order and dropout (0)")
   p = sub.add_parser("compare", help="the main job: every method across seeds, table, plots",
@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="run nothing; report the finished runs of the preset")
   p.add_argument("--quick", action="store_true", help="same as --preset quick")
   p.add_argument("--seeds", type=int, default=None, help="number of seeds (preset's: 3)")
-  p.add_argument("--methods", nargs="+", choices=config_lib.METHODS, default=None,
+  p.add_argument("--methods", nargs="+", choices=config_lib.ALL_METHODS, default=None,
                  help="methods to run (default: all four)")
   p.add_argument("--out", default=None,
                  help="where table.md, results.json and plots go (default: WORKDIR/results)")
