@@ -1,10 +1,9 @@
 """Magnitude pruning: per layer, per output neuron, per group, or n:m.
 
-The mask keeps the largest ``|w|`` of each group. Finding the k-th largest magnitude by
-sorting costs O(L log L) per step; instead we bisect on the float32 bit pattern of ``|w|``
-(non-negative floats order like their int32 bits), 32 vectorised count passes, which gives
-the *exact* k-th value on CPU, GPU and TPU alike. Ties at the threshold are broken by index
-so exactly ``k`` weights are kept per group.
+The mask keeps the largest ``|w|`` of each group, recomputed exactly at every step by
+:func:`vcon_jax._topk.topk_mask` (radix select on the float bit pattern: a few histogram
+passes over the weights, no sort). Ties at the threshold are broken by index so exactly
+``k`` weights are kept per group.
 """
 
 from __future__ import annotations
@@ -16,55 +15,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from vcon_jax import _paths
+from vcon_jax._topk import topk_mask
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
 GRANULARITIES = ("layer", "neuron", "group")
-_INF_BITS = 0x7F800000
-
-
-def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
-  """Boolean mask of the ``k`` largest entries of each row of ``scores`` (G, L).
-
-  Args:
-    scores: non-negative values, shape ``(groups, group_size)``.
-    k: how many to keep per row (int or traced integer scalar), ``0 <= k <= L``.
-
-  Returns:
-    ``bool`` array of the shape of ``scores`` with exactly ``k`` ``True`` per row; among
-    equal values the lower indices are kept.
-  """
-  values = scores.astype(jnp.float32)
-  bits = lax.bitcast_convert_type(values, jnp.int32)
-  g = bits.shape[0]
-  k = jnp.asarray(k, jnp.int32)
-
-  def body(_, carry):
-    lo, hi = carry  # invariant: count(bits > lo) >= k > count(bits > hi)
-    # Upper midpoint: lo >= -1 and hi - lo >= 1 give lo < mid <= hi, so mid >= 0 (a lower
-    # midpoint is -1 when lo = -1, hi = 0, whose float bits are a NaN: every comparison
-    # fails and groups whose k-th value is 0 kept everything). At hi - lo = 1, mid = hi and
-    # the invariant leaves (lo, hi) as they are.
-    mid = lo + (hi - lo + 1) // 2  # >= 0, a finite non-negative float: compare as floats,
-    # which XLA:CPU vectorises better than int32 (same order for non-negative values).
-    mid_value = lax.bitcast_convert_type(mid, jnp.float32)
-    ok = jnp.sum(values > mid_value[:, None], axis=1, dtype=jnp.int32) >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo0 = jnp.full((g,), -1, jnp.int32)
-  hi0 = jnp.full((g,), _INF_BITS, jnp.int32)
-  _, kth = lax.fori_loop(0, 32, body, (lo0, hi0))
-  keep = bits >= kth[:, None]
-  excess = jnp.sum(keep, axis=1, dtype=jnp.int32) - k
-
-  def break_ties(_):
-    greater = bits > kth[:, None]
-    ties = keep & ~greater
-    need = k - jnp.sum(greater, axis=1, keepdims=True, dtype=jnp.int32)
-    return greater | (ties & (jnp.cumsum(ties, axis=1, dtype=jnp.int32) <= need))
-
-  # The index-ordered tie break (a cumsum, as costly as a third of the search on CPU) only
-  # runs when some group has more than k values >= its threshold.
-  return lax.cond(jnp.any(excess > 0), break_ties, lambda _: keep, None)
 
 
 def _groups(shape, granularity, group_size):
