@@ -6,11 +6,12 @@ histogram of the next digit among the entries whose higher digits match the pref
 so far, and reads off the bin holding the k-th entry. With digits of up to 16 bits a whole
 layer needs 2 passes over its weights (per-neuron rows: 4), where bisecting on the bit
 pattern needs 32; each pass is one read of the scores plus a scatter into a histogram that
-stays in cache. Measured on a 2-core x86 CPU (XLA:CPU, where a reduction does not fuse with
-the comparison feeding it, so a bisection count pass writes and re-reads a full-size
-array), a 1024 x 1024 layer's mask costs about 10 count passes instead of 55 (5-7x faster); per-neuron rows of
-1024 (4 passes into a 1024 x 256 histogram) cost about what bisection did, because the
-scatter-add runs at about 3-4 ns per entry there.
+stays in cache. Measured on a 2-core x86 CPU in one process against the old bisection
+(XLA:CPU, where a reduction does not fuse with the comparison feeding it, so a bisection
+count pass writes and re-reads a full-size array): a 1024 x 1024 layer's mask costs about
+10 count passes instead of 55 (5-7x faster); per-neuron rows of 1024 (4 passes into a
+1024 x 256 histogram) cost about what bisection did, since the scatter-add runs at about
+3-4 ns per entry there.
 
 Ties at the threshold are broken by index (lower index kept) with a second radix select
 on the index of the tied entries, only run when some row needs it; rows of at most
