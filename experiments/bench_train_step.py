@@ -15,22 +15,16 @@ Output: ``experiments/results/bench_train_step.{md,json}`` (see ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
-import random
-import time
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax.models import get_model
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from bench_common import (RESULTS, machine_meta, make_batch, prepare, summarize,
+                          time_rounds, write_results)
 
 #: name -> (model kwargs for get_model, input shape without batch, is_text, batch size)
 MODELS = {
@@ -57,25 +51,6 @@ def transforms(low_rank: int):
   }
 
 
-def _batch(shape, is_text, batch_size, num_classes=10, seed=0):
-  rng = np.random.RandomState(seed)
-  if is_text:
-    inputs = rng.randint(1, 200, (batch_size, *shape)).astype(np.int32)
-  else:
-    inputs = rng.rand(batch_size, *shape).astype(np.float32)
-  return {"inputs": inputs, "labels": rng.randint(0, num_classes, batch_size)}
-
-
-def _memory(step, state, batch):
-  try:
-    compiled = step._jitted.lower(state, jax.device_put(batch, step.batch_sharding)).compile()  # pylint: disable=protected-access
-    mem = compiled.memory_analysis()
-    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-               - mem.alias_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
 def bench_model(key, repeats, steps, devices, low_rank):
   kwargs, shape, is_text, batch_size = MODELS[key]
   kwargs = dict(kwargs)
@@ -87,43 +62,15 @@ def bench_model(key, repeats, steps, devices, low_rank):
     if tname in ("prune", "binarize", f"low_rank{low_rank}"):
       variants[f"{tname} (naive, 2 passes)"] = (t, "outputs")
   num_classes = 45 if is_text else 10
-  batch = _batch(shape, is_text, batch_size, num_classes)
+  batch = make_batch(shape, is_text, batch_size, num_classes)
   runs = {}
   for vname, (t, blend) in variants.items():
     model = get_model(name, rngs=nnx.Rngs(0), **kwargs)
     step = vj.make_train_step(model, t, vj.linear_vanish(10 ** 9), optax.adamw(1e-4),
                               mesh=mesh, blend=blend)
-    state = step.init()
-    mem = _memory(step, state, batch)
-    for _ in range(3):  # compile and warm up
-      state, metrics = step(state, batch)
-    jax.block_until_ready(state)
-    runs[vname] = {"step": step, "state": state, "times": [], "memory_bytes": mem}
-  for _ in range(repeats):
-    order = list(runs)
-    random.shuffle(order)
-    for vname in order:
-      r = runs[vname]
-      state = r["state"]
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = r["step"](state, batch)
-      jax.block_until_ready((state, metrics))
-      r["times"].append((time.perf_counter() - t0) / steps)
-      r["state"] = state
-  plain = np.array(runs["plain"]["times"])
-  out = {}
-  for vname, r in runs.items():
-    t = np.array(r["times"])
-    ratios = t / plain
-    out[vname] = {"ms_median": 1e3 * float(np.median(t)),
-                  "ratio_median": float(np.median(ratios)),
-                  "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()),
-                  "memory_bytes": r["memory_bytes"],
-                  "memory_ratio": (r["memory_bytes"] / runs["plain"]["memory_bytes"]
-                                   if r["memory_bytes"] and runs["plain"]["memory_bytes"]
-                                   else None)}
-  return out
+    runs[vname] = prepare(step, batch)
+  time_rounds(runs, batch, repeats, steps)
+  return summarize(runs)
 
 
 def to_markdown(results, meta):
@@ -158,9 +105,7 @@ def main(argv=None):
   for d in args.devices:
     if d > jax.device_count():
       parser.error(f"--devices {d}: only {jax.device_count()} device(s) visible.")
-  meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-          "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
-          "jax": jax.__version__, "repeats": args.repeats, "steps": args.steps}
+  meta = machine_meta(repeats=args.repeats, steps=args.steps)
   results = {}
   for d in args.devices:
     for key in args.models:
@@ -170,12 +115,7 @@ def main(argv=None):
       for vname, r in results[label].items():
         print(f"  {vname:28s} {r['ms_median']:8.2f} ms  x{r['ratio_median']:.3f}", flush=True)
   meta["devices"] = ",".join(map(str, args.devices))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-  os.replace(tmp, out.with_suffix(".json"))
-  out.with_suffix(".md").write_text(to_markdown(results, meta))
+  write_results(args.out, {"meta": meta, "results": results}, to_markdown(results, meta))
   print(to_markdown(results, meta))
 
 
