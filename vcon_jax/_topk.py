@@ -151,16 +151,17 @@ def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
     return _direct_mask(keys, k)
   rank = jnp.full((g,), jnp.clip(k, 1, length), jnp.int32)
   kth, need, equal = _select(keys, rank, 32)
-  above = keys > kth[:, None]
-  tied = keys == kth[:, None]
+  nonempty = k > 0
 
   def break_ties(_):
     # Among the tied entries keep the ``need`` lowest indices: the ``need`` largest of
     # ``length - index``, a second radix select on keys that are all distinct.
+    tied = keys == kth[:, None]
     by_index = jnp.where(tied, jnp.uint32(length) - jnp.arange(length, dtype=jnp.uint32),
                          jnp.uint32(0))
     last, _, _ = _select(by_index, need, int(length).bit_length())
-    return above | (tied & (by_index >= last[:, None]))
+    return ((keys > kth[:, None]) | (tied & (by_index >= last[:, None]))) & nonempty
 
-  keep = lax.cond(jnp.any(need < equal), break_ties, lambda _: above | tied, None)
-  return keep & (k > 0)
+  # Without excess ties the mask is one comparison, fused into a single pass.
+  return lax.cond(jnp.any(need < equal), break_ties,
+                  lambda _: (keys >= kth[:, None]) & nonempty, None)
