@@ -16,7 +16,7 @@ from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax import _export
-from vcon_jax.models import get_model
+from vcon_experiments.models import get_model
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

@@ -220,7 +220,7 @@ def test_distill_teacher_is_the_frozen_initial_dense_model(tmp_path):
 
 
 def test_update_model_writes_compressed_weights_and_batchnorm_stats():
-  from vcon_jax.models import get_model  # pylint: disable=import-outside-toplevel
+  from vcon_experiments.models import get_model  # pylint: disable=import-outside-toplevel
   model = get_model("cnn", features=(4, 8), hidden=8, rngs=nnx.Rngs(0))
   x = np.random.RandomState(0).rand(8, 28, 28, 1).astype(np.float32)
   y = np.arange(8) % 10
