@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from vcon_jax import cli
+from vcon_experiments import cli
 
 TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--train-limit", "1024",
         "--test-limit", "256", "--pretrain-steps", "30", "--steps", "24", "--eval-every", "8",
