@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import vcon_jax as vj
-from vcon_jax import _export
+from vcon_jax.export import codec, encoder, format as export_format
 from vcon_jax.models import get_model
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -352,40 +352,31 @@ def test_leaf_codecs_exact(dtype, tmp_path):
   }
   encoded = {}
   for name, (c, settings, expected) in cases.items():
-    fmt, arrays = _export._encode_selected(c, settings, None)
+    fmt, arrays = encoder.encode_selected(c, settings, None)
     assert fmt["kind"] == "coded", name
     assert fmt["layout"] == (expected[0] or fmt["layout"]), (name, fmt)
     assert fmt["codec"] == expected[1], (name, fmt)
-    stored, views = _export._storable(arrays)
+    stored, views = export_format.storable(arrays)
     np.savez(tmp_path / "a.npz", **stored)
     with np.load(tmp_path / "a.npz") as z:
       back = {k: z[k].view(jnp.dtype(views[k])) if k in views else z[k] for k in z.files}
-    out = _export._decode_leaf(np, fmt, back, c.shape, c.dtype)
+    out = codec.decode_leaf(np, fmt, back, c.shape, c.dtype, c.shape)
     assert out.dtype == c.dtype
     np.testing.assert_array_equal(out, c)
     # the on-the-fly form: sparse layouts as sorted positions, values permuted to match
-    encoded[name] = _export._runtime_coded(fmt, back, c.shape)
+    encoded[name] = codec.runtime_coded(fmt, back, *c.shape)
     assert encoded[name][0]["layout"] == ("dense" if fmt["layout"] == "dense" else "positions")
-    out = _export._decode_leaf(np, *encoded[name], c.shape, c.dtype)
+    out = codec.decode_leaf(np, *encoded[name], c.shape, c.dtype, c.shape)
     np.testing.assert_array_equal(out, c)
 
   @jax.jit
   def decode_all(arrays):
-    return {n: _export._decode_leaf(jnp, encoded[n][0], a, w.shape, w.dtype)
+    return {n: codec.decode_leaf(jnp, encoded[n][0], a, w.shape, w.dtype, w.shape)
             for n, a in arrays.items()}
 
   out = decode_all({n: back for n, (_, back) in encoded.items()})
   for name, (c, _, _) in cases.items():
     np.testing.assert_array_equal(np.asarray(out[name]), c, err_msg=name)
-
-
-@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 8, 11])
-def test_bit_packing_round_trip(nbits):
-  codes = np.random.RandomState(nbits).randint(0, 2 ** nbits, size=37)
-  packed = _export._pack(codes, nbits)
-  assert packed.dtype == np.uint8 and packed.size == math.ceil(37 * nbits / 8)
-  np.testing.assert_array_equal(_export._unpack(np, packed, 37, nbits), codes)
-  np.testing.assert_array_equal(_export._unpack(jnp, jnp.asarray(packed), 37, nbits), codes)
 
 
 def test_bad_paths_give_clear_errors(tmp_path):

@@ -6,7 +6,7 @@ weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 
 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
 from vcon_jax._checkpoint import CheckpointManager, restore, save
-from vcon_jax._export import CompressedModel, Summary, export, load_compressed, summary
+from vcon_jax.export import CompressedModel, Summary, export, load_compressed, summary
 from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask

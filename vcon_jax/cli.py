@@ -181,7 +181,7 @@ def _print_summary(result: dict) -> None:
   summary = result.get("summary")
   if not summary:
     return
-  from vcon_jax._export import Summary  # pylint: disable=import-outside-toplevel
+  from vcon_jax.export import Summary  # pylint: disable=import-outside-toplevel
   print(Summary(summary["rows"], summary["totals"]).table())
 
 
