@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vcon_jax.export import encoder, format as fmt_lib, table as summary_lib
+from vcon_jax.export import encoder, format as fmt_lib, table
 
 
 def export(step: Any, state: Any, path: str | os.PathLike) -> table.Summary:
