@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import vcon_jax as vj
+from vcon_jax import LeafSpec
 from vcon_jax.export import codec, encoder, format as export_format
 from vcon_jax.models import get_model
 
@@ -297,7 +298,7 @@ def test_nnx_cnn_chain_with_batch_stats(tmp_path):
 
 def test_format_detected_from_values_without_metadata(tmp_path):
   t = vj.quantize(bits=4)
-  t = t._replace(describe=lambda path, leaf, state, count=0: {})  # a custom transform
+  t = t._replace(describe=lambda path, leaf, state, count=0: ())  # a custom transform
   step = vj.make_train_step(_LINEN, t, vj.linear_vanish(0))
   state = step.init(_LINEN_PARAMS)
   rows = vj.export(step, state, tmp_path / "m.npz")
@@ -335,24 +336,23 @@ def test_leaf_codecs_exact(dtype, tmp_path):
   three_pct = _np_keep(w, 35, lambda a: a.reshape(1, -1)).reshape(w.shape)
   forty_pct = _np_keep(w, 460, lambda a: a.reshape(1, -1)).reshape(w.shape)
   cases = {  # name: (values, settings, (layout, codec))
-      "int3": (_np_quantize(w, 3), {"transform": "quantize", "bits": 3,
-                                    "per_channel": True}, (None, "int")),  # any layout
-      "binary": (_np_quantize(w, 1, per_channel=False), {"transform": "binarize"},
+      "int3": (_np_quantize(w, 3), (LeafSpec("quantize", bits=3, per_channel=True),),
+               (None, "int")),  # any layout
+      "binary": (_np_quantize(w, 1, per_channel=False), (LeafSpec("binarize"),),
                  ("dense", "binary")),
-      "nm": (np.where(one_of_four, w, 0).astype(dtype), {"pattern": "1:4",
-                                                        "transform": "prune"},
+      "nm": (np.where(one_of_four, w, 0).astype(dtype), (LeafSpec("prune", pattern=(1, 4)),),
              ("nm", "float")),
-      "indices": (np.where(three_pct, w, 0).astype(dtype), {"transform": "prune"},
+      "indices": (np.where(three_pct, w, 0).astype(dtype), (LeafSpec("prune"),),
                   ("indices", "float")),
-      "bitmask": (np.where(forty_pct, w, 0).astype(dtype), {"transform": "prune"},
+      "bitmask": (np.where(forty_pct, w, 0).astype(dtype), (LeafSpec("prune"),),
                   ("bitmask", "float")),
       "bitmask_int4": (_np_quantize(np.where(forty_pct, w, 0).astype(dtype), 4),
-                       {"transform": "prune+quantize", "bits": 4, "per_channel": True},
+                       (LeafSpec("prune"), LeafSpec("quantize", bits=4, per_channel=True)),
                        ("bitmask", "int")),
   }
   encoded = {}
-  for name, (c, settings, expected) in cases.items():
-    fmt, arrays = encoder.encode_selected(c, settings, None)
+  for name, (c, specs, expected) in cases.items():
+    fmt, arrays = encoder.encode_selected(c, specs)
     assert fmt["kind"] == "coded", name
     assert fmt["layout"] == (expected[0] or fmt["layout"]), (name, fmt)
     assert fmt["codec"] == expected[1], (name, fmt)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vcon_jax import _paths
+from vcon_jax._spec import LeafSpec
 
 Params = Any
 
@@ -38,14 +39,29 @@ class Transform(NamedTuple):
     update: ``(params, state, count) -> state``: non-gradient state update after each
       optimiser step (e.g. recomputing a stored mask every ``update_every`` steps).
     select: ``(path, leaf) -> bool``: which leaves the transform compresses.
-    describe: ``(path, leaf, state, count) -> dict`` of the leaf's compression settings.
+    describe: ``(path, leaf, state, count) -> tuple[LeafSpec, ...]``: what was done to the
+      leaf, one :class:`~vcon_jax.LeafSpec` per compression in the order applied (``()``
+      for a leaf it does not select).
+
+  A custom transform is exported by :func:`vcon_jax.export` when:
+
+  * ``apply(params, state, 0.0, count, exact=True)`` gives the compressed values (these
+    are what is stored, bit for bit);
+  * ``select`` is true for every leaf it changes (other leaves are stored as they are);
+  * ``describe`` returns a tuple of ``LeafSpec`` for selected leaves. Its fields choose the
+    compact encodings tried: ``bits`` (k-bit codes; 1 is binary), ``per_channel``,
+    ``pattern`` (n:m positions), ``factors`` and ``rank`` on the last spec (stored as the
+    factors). Sparse layouts and binary codes are always tried. Every candidate is
+    decoded and compared with the values before it is chosen, so a wrong spec costs
+    size, never correctness. With ``()`` for a selected leaf, export also tries 2 to 8
+    bit codes when the values have few enough distinct magnitudes.
   """
 
   init: Callable[[Params], TransformState]
   apply: Callable[..., Params]
   update: Callable[[Params, TransformState, Any], TransformState]
   select: Callable[[str, Any], bool]
-  describe: Callable[..., dict]
+  describe: Callable[..., tuple[LeafSpec, ...]]
 
 
 class LeafRule(NamedTuple):
@@ -55,7 +71,7 @@ class LeafRule(NamedTuple):
   ``compress(w, trainable, aux, count, exact) -> c`` where, for ``exact=False``, ``c``
   carries the gradient the method wants (``w + stop_gradient(C(w) - w)`` for
   straight-through); ``update(w, trainable, aux, count) -> aux`` or ``None``;
-  ``describe(w, count) -> dict``.
+  ``describe(w, trainable, count) -> LeafSpec``.
   """
 
   init: Callable
@@ -123,8 +139,8 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
 
   def describe(path, leaf, state, count=0):
     if not select(path, leaf):
-      return {}
-    return {"transform": name, **rule.describe(leaf, count)}
+      return ()
+    return (rule.describe(leaf, state.trainable.get(path), count),)
 
   return Transform(init, apply, update, select, describe)
 
@@ -195,13 +211,8 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     return TransformState(tuple(s.trainable for s in new), tuple(s.aux for s in new))
 
   def describe(path, leaf, state, count=0):
-    parts = [t.describe(path, leaf, s, count)
-             for t, s in zip(transforms, member_states(state))]
-    merged = {}
-    for d in parts:
-      for k, v in d.items():
-        merged[k] = f"{merged[k]}+{v}" if k == "transform" and k in merged else v
-    return merged
+    return tuple(spec for t, s in zip(transforms, member_states(state))
+                 for spec in t.describe(path, leaf, s, count))
 
   return Transform(init, apply, update, select, describe)
 
@@ -224,4 +235,4 @@ def identity() -> Transform:
       apply=lambda params, state, beta, count=0, exact=False: params,
       update=lambda params, state, count: state,
       select=lambda path, leaf: False,
-      describe=lambda path, leaf, state, count=0: {})
+      describe=lambda path, leaf, state, count=0: ())

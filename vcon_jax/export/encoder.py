@@ -12,11 +12,12 @@ before it is chosen; a leaf nothing fits is stored as it is):
 * **codec** of those values: ``float`` (as they are); ``binary`` (one sign bit per value and
   one scale per layer or per output unit); ``int<k>`` (``k``-bit codes packed into bytes,
   ``q * scale`` with one float32 scale per output unit or per layer).
-* **low rank**: a leaf whose last transform is ``low_rank`` is stored as its two factors
-  ``A`` (fan_in x r) and ``B`` (r x fan_out).
+* **low rank**: a leaf whose last spec carries factors is stored as them, ``A``
+  (fan_in x r) and ``B`` (r x fan_out), when their product matches its values.
 
-The transform's own description of the leaf chooses which encodings to try; the values
-themselves decide which one is exact.
+The transform's own description of the leaf (a tuple of :class:`~vcon_jax.LeafSpec` from
+``Transform.describe``: bits, per-channel scales, n:m pattern, low-rank factors) chooses
+which encodings to try; the values themselves decide which one is exact.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcon_jax import _paths
+from vcon_jax import _paths, _spec
+from vcon_jax._spec import LeafSpec
 from vcon_jax.export import codec, format as fmt_lib
 
 _SHIFT_CANDIDATES = (0, 1, -1, 2, -2, 3, -3)
@@ -192,25 +194,16 @@ def _layouts(mat: np.ndarray, pattern: tuple[int, int] | None):
              vals, vcol)
 
 
-def _parse_pattern(settings: Mapping) -> tuple[int, int] | None:
-  pattern = settings.get("pattern")
-  if isinstance(pattern, str) and ":" in pattern:
-    try:
-      n, m = (int(p) for p in pattern.split(":"))
-      return n, m
-    except ValueError:
-      return None
-  return None
-
-
-def _bits_options(settings: Mapping, ops: list, values: np.ndarray, fan_out: int
+def _bits_options(specs: tuple[LeafSpec, ...], values: np.ndarray, fan_out: int
                   ) -> list[int]:
-  bits = settings.get("bits")
-  if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool):
+  """The k-bit widths to try: the specs' ``bits``; with no spec at all, 2 to 8 if the values
+  can be such codes (at most ``2**(k-1)`` distinct magnitudes per output unit, so at most
+  ``128 * fan_out + 1`` in all, and fewer than half the values)."""
+  bits = _spec.last(specs, "bits")
+  if bits is not None:
     return [int(bits)] if 2 <= bits <= _MAX_INT_BITS else []
-  if ops:  # a known transform without bits: nothing quantised
+  if specs:  # described, and not quantised
     return []
-  # No metadata (e.g. a custom transform): look for few distinct magnitudes.
   distinct = np.unique(np.abs(values)).size if values.size else 0
   if 0 < distinct <= min(values.size // 2, 128 * fan_out + 1):
     return list(range(2, 9))
@@ -238,12 +231,16 @@ def _encode_low_rank(c: np.ndarray, a: np.ndarray, b: np.ndarray, rank: int | No
           {"a": np.ascontiguousarray(a), "b": np.ascontiguousarray(b)})
 
 
-def encode_selected(c: np.ndarray, settings: Mapping, factors):
-  """The smallest exact encoding of one compressed leaf: ``(fmt, arrays)``."""
-  ops = [p for p in str(settings.get("transform", "")).split("+") if p]
-  if factors is not None and ops and ops[-1] == "low_rank":
-    rank = settings.get("rank")
-    enc = _encode_low_rank(c, *factors, rank if isinstance(rank, int) else None)
+def encode_selected(c: np.ndarray, specs: tuple[LeafSpec, ...]):
+  """The smallest exact encoding of one compressed leaf: ``(fmt, arrays)``.
+
+  Args:
+    c: the leaf's compressed values.
+    specs: what the transform did to it (``Transform.describe``), ``()`` if unknown.
+  """
+  if specs and specs[-1].factors is not None:
+    a, b = (np.asarray(jax.device_get(f)) for f in specs[-1].factors)
+    enc = _encode_low_rank(c, a, b, specs[-1].rank)
     if enc is not None:
       return enc
   best = ({"kind": "raw"}, {"value": c})
@@ -252,9 +249,10 @@ def encode_selected(c: np.ndarray, settings: Mapping, factors):
   fan_in, fan_out = _paths.matricize_shape(c.shape)
   mat = c.reshape(fan_in, fan_out)
   best_bytes = c.nbytes
-  bits_options = _bits_options(settings, ops, mat, fan_out)
-  layer_first = not settings.get("per_channel", False)
-  for layout, layout_arrays, vals, vcol in _layouts(mat, _parse_pattern(settings)):
+  bits_options = _bits_options(specs, mat, fan_out)
+  layer_first = not _spec.last(specs, "per_channel")
+  pattern = _spec.last(specs, "pattern")
+  for layout, layout_arrays, vals, vcol in _layouts(mat, pattern):
     for cdc, codec_arrays in _codecs(vals, vcol, fan_out, c.dtype, bits_options,
                                      layer_first):
       arrays = {**layout_arrays, **codec_arrays}
@@ -265,6 +263,28 @@ def encode_selected(c: np.ndarray, settings: Mapping, factors):
         if _same(decoded.reshape(c.shape), c):
           best, best_bytes = (fmt, arrays), size
   return best
+
+
+def describe(transform: Any, path: str, leaf: Any, tstate: Any, count: int
+             ) -> tuple[tuple[LeafSpec, ...], dict]:
+  """``(specs, settings)`` of one selected leaf; settings is the manifest's JSON record.
+
+  A ``describe`` that raises or returns anything but a tuple of :class:`LeafSpec` counts
+  as no description (the error is kept in the settings).
+  """
+  try:
+    specs = transform.describe(path, leaf, tstate, count)
+    if not isinstance(specs, tuple) or not all(isinstance(s, LeafSpec) for s in specs):
+      raise TypeError(f"Transform.describe must return a tuple of vcon_jax.LeafSpec, got "
+                      f"{type(specs).__name__}.")
+    error = None
+  except Exception as err:  # pylint: disable=broad-except
+    specs, error = (), f"{type(err).__name__}: {err}"
+  settings = {"transform": "+".join(s.kind for s in specs),
+              "specs": [s.settings() for s in specs]}
+  if error is not None:
+    settings["describe_error"] = error
+  return specs, settings
 
 
 def _key_list(path: tuple) -> list:
@@ -283,26 +303,6 @@ def flatten(tree) -> list[tuple]:
   """``(keys, path, leaf)`` triples: JSON keys, the transform's path string and the leaf."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return [(_key_list(p), _paths.path_str(p), leaf) for p, leaf in flat]
-
-
-def _find_factors(trainable, path: str):
-  """The last ``{'a', 'b'}`` factor pair stored for ``path`` in the transform state."""
-  found = []
-
-  def walk(node):
-    if isinstance(node, Mapping):
-      entry = node.get(path) if path in node else None
-      if isinstance(entry, Mapping) and "a" in entry and "b" in entry:
-        found.append((np.asarray(entry["a"]), np.asarray(entry["b"])))
-      for k, v in node.items():
-        if k != path:
-          walk(v)
-    elif isinstance(node, (tuple, list)):
-      for v in node:
-        walk(v)
-
-  walk(trainable)
-  return found[-1] if found else None
 
 
 def _to_pure(tree):
@@ -331,14 +331,11 @@ def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
   for i, (keys, path, leaf) in enumerate(flatten(compressed)):
     c = np.asarray(jax.device_get(leaf))
     template = dense.get(path, leaf)
-    try:
-      settings = dict(step.transform.describe(path, template, tstate, count))
-    except Exception as err:  # pylint: disable=broad-except
-      settings = {"describe_error": f"{type(err).__name__}: {err}"}
     selected = bool(step.transform.select(path, template))
+    settings = {}
     if selected:
-      factors = _find_factors(tstate.trainable, path)
-      fmt, leaf_arrays = encode_selected(c, settings, factors)
+      specs, settings = describe(step.transform, path, template, tstate, count)
+      fmt, leaf_arrays = encode_selected(c, specs)
     else:
       fmt, leaf_arrays = {"kind": "raw"}, {"value": c}
     names = {}

@@ -10,8 +10,10 @@ Manifest (the ``__manifest__`` entry, UTF-8 JSON bytes)::
    "views": {array name: dtype name}}
 
 ``format`` of a leaf is ``{"kind": "raw"}``, ``{"kind": "low_rank", "rank": r}`` (arrays
-``a`` and ``b``) or a ``coded`` format (see :mod:`vcon_jax.export.codec`). ``settings`` is
-informative only (the summary's ``transform`` column); decoding never reads it. Arrays of
+``a`` and ``b``) or a ``coded`` format (see :mod:`vcon_jax.export.codec`). ``settings`` of a
+selected leaf is ``{"transform": "prune+quantize", "specs": [LeafSpec.settings(), ...]}``
+(plus ``describe_error`` if the transform's ``describe`` failed); it is informative only
+(the summary's ``transform`` column), decoding never reads it. Arrays of
 dtypes numpy cannot store (bfloat16, ...) are stored as unsigned ints of the same width and
 listed in ``views``. A reader refuses files of a newer ``version``; a change to the
 encodings that old readers cannot decode must increase :data:`VERSION`.
