@@ -445,3 +445,22 @@ def test_scheduled_rank_and_unfinished_chain_member(tmp_path):
   assert [r["format"] for r in _selected(rows)] == ["raw", "raw"]
   _assert_params(vj.load_compressed(tmp_path / "blend.npz").params(),
                  step.compressed_params(state), False)
+
+
+def test_nnx_run_leaves_the_module_alone_and_checks_its_params(tmp_path):
+  module = _nnx_model("mlp", in_features=40, hidden=(32,), num_classes=10)
+  x = np.random.RandomState(1).rand(4, 40).astype(np.float32)
+  step = vj.make_train_step(module, vj.low_rank(rank=4), vj.linear_vanish(0))
+  vj.export(step, step.init(), tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  before = jax.tree.map(np.asarray, nnx.state(module, nnx.Param))
+  runner = loaded.apply_fn(module)
+  assert runner.fast_layers == []  # planned at the first call
+  runner(x)
+  assert runner.fast_layers == loaded.fast_layers == ["head/kernel", "layers/0/kernel"]
+  assert all(sub.dot_general is jax.lax.dot_general
+             for _, sub in nnx.iter_modules(module) if isinstance(sub, nnx.Linear))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(module, nnx.Param), before)
+  other = _nnx_model("mlp", in_features=40, hidden=(16,), num_classes=10)
+  with pytest.raises(ValueError, match="do not match the export.*layers/0/kernel"):
+    loaded.apply_fn(other)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
+from vcon_jax import _paths
 from vcon_jax._train import TrainState
 
 
@@ -87,7 +88,7 @@ class CheckpointManager:
       return  # unreadable metadata: the restore itself reports (or a caller skips it)
     if not saved:
       return
-    wanted = {_dotted(path): tuple(leaf.shape)
+    wanted = {".".join(map(str, _paths.path_keys(path))): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     diffs = [(name, saved.get(name), shape) for name, shape in wanted.items()
              if saved.get(name) != shape]
@@ -100,16 +101,6 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def _dotted(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return ".".join(parts)
 
 
 def save(state: Any, directory: str | os.PathLike, step: int | None = None, *,

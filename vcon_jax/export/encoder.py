@@ -287,22 +287,10 @@ def describe(transform: Any, path: str, leaf: Any, tstate: Any, count: int
   return specs, settings
 
 
-def _key_list(path: tuple) -> list:
-  """Pytree path -> JSON-able keys (ints stay ints: NNX list indices)."""
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    out.append(k if isinstance(k, int) else str(k))
-  return out
-
-
 def flatten(tree) -> list[tuple]:
   """``(keys, path, leaf)`` triples: JSON keys, the transform's path string and the leaf."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(_key_list(p), _paths.path_str(p), leaf) for p, leaf in flat]
+  return [(_paths.path_keys(p), _paths.path_str(p), leaf) for p, leaf in flat]
 
 
 def _to_pure(tree):

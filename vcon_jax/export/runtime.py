@@ -215,40 +215,41 @@ class CompressedModel:
         formed once (``"once"``) or in every call (``"on_the_fly"``).
       **kwargs: passed to a Linen model's ``apply`` (e.g. ``train=False``).
     """
-    from flax import linen as nn
-    from flax import nnx
     if decode not in DECODE_MODES:
       raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
-    if isinstance(model, nnx.Module):
+    kind = _model.model_kind(model)
+    if kind != self.kind:
+      raise ValueError(f"this export is of {'an NNX' if self.kind == 'nnx' else 'a Linen'} "
+                       f"model; pass the {'nnx' if self.kind == 'nnx' else 'flax.linen'}"
+                       f".Module.")
+    if kind == "nnx":
       if kwargs:
         raise ValueError("keyword arguments are for Linen models' apply; an NNX module is "
                          "run in eval mode as it is.")
-      if self.kind != "nnx":
-        raise ValueError("this export is of a Linen model; pass the flax.linen.Module.")
-      model = nnx.clone(model)  # switched to thin matmuls and eval mode: not the user's
+      from flax import nnx
+      # a new module with shape-only params (the adapter keeps it as its template), its
+      # low-rank layers switched to thin matmuls; the user's module stays as it is
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+      model = nnx.merge(graphdef, params, rest)
       fast = lowrank.nnx_fast_keys(model, self.low_rank_keys)
       adapter = _model.make_adapter(model, None, None)
       params, rest = adapter.split(None)
       self._check_params(params)
       return _Runner(self, adapter, self._merged_state(rest), decode, lambda x: fast)
-    if isinstance(model, nn.Module):
-      if self.kind != "linen":
-        raise ValueError("this export is of an NNX model; pass the nnx.Module.")
-      adapter = _model.make_adapter(model, None, kwargs)
-      state = self.model_state()
-      shapes = fmt_lib.unflatten([
-          (leaf["keys"], jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])))
-          for leaf in self._leaves])
-      plan = lambda x: lowrank.linen_fast_keys(
-          lambda p, s, x: adapter.apply(p, s, x, None, False)[0], (shapes, state, x),
-          self.low_rank_keys)
-      return _Runner(self, adapter, state, decode, plan)
-    raise ValueError(f"model must be a flax.linen.Module or a flax.nnx.Module, got "
-                     f"{type(model).__name__}.")
+    adapter = _model.make_adapter(model, None, kwargs)
+    state = self.model_state()
+    shapes = fmt_lib.unflatten([
+        (leaf["keys"], jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])))
+        for leaf in self._leaves])
+    plan = lambda x: lowrank.linen_fast_keys(
+        lambda p, s, x: adapter.apply(p, s, x, None, False)[0], (shapes, state, x),
+        self.low_rank_keys)
+    return _Runner(self, adapter, state, decode, plan)
 
   def _check_params(self, params) -> None:
     """Raises if the model's param leaves (keys and shapes) differ from the export's."""
-    expected = {tuple(k): tuple(np.shape(v)) for k, _, v in encoder.flatten(params)}
+    expected = {tuple(k): tuple(v.shape) for k, _, v in encoder.flatten(params)}
     stored = {tuple(leaf["keys"]): tuple(leaf["shape"]) for leaf in self._leaves}
     if expected != stored:
       diff = sorted({"/".join(map(str, k)) for k in set(expected) ^ set(stored)} | {
