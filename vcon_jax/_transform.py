@@ -31,7 +31,7 @@ class Transform(NamedTuple):
 
   Attributes:
     init: ``params -> TransformState``. Validates the selection (raises ``ValueError``).
-    apply: ``(params, state, beta, count=0, exact=False) -> params``: every selected leaf
+    apply: ``(params, state, beta, count=0, *, exact=False) -> params``: every selected leaf
       ``w`` becomes ``beta * w + (1 - beta) * C(w)``. With ``exact=False`` the result carries
       training gradients (straight-through for prune/quantize); with ``exact=True`` it is
       computed without the straight-through trick, so at ``beta = 0`` it holds exactly the
@@ -120,7 +120,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
       raise _no_match_error(where_desc, params)
     return TransformState(trainable, aux)
 
-  def apply(params, state, beta, count=0, exact=False):
+  def apply(params, state, beta, count=0, *, exact=False):
     def one(path, leaf):
       p = _paths.path_str(path)
       if not select(p, leaf):
@@ -184,20 +184,20 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     for t in transforms:
       s = t.init(x)
       states.append(s)
-      x = t.apply(x, s, 0.0, 0, True)
+      x = t.apply(x, s, 0.0, 0, exact=True)
     return TransformState(tuple(s.trainable for s in states), tuple(s.aux for s in states))
 
   def member_states(state):
     return [TransformState(tr, ax) for tr, ax in zip(state.trainable, state.aux)]
 
-  def apply(params, state, beta, count=0, exact=False):
+  def apply(params, state, beta, count=0, *, exact=False):
     x = params
     if schedules is not None:
       for t, s, sched in zip(transforms, member_states(state), schedules):
-        x = t.apply(x, s, beta if sched is None else sched(count), count, exact)
+        x = t.apply(x, s, beta if sched is None else sched(count), count, exact=exact)
       return x
     for t, s in zip(transforms, member_states(state)):
-      x = t.apply(x, s, 0.0, count, exact)
+      x = t.apply(x, s, 0.0, count, exact=exact)
     def one(path, w, c):
       return blend(w, c, beta) if select(_paths.path_str(path), w) else w
     return jax.tree_util.tree_map_with_path(one, params, x)
@@ -207,7 +207,7 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     for t, s in zip(transforms, member_states(state)):
       s = t.update(x, s, count)
       new.append(s)
-      x = t.apply(x, s, 0.0, count, True)
+      x = t.apply(x, s, 0.0, count, exact=True)
     return TransformState(tuple(s.trainable for s in new), tuple(s.aux for s in new))
 
   def describe(path, leaf, state, count=0):
@@ -220,7 +220,7 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
 def compress(transform: Transform, params: Params, state: TransformState,
              count: Any = 0) -> Params:
   """The exact compressed view (``beta = 0``), same tree as ``params``."""
-  return transform.apply(params, state, 0.0, count, True)
+  return transform.apply(params, state, 0.0, count, exact=True)
 
 
 def identity() -> Transform:
@@ -232,7 +232,7 @@ def identity() -> Transform:
   """
   return Transform(
       init=lambda params: TransformState({}, {}),
-      apply=lambda params, state, beta, count=0, exact=False: params,
+      apply=lambda params, state, beta, count=0, *, exact=False: params,
       update=lambda params, state, count: state,
       select=lambda path, leaf: False,
       describe=lambda path, leaf, state, count=0: ())

@@ -53,7 +53,7 @@ class _Runner:
     def run(arrays, model_state, x):
       params = owner._decode_all(fmts, arrays)
       with lowrank.thin_factors(owner._factors(fmts, arrays), fast):
-        logits, _ = apply(params, model_state, x, None, False)
+        logits, _ = apply(params, model_state, x, None, train=False)
       return logits
 
     return run
@@ -243,7 +243,7 @@ class CompressedModel:
         (leaf["keys"], jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])))
         for leaf in self._leaves])
     plan = lambda x: lowrank.linen_fast_keys(
-        lambda p, s, x: adapter.apply(p, s, x, None, False)[0], (shapes, state, x),
+        lambda p, s, x: adapter.apply(p, s, x, None, train=False)[0], (shapes, state, x),
         self.low_rank_keys)
     return _Runner(self, adapter, state, decode, plan)
 
