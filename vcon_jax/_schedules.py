@@ -83,7 +83,7 @@ def polynomial_ramp(final: float, begin_step: int, end_step: int, initial: float
   :func:`linear_vanish`); with ``t_1 = t_0`` the value jumps to ``s_f`` at ``t_0``.
 
   >>> import vcon_jax as vj
-  >>> float(vj.polynomial_ramp(0.9, 0, 100)(100))
+  >>> round(float(vj.polynomial_ramp(0.9, 0, 100)(100)), 6)
   0.9
   """
   _check_steps("begin_step", begin_step)
