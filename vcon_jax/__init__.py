@@ -6,11 +6,12 @@ weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 
 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
 from vcon_jax._checkpoint import CheckpointManager, restore, save
-from vcon_jax._export import CompressedModel, Summary, export, load_compressed, summary
+from vcon_jax.export import CompressedModel, Summary, export, load_compressed, summary
 from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
+from vcon_jax._spec import LeafSpec
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._train import TrainState, TrainStep, make_train_step, softmax_cross_entropy
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
@@ -46,6 +47,7 @@ __all__ = [
     "topk_mask",
     "CheckpointManager",
     "CompressedModel",
+    "LeafSpec",
     "Summary",
     "TrainState",
     "TrainStep",

@@ -116,3 +116,16 @@ def make_adapter(model: Any, train_kwargs: dict | None, eval_kwargs: dict | None
                    f"{type(model).__name__}.")
 
 
+def model_kind(model: Any) -> str:
+  """``"nnx"`` or ``"linen"``: which adapter :func:`make_adapter` gives ``model``.
+
+  >>> from flax import linen as nn
+  >>> model_kind(nn.Dense(3))
+  'linen'
+  """
+  if isinstance(model, nnx.Module):
+    return "nnx"
+  if isinstance(model, nn.Module):
+    return "linen"
+  raise ValueError(f"model must be a flax.linen.Module or a flax.nnx.Module, got "
+                   f"{type(model).__name__}.")

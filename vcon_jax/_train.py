@@ -194,19 +194,21 @@ class TrainStep:
       tstate = TransformState(trainable["transform"], aux_state)
       if self.blend == "weights":
         blended = self.transform.apply(trainable["params"], tstate, beta, count)
-        logits, new_ms = self.adapter.apply(blended, state.model_state, inputs, rng, True)
+        logits, new_ms = self.adapter.apply(blended, state.model_state, inputs, rng,
+                                            train=True)
       else:  # the reference form: two forward passes, outputs blended
         comp = self.transform.apply(trainable["params"], tstate, 0.0, count)
         dense, _ = self.adapter.apply(trainable["params"], state.model_state, inputs, rng,
-                                      True)
-        logits, new_ms = self.adapter.apply(comp, state.model_state, inputs, rng, True)
+                                      train=True)
+        logits, new_ms = self.adapter.apply(comp, state.model_state, inputs, rng,
+                                            train=True)
         logits = beta * dense + (1.0 - beta) * logits
       out = self.loss_fn(logits, batch)
       loss, extra = out if isinstance(out, tuple) else (out, {})
       if self.distill_weight > 0:
         teacher_params = trainable["params"] if state.teacher is None else state.teacher
         teacher, _ = self.adapter.apply(teacher_params, state.model_state, inputs, rng,
-                                        True)
+                                        train=True)
         kd = _distill_loss(logits, jax.lax.stop_gradient(teacher), self.distill_temperature)
         extra = {**extra, "task_loss": loss, "distill_loss": kd}
         loss = (1.0 - self.distill_weight) * loss + self.distill_weight * kd
@@ -301,7 +303,8 @@ class TrainStep:
   def blended_params(self, state: TrainState, beta: float | None = None) -> Any:
     """The weights the forward pass uses at ``beta`` (default: the schedule's current)."""
     beta = self.schedule(state.step) if beta is None else beta
-    params = self.transform.apply(state.params, state.transform_state, beta, state.step, True)
+    params = self.transform.apply(state.params, state.transform_state, beta, state.step,
+                                  exact=True)
     return self.adapter.wrap_params(params)
 
   def _eval_fn(self, state, batch, compressed):
@@ -310,9 +313,9 @@ class TrainStep:
     else:
       beta = self.schedule(state.step)
       params = self.transform.apply(state.params, state.transform_state, beta, state.step,
-                                    True)
+                                    exact=True)
     logits, _ = self.adapter.apply(params, state.model_state, batch[self.input_key], None,
-                                   False)
+                                   train=False)
     metrics = {}
     labels = batch.get(self.label_key)
     if labels is not None:
