@@ -10,7 +10,7 @@ from vcon_jax._export import CompressedModel, Summary, export, load_compressed, 
 from vcon_jax._losses import Distillation, distill
 from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._optax_wrapper import (VconState, WithState, blended_params, compressed_params,
-                                     dense_params, wrap_optax)
+                                     dense_params, vcon_state, wrap_optax)
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
@@ -52,6 +52,7 @@ __all__ = [
     "summary",
     "svd_factors",
     "topk_mask",
+    "vcon_state",
     "wrap_optax",
     "CheckpointManager",
     "CompressedModel",

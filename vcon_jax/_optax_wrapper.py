@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from vcon_jax import _paths, _sharding
 from vcon_jax._transform import Transform, TransformState, compress
@@ -297,9 +298,9 @@ def vcon_state(opt_state: Any) -> VconState:
 
 
 def _unwrap(state: VconState) -> VconState:
-  # nnx.Optimizer keeps its state as Variables; their values are what we need.
-  return jax.tree.map(lambda x: x.get_value() if hasattr(x, "get_value") else x, state,
-                      is_leaf=lambda x: hasattr(x, "get_value"))
+  # nnx.Optimizer keeps its state as OptState variables; their values are what we need.
+  is_opt = lambda x: isinstance(x, nnx.OptState)
+  return jax.tree.map(lambda x: x.get_value() if is_opt(x) else x, state, is_leaf=is_opt)
 
 
 def _params_placed(state: VconState, tree: Any) -> Any:
