@@ -17,3 +17,14 @@ def test_readme_quick_start_runs():
   kernel = np.asarray(scope["cparams"]["Dense_0"]["kernel"])
   assert abs((kernel != 0).mean() - 0.1) < 1e-3
   assert scope["logits"].shape == (128, 10)
+
+
+def test_readme_own_training_loop_runs():
+  code = re.search(r"## Use it in your own training loop.*?```python\n(.*?)```",
+                   README.read_text(), re.S).group(1)
+  scope = {}
+  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert np.isfinite(float(scope["loss"]))
+  kernel = np.asarray(scope["cparams"]["Dense_0"]["kernel"])
+  assert abs((kernel != 0).mean() - 0.1) < 1e-3
+  np.testing.assert_allclose(scope["params"]["Dense_0"]["kernel"], kernel, atol=1e-6)
