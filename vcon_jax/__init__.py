@@ -11,6 +11,7 @@ from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
+from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._train import TrainState, TrainStep, make_train_step, softmax_cross_entropy
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
@@ -38,12 +39,14 @@ __all__ = [
     "prune",
     "quantize",
     "quantize_values",
+    "replicate",
     "restore",
     "save",
     "softmax_cross_entropy",
     "summary",
     "svd_factors",
     "topk_mask",
+    "unreplicate",
     "CheckpointManager",
     "CompressedModel",
     "Summary",

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vcon_jax import _model
+from vcon_jax import _checks, _model
 from vcon_jax._transform import Transform, TransformState, compress
 
 
@@ -34,9 +34,16 @@ class TrainState(NamedTuple):
 
 
 def softmax_cross_entropy(logits: jax.Array, batch: Mapping) -> jax.Array:
-  """Default loss: mean softmax cross-entropy on integer ``batch["labels"]``."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["labels"]).mean()
+  """Default loss: mean softmax cross-entropy on integer ``batch["labels"]``.
+
+  A label outside ``[0, num_classes)`` makes the loss ``nan`` (jnp indexing would
+  otherwise wrap a negative label round to the last class without a word).
+  """
+  labels = batch["labels"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           labels)
+  valid = (labels >= 0) & (labels < logits.shape[-1])
+  return jnp.where(valid, losses, jnp.nan).mean()
 
 
 def _accuracy(logits, labels):
@@ -97,6 +104,7 @@ class TrainStep:
                        f"{type(optimizer).__name__}.")
     loss_fn = softmax_cross_entropy if loss_fn is None else loss_fn
     _check_callable("loss_fn", loss_fn, "(logits, batch) -> loss or (loss, metrics)")
+    _checks.check_loss_fn(loss_fn)
     if axis_name is not None and mesh is not None:
       raise ValueError("Pass either mesh (jit data parallelism) or axis_name (a step for "
                        "jax.pmap), not both.")
@@ -219,6 +227,8 @@ class TrainStep:
     acc = _accuracy(logits, labels)
     if acc is not None:
       metrics["accuracy"] = acc
+      if self.needs_labels:  # [i14] a label out of range is a nan loss: say which
+        metrics["invalid_labels"] = _checks.invalid_label_fraction(logits, labels)
     grads = jax.lax.pmean(grads, self._axis)
     metrics = jax.lax.pmean(metrics, self._axis)
     new_ms = jax.tree.map(lambda x: jax.lax.pmean(x, self._axis)
@@ -243,13 +253,17 @@ class TrainStep:
                            state.rng, state.teacher)
     return new_state, metrics
 
-  def check_batch(self, batch: Any) -> None:
-    """Raises ``ValueError`` for a batch the step cannot take (called before jit)."""
+  def check_batch(self, batch: Any, *, training: bool = True) -> None:
+    """Raises ``ValueError`` for a batch the step cannot take (called before jit).
+
+    ``training=False`` (evaluation): labels are optional and any batch size is taken.
+    """
+    needs_labels = self.needs_labels and training
     if not isinstance(batch, Mapping):
       raise ValueError(f"batch must be a dict with key {self.input_key!r}"
-                       f"{f' and {self.label_key!r}' if self.needs_labels else ''}, got "
+                       f"{f' and {self.label_key!r}' if needs_labels else ''}, got "
                        f"{type(batch).__name__}.")
-    required = [self.input_key] + ([self.label_key] if self.needs_labels else [])
+    required = [self.input_key] + ([self.label_key] if needs_labels else [])
     missing = [k for k in required if k not in batch]
     if missing:
       raise ValueError(f"batch is missing key(s) {missing}; it has {sorted(batch)}; the "
@@ -260,15 +274,22 @@ class TrainStep:
       raise ValueError(f"every batch entry needs the same leading (batch) size, got "
                        f"{ {k: s for k, s in sizes.items()} }.")
     n = next(iter(sizes.values()))
-    if self.mesh is not None and n % self.mesh.size:
+    if training and self.mesh is not None and n % self.mesh.size:
       raise ValueError(f"batch size {n} must be divisible by the number of devices in the "
                        f"'data' mesh axis ({self.mesh.size}).")
 
   def __call__(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
     """One optimiser step. Returns the new state and a dict of scalar metrics."""
+    _checks.check_state(state, TrainState)
     if self.axis_name is not None:
-      return self.fn(state, batch)  # under the user's jax.pmap
+      try:
+        return self.fn(state, batch)  # under the user's jax.pmap
+      except NameError as err:
+        if "unbound axis name" in str(err):
+          raise _checks.unbound_axis_error(self.axis_name) from None
+        raise
     self.check_batch(batch)
+    _checks.preflight(self, state, batch, training=True)
     out = self._jitted(state, jax.device_put(dict(batch), self.batch_sharding))
     if self._sync:
       # XLA:CPU collectives with several host devices can deadlock (abort after 40 s)
@@ -286,6 +307,7 @@ class TrainStep:
     For NNX models this is an ``nnx.State`` for ``nnx.update(model, ...)``; for Linen the
     ``params`` dict for ``model.apply({'params': ...}, x)``.
     """
+    _checks.check_not_replicated(state)
     return self.adapter.wrap_params(self._compressed(state))
 
   def update_model(self, state: TrainState, *, compressed: bool = True) -> Any:
@@ -295,11 +317,13 @@ class TrainStep:
     BatchNorm statistics, which ``compressed_params`` alone would leave stale) and returns
     it. Linen: returns the variables dict ``{'params': ..., 'batch_stats': ...}``.
     """
+    _checks.check_not_replicated(state)
     params = self._compressed(state) if compressed else state.params
     return self.adapter.assign(jax.device_get(params), jax.device_get(state.model_state))
 
   def blended_params(self, state: TrainState, beta: float | None = None) -> Any:
     """The weights the forward pass uses at ``beta`` (default: the schedule's current)."""
+    _checks.check_not_replicated(state)
     beta = self.schedule(state.step) if beta is None else beta
     params = self.transform.apply(state.params, state.transform_state, beta, state.step, True)
     return self.adapter.wrap_params(params)
@@ -325,8 +349,15 @@ class TrainStep:
 
   def evaluate(self, state: TrainState, batch: Mapping, *, compressed: bool = True
                ) -> tuple[jax.Array, dict]:
-    """Eval-mode logits and metrics with the compressed (default) or blended weights."""
-    self.check_batch(batch)
+    """Eval-mode logits and metrics with the compressed (default) or blended weights.
+
+    Labels are optional (without them the metrics are empty) and the batch may have any
+    size, e.g. the last partial batch of a test set.
+    """
+    _checks.check_state(state, TrainState)
+    _checks.check_not_replicated(state)
+    self.check_batch(batch, training=False)
+    _checks.preflight(self, state, batch, training=False)
     return self._eval(state, dict(batch), compressed=compressed)
 
 
@@ -343,22 +374,38 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
   r"""Builds the VCON train step for a Flax model.
 
   Args:
-    model: a ``flax.nnx.Module`` (its ``train()``/``eval()`` modes are used) or a
+    model: a ``flax.nnx.Module`` (run in ``train()`` mode in the step and ``eval()`` mode
+      in ``evaluate``, on copies of its graph: the module keeps the mode it had) or a
       ``flax.linen.Module``.
     transform: what to compress to (:func:`prune`, :func:`quantize`, :func:`binarize`,
       :func:`low_rank`, :func:`chain`).
     schedule: ``count -> beta``, e.g. :func:`linear_vanish`; any optax schedule works.
       ``linear_vanish(0)`` is the post-shot baseline.
     optimizer: an optax optimiser (default ``adamw(1e-4, weight_decay=0)``, the paper's).
-    loss_fn: ``(logits, batch) -> loss`` or ``(loss, metrics)``; default softmax
-      cross-entropy on integer ``batch['labels']``.
+    loss_fn: ``(logits, batch) -> loss`` or ``(loss, metrics)``, called with the whole
+      batch dict; default softmax cross-entropy on integer ``batch['labels']`` (labels are
+      checked before jit: integer, one per example, and, for host arrays, in range; on
+      device a label out of range gives a ``nan`` loss and ``metrics['invalid_labels']``,
+      the fraction of such labels, shows it).
     mesh: a mesh with a ``'data'`` axis (default: all devices); the batch is sharded over
-      it and the state replicated.
+      it and the state replicated. BatchNorm then normalises each device's shard with the
+      shard's own statistics, as ``jax.pmap`` training does (the running averages are
+      averaged over devices), so results differ slightly from one big batch; for
+      whole-batch statistics build the BatchNorm layers with ``axis_name='data'``.
     axis_name: instead of jit, return a step meant for ``jax.pmap(step, axis_name=...)``:
-      gradients, metrics and model state are averaged over that axis.
-    seed: seed of the per-step rng (Linen dropout), folded with the step number.
+      gradients, metrics and model state are averaged over that axis. Give it
+      ``vj.replicate(step.init(params))`` and read results from ``vj.unreplicate(state)``
+      (README, "Using jax.pmap").
+    seed: seed of the per-step rng, folded with the step number and the device index:
+      Linen dropout draws from it, and for NNX models it salts every ``nnx.Rngs`` stream,
+      so dropout differs per device and per seed (``step.init(seed=...)`` overrides it).
     train_kwargs, eval_kwargs: extra keyword arguments to a Linen model's ``apply`` in
-      training / evaluation (e.g. ``{'train': True}``).
+      training / evaluation (e.g. ``{'train': True}``). When one is not given and the
+      model's ``__call__`` has exactly one of the arguments ``train``, ``training``,
+      ``is_training`` or ``deterministic``, it is passed for you (``train=True`` /
+      ``deterministic=False`` in training, the opposite in evaluation), so BatchNorm
+      statistics move and dropout is on; with several of them a ``ValueError`` asks for
+      both kwargs. Pass ``{}`` to give no argument.
     distill_weight: weight of a distillation term from the dense path (``beta = 1``
       logits as teacher); costs a second forward pass.
     distill_teacher: ``'initial'`` (default): the dense params given to ``init``, frozen
