@@ -8,6 +8,7 @@ otherwise fail deep inside optax or Flax (or, worse, give a silent ``nan``) fail
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -106,13 +107,17 @@ def check_labels(labels: Any, logits_shape: tuple, label_key: str = "labels") ->
 
 
 def check_linen_variables(variables: Mapping) -> None:
-  """A Linen model with BatchNorm needs its ``batch_stats`` (``model.init``'s output)."""
+  """A Linen model with BatchNorm needs its ``batch_stats`` (``model.init``'s output).
+
+  Recognised here by Linen's own names (``BatchNorm_0``); a renamed BatchNorm is caught
+  by :func:`preflight` before the first step instead.
+  """
   if "params" in variables:
     return
   norms = set()
   for path, _ in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
     names = [str(getattr(k, "key", k)) for k in path]
-    hits = [i for i, n in enumerate(names) if "batchnorm" in n.lower()]
+    hits = [i for i, n in enumerate(names) if re.fullmatch(r"BatchNorm(_\d+)?", n)]
     if hits:
       norms.add("/".join(names[:hits[0] + 1]))
   norms = sorted(norms)

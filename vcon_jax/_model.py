@@ -4,6 +4,11 @@
 ``params`` is a plain nested dict of the model's weights and ``model_state`` everything
 else the model carries (BatchNorm statistics, NNX rng counters). PRNG key leaves in the
 model state are kept as raw ``uint32`` key data so the state checkpoints like any array.
+
+In training the step's ``rng`` (seed, step and device index folded in) is folded into
+every NNX rng stream, as Linen's ``rngs={'dropout': rng}`` does, and a Linen model's
+``train``/``deterministic`` argument is passed when the user gave no kwargs. The user's
+NNX module is left in the mode (``train()``/``eval()``) it had.
 """
 
 from __future__ import annotations
