@@ -15,6 +15,7 @@ from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
 from vcon_jax._spec import LeafSpec
+from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._losses import softmax_cross_entropy
 from vcon_jax._train import TrainState, TrainStep, make_train_step
@@ -47,6 +48,7 @@ __all__ = [
     "prune",
     "quantize",
     "quantize_values",
+    "replicate",
     "restore",
     "save",
     "softmax_cross_entropy",
@@ -55,6 +57,7 @@ __all__ = [
     "topk_mask",
     "vcon_state",
     "wrap_optax",
+    "unreplicate",
     "CheckpointManager",
     "CompressedModel",
     "Distillation",

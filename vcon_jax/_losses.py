@@ -13,9 +13,16 @@ TEACHERS = ("initial", "current")
 
 
 def softmax_cross_entropy(logits: jax.Array, batch: Mapping) -> jax.Array:
-  """Default loss: mean softmax cross-entropy on integer ``batch["labels"]``."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["labels"]).mean()
+  """Default loss: mean softmax cross-entropy on integer ``batch["labels"]``.
+
+  A label outside ``[0, num_classes)`` makes the loss ``nan`` (jnp indexing would
+  otherwise wrap a negative label round to the last class without a word).
+  """
+  labels = batch["labels"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           labels)
+  valid = (labels >= 0) & (labels < logits.shape[-1])
+  return jnp.where(valid, losses, jnp.nan).mean()
 
 
 def accuracy(logits, labels):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vcon_jax import _model, _sharding
+from vcon_jax import _checks, _model, _sharding
 from vcon_jax import _optax_wrapper as _wrap
 from vcon_jax._losses import Distillation, accuracy, distill, softmax_cross_entropy
 from vcon_jax._transform import Transform, TransformState, compress
@@ -68,6 +68,7 @@ class TrainStep:
     if not callable(loss_fn):
       raise ValueError(f"loss_fn must be callable ((logits, batch) -> loss or (loss, "
                        f"metrics)), got {loss_fn!r}.")
+    _checks.check_loss_fn(loss_fn)
     if axis_name is not None and mesh is not None:
       raise ValueError("Pass either mesh (jit over a device mesh) or axis_name (a step for "
                        "jax.pmap), not both.")
@@ -185,6 +186,8 @@ class TrainStep:
     acc = accuracy(logits, labels)
     if acc is not None:
       metrics["accuracy"] = acc
+      if self.needs_labels:  # a label out of range is a nan loss: say how many
+        metrics["invalid_labels"] = _checks.invalid_label_fraction(logits, labels)
     if self.axis_name is not None:
       grads = jax.lax.pmean(grads, self.axis_name)
       metrics = jax.lax.pmean(metrics, self.axis_name)
@@ -203,13 +206,17 @@ class TrainStep:
     return TrainState(new.count, new.params, new.transform_state, new.inner_state, new_ms,
                       state.rng, state.teacher), metrics
 
-  def check_batch(self, batch: Any) -> None:
-    """Raises ``ValueError`` for a batch the step cannot take (called before jit)."""
+  def check_batch(self, batch: Any, *, training: bool = True) -> None:
+    """Raises ``ValueError`` for a batch the step cannot take (called before jit).
+
+    ``training=False`` (evaluation): labels are optional and any batch size is taken.
+    """
+    needs_labels = self.needs_labels and training
     if not isinstance(batch, Mapping):
       raise ValueError(f"batch must be a dict with key {self.input_key!r}"
-                       f"{f' and {self.label_key!r}' if self.needs_labels else ''}, got "
+                       f"{f' and {self.label_key!r}' if needs_labels else ''}, got "
                        f"{type(batch).__name__}.")
-    required = [self.input_key] + ([self.label_key] if self.needs_labels else [])
+    required = [self.input_key] + ([self.label_key] if needs_labels else [])
     missing = [k for k in required if k not in batch]
     if missing:
       raise ValueError(f"batch is missing key(s) {missing}; it has {sorted(batch)}; the "
@@ -221,7 +228,7 @@ class TrainStep:
                        f"{ {k: s for k, s in sizes.items()} }.")
     n = next(iter(sizes.values()))
     data = self.mesh.shape["data"] if self.mesh is not None else 1
-    if n % data:
+    if training and n % data:
       raise ValueError(f"batch size {n} must be divisible by the number of devices in the "
                        f"'data' mesh axis ({data}).")
 
@@ -238,9 +245,16 @@ class TrainStep:
 
   def __call__(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
     """One optimiser step. Returns the new state and a dict of scalar metrics."""
+    _checks.check_state(state, TrainState)
     if self.axis_name is not None:
-      return self.fn(state, batch)  # under the user's jax.pmap
+      try:
+        return self.fn(state, batch)  # under the user's jax.pmap
+      except NameError as err:
+        if "unbound axis name" in str(err):
+          raise _checks.unbound_axis_error(self.axis_name) from None
+        raise
     self.check_batch(batch)
+    _checks.preflight(self, state, batch, training=True)
     out = self._compiled(state)(state, jax.device_put(dict(batch), self.batch_sharding))
     if self._sync:
       jax.block_until_ready(out)
@@ -259,6 +273,7 @@ class TrainStep:
     For NNX models this is an ``nnx.State`` for ``nnx.update(model, ...)``; for Linen the
     ``params`` dict for ``model.apply({'params': ...}, x)``. Split params stay split.
     """
+    _checks.check_not_replicated(state)
     return self.adapter.wrap_params(self._compressed(state))
 
   def update_model(self, state: TrainState, *, compressed: bool = True) -> Any:
@@ -268,11 +283,13 @@ class TrainStep:
     BatchNorm statistics, which ``compressed_params`` alone would leave stale) and returns
     it. Linen: returns the variables dict ``{'params': ..., 'batch_stats': ...}``.
     """
+    _checks.check_not_replicated(state)
     params = self._compressed(state) if compressed else state.params
     return self.adapter.assign(jax.device_get(params), jax.device_get(state.model_state))
 
   def blended_params(self, state: TrainState, beta: float | None = None) -> Any:
     """The weights the forward pass uses at ``beta`` (default: the schedule's current)."""
+    _checks.check_not_replicated(state)
     beta = self.schedule(state.step) if beta is None else beta
     params = self.transform.apply(state.params, state.transform_state, beta, state.step,
                                   exact=True)
@@ -298,8 +315,15 @@ class TrainStep:
 
   def evaluate(self, state: TrainState, batch: Mapping, *, compressed: bool = True
                ) -> tuple[jax.Array, dict]:
-    """Eval-mode logits and metrics with the compressed (default) or blended weights."""
-    self.check_batch(batch)
+    """Eval-mode logits and metrics with the compressed (default) or blended weights.
+
+    Labels are optional (without them the metrics are empty) and the batch may have any
+    size, e.g. the last partial batch of a test set.
+    """
+    _checks.check_state(state, TrainState)
+    _checks.check_not_replicated(state)
+    self.check_batch(batch, training=False)
+    _checks.preflight(self, state, batch, training=False)
     return self._eval(state, dict(batch), compressed=compressed)
 
 
@@ -315,7 +339,8 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
   r"""Builds the VCON train step for a Flax model.
 
   Args:
-    model: a ``flax.nnx.Module`` (its ``train()``/``eval()`` modes are used) or a
+    model: a ``flax.nnx.Module`` (run in ``train()`` mode in the step and ``eval()`` mode
+      in ``evaluate``, on copies of its graph: the module keeps the mode it had) or a
       ``flax.linen.Module``.
     transform: what to compress to (:func:`prune`, :func:`quantize`, :func:`binarize`,
       :func:`low_rank`, :func:`chain`).
@@ -324,16 +349,30 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
     optimizer: an optax optimiser (default ``adamw(1e-4, weight_decay=0)``, the paper's).
       It sees the params tree (see :func:`wrap_optax`), so masks and labels keyed by it
       work.
-    loss_fn: ``(logits, batch) -> loss`` or ``(loss, metrics)``; default softmax
-      cross-entropy on integer ``batch['labels']``; or a :func:`distill` wrapper.
+    loss_fn: ``(logits, batch) -> loss`` or ``(loss, metrics)``, called with the whole
+      batch dict; default softmax cross-entropy on integer ``batch['labels']`` (labels are
+      checked before jit: integer, one per example, and, for host arrays, in range; on
+      device a label out of range gives a ``nan`` loss and ``metrics['invalid_labels']``,
+      the fraction of such labels, shows it); or a :func:`distill` wrapper.
     mesh: a device mesh with a ``'data'`` axis (default: all devices on ``'data'``); the
       batch is split over ``'data'``, params keep the ``NamedSharding`` they were given on
-      this mesh (e.g. kernels split over a ``'model'`` axis) or are replicated.
+      this mesh (e.g. kernels split over a ``'model'`` axis) or are replicated. BatchNorm
+      normalises each device's shard with the shard's own statistics unless its layers
+      are built with ``axis_name='data'``, so results differ slightly from one big batch.
     axis_name: instead of jit, return a step meant for ``jax.pmap(step, axis_name=...)``:
-      gradients, metrics and model state are averaged over that axis.
-    seed: seed of the per-step rng (Linen dropout), folded with the step number.
+      gradients, metrics and model state are averaged over that axis. Give it
+      ``vj.replicate(step.init(params))`` and read results from ``vj.unreplicate(state)``
+      (README, "Using jax.pmap").
+    seed: seed of the per-step rng, folded with the step number and the device index:
+      Linen dropout draws from it, and for NNX models it salts every ``nnx.Rngs`` stream,
+      so dropout differs per device and per seed (``step.init(seed=...)`` overrides it).
     train_kwargs, eval_kwargs: extra keyword arguments to a Linen model's ``apply`` in
-      training / evaluation (e.g. ``{'train': True}``).
+      training / evaluation (e.g. ``{'train': True}``). When one is not given and the
+      model's ``__call__`` has exactly one of the arguments ``train``, ``training``,
+      ``is_training`` or ``deterministic``, it is passed for you (``train=True`` /
+      ``deterministic=False`` in training, the opposite in evaluation), so BatchNorm
+      statistics move and dropout is on; with several of them a ``ValueError`` asks for
+      both kwargs. Pass ``{}`` to give no argument.
     distill_weight, distill_temperature, distill_teacher: shorthand for
       ``loss_fn=vj.distill(loss_fn, weight=..., temperature=..., teacher=...)``
       (distillation from the dense model; costs a second forward pass).
