@@ -68,7 +68,10 @@ def test_traced_once_while_beta_changes():
   for i in range(10):
     state, m = step(state, _batch(seed=i))
     betas.append(float(m["beta"]))
-  assert len(traces) == 1
+    if i == 0:
+      first = len(traces)  # the jit trace, plus the abstract pre-jit check of the loss
+  assert len(traces) == first <= 2  # nothing traced again while beta changes
+  assert len(step._jitted) == 1  # pylint: disable=protected-access  one compiled step
   np.testing.assert_allclose(betas[:7], 1 - np.arange(7) / 6, atol=1e-7)
   assert betas[6:] == [0.0] * 4
   assert {"loss", "beta", "accuracy", "grad_norm"} <= set(m)
@@ -139,7 +142,10 @@ def test_nnx_model_end_to_end():
   state = step.init()  # the module's own Params
   for i in range(4):
     state, m = step(state, _batch(seed=i))
-  assert np.isfinite(float(m["loss"])) and len(traces) == 1
+    if i == 0:
+      first = len(traces)  # the jit trace, plus the abstract pre-jit check of the loss
+  assert np.isfinite(float(m["loss"])) and len(traces) == first <= 2
+  assert len(step._jitted) == 1  # pylint: disable=protected-access
   cparams = step.compressed_params(state)
   assert isinstance(cparams, nnx.State)
   nnx.update(model, cparams)
