@@ -32,7 +32,8 @@ def make_batch(shape, is_text, batch_size, num_classes=10, seed=0):
 def memory_bytes(step, state, batch):
   """Peak bytes of the compiled step (arguments + outputs + temporaries - aliased)."""
   try:
-    compiled = step._jitted.lower(state, jax.device_put(batch, step.batch_sharding)).compile()  # pylint: disable=protected-access
+    compiled = step._compiled(state).lower(  # pylint: disable=protected-access
+        state, jax.device_put(batch, step.batch_sharding)).compile()
     mem = compiled.memory_analysis()
     return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
                - mem.alias_size_in_bytes)

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import vcon_jax as vj
-from vcon_jax.models import get_model
+from vcon_experiments.models import get_model
 
 from bench_common import (RESULTS, machine_meta, make_batch, prepare, summarize,
                           time_rounds, write_results)

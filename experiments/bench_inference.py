@@ -3,7 +3,7 @@
     .venv/bin/python experiments/bench_inference.py            # ~5 min on 2 CPU cores
     .venv/bin/python experiments/bench_inference.py --widths 256 1024 --batches 1 256 --repeats 7
 
-Model: the library's NNX MLP ``784 -> width -> width -> 10`` (``vcon_jax.models`` ``mlp``,
+Model: the library's NNX MLP ``784 -> width -> width -> 10`` (``vcon_experiments.models`` ``mlp``,
 ``hidden=(width, width)``), in eval mode. Variants per width:
 
 * ``dense fp32``: the plain model, ``nnx.split`` once and ``jax.jit(merge(...)(x))`` over
@@ -53,7 +53,7 @@ from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax import _low_rank
-from vcon_jax.models import get_model
+from vcon_experiments.models import get_model
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IN_FEATURES, NUM_CLASSES = 784, 10

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 import vcon_jax as vj
-from vcon_jax.models import get_model
+from vcon_experiments.models import get_model
 
 from bench_common import (RESULTS, machine_meta, make_batch, prepare, summarize,
                           time_rounds, write_results)
@@ -31,7 +31,7 @@ MODELS = {
     "mlp1024": (dict(name="mlp", in_features=784, hidden=(1024, 1024, 1024),
                      num_classes=10), (784,), False, 128),
     "mlp": (dict(name="mlp"), (784,), False, 128),
-    # the experiments' models (vcon_jax/experiment/config.py DATASET_DEFAULTS)
+    # the experiments' models (vcon_experiments/config.py DATASET_DEFAULTS)
     "cnn": (dict(name="cnn", features=(16, 32), hidden=64), (28, 28, 1), False, 128),
     "vit": (dict(name="vit"), (28, 28, 1), False, 128),
     "transformer": (dict(name="transformer", max_len=48, dim=64, depth=2, heads=4,

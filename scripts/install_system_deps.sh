@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages whose files vcon_jax.data builds datasets from:
+# Installs the Debian packages whose files vcon_experiments.data builds datasets from:
 #   dataset-fashion-mnist  -> /usr/share/datasets/fashion-mnist/*.gz (Fashion-MNIST IDX)
 #   wordnet-base           -> /usr/share/wordnet/data.* (WordNet 3.0 database)
 # Idempotent: does nothing when both are installed. Uses sudo only if not root.
@@ -21,7 +21,7 @@ fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "error: apt-get not found; install ${missing[*]} (Debian/Ubuntu packages) by hand," >&2
-  echo "or pass source_dir=... to vcon_jax.data.load with the raw files." >&2
+  echo "or pass source_dir=... to vcon_experiments.data.load with the raw files." >&2
   exit 1
 fi
 

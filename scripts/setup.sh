@@ -21,10 +21,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import vcon_jax, pytest, hypothesis, xdist" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import vcon_jax, vcon_experiments, tensorflow_datasets, pytest, hypothesis, xdist" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.installed ]; then
   echo "[setup] installing vcon_jax and its dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[experiments,test]"
   touch .venv/.installed
 fi

@@ -72,3 +72,12 @@ def test_restore_into_a_different_model_names_the_first_mismatch(tmp_path):
   with pytest.raises(ValueError, match=r"params\.b\.kernel: saved shape \(3, 2\), expected "
                                        r"shape \(3, 5\)"):
     vj.restore(tmp_path / "ck", other)
+
+
+def test_save_keeps_the_steps_it_was_not_asked_to_remove(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  for step in range(5):
+    vj.save({"w": jnp.full(2, step)}, tmp_path / "ck", step=step)
+  assert vj.CheckpointManager(tmp_path / "ck", max_to_keep=None).all_steps() == [0, 1, 2, 3, 4]
+  vj.save({"w": jnp.full(2, 5)}, tmp_path / "ck", step=5, max_to_keep=2)  # asked to
+  assert vj.CheckpointManager(tmp_path / "ck", max_to_keep=None).all_steps() == [4, 5]

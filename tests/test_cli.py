@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from vcon_jax import cli
+from vcon_experiments import cli
 
 TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--train-limit", "1024",
         "--test-limit", "256", "--pretrain-steps", "30", "--steps", "24", "--eval-every", "8",
@@ -20,7 +20,7 @@ TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--train-limit",
 
 
 def _cli(*args, check=True):
-  out = subprocess.run([sys.executable, "-m", "vcon_jax", *args], capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "vcon_experiments", *args], capture_output=True,
                        text=True, timeout=600, check=False)
   if check and out.returncode:
     raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
@@ -94,7 +94,7 @@ def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
   ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
   _cli("compress", "--method", "vcon", *TINY, "--workdir", str(ref_dir))
   _cli("pretrain", *TINY, "--workdir", str(cut_dir))
-  proc = subprocess.Popen([sys.executable, "-m", "vcon_jax", "compress", "--method", "vcon",
+  proc = subprocess.Popen([sys.executable, "-m", "vcon_experiments", "compress", "--method", "vcon",
                            *TINY, "--workdir", str(cut_dir)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
@@ -124,7 +124,7 @@ def test_compress_killed_during_a_checkpoint_write_resumes(tmp_path):
   ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
   _cli("compress", "--method", "vcon", *TINY, "--workdir", str(ref_dir))
   _cli("pretrain", *TINY, "--workdir", str(cut_dir))
-  proc = subprocess.Popen([sys.executable, "-m", "vcon_jax", "compress", "--method", "vcon",
+  proc = subprocess.Popen([sys.executable, "-m", "vcon_experiments", "compress", "--method", "vcon",
                            *TINY, "--workdir", str(cut_dir)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline, hit = time.time() + 300, None

@@ -1,4 +1,4 @@
-"""Tests of vcon_jax.data: local TFDS builders, tokenizers and the loader.
+"""Tests of vcon_experiments.data: local TFDS builders, tokenizers and the loader.
 
 The Fashion-MNIST builder is prepared once per session in full (a few
 seconds); the WordNet builder on a real slice of the Debian files. Tests that
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vcon_jax import data
-from vcon_jax.data import catalog, fashion_mnist, locations, source, wordnet
+from vcon_experiments import data
+from vcon_experiments.data import catalog, fashion_mnist, locations, source, wordnet
 
 FM_DIR = locations.FASHION_MNIST_SOURCE_DIR
 WN_DIR = locations.WORDNET_SOURCE_DIR
@@ -368,7 +368,7 @@ def test_standard_dataset_not_prepared_is_clear(tmp_path):
 
 
 def test_center_crop_resize():
-  from vcon_jax.data import convert
+  from vcon_experiments.data import convert
   image = np.zeros((40, 80, 3), np.uint8)
   image[:, 30:50] = 255  # A bright vertical band in the middle.
   out = convert.center_crop_resize(image, 20)

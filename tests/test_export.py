@@ -15,8 +15,9 @@ import pytest
 from flax import nnx
 
 import vcon_jax as vj
-from vcon_jax import _export
-from vcon_jax.models import get_model
+from vcon_jax import LeafSpec
+from vcon_jax.export import codec, encoder, format as export_format
+from vcon_experiments.models import get_model
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -297,7 +298,7 @@ def test_nnx_cnn_chain_with_batch_stats(tmp_path):
 
 def test_format_detected_from_values_without_metadata(tmp_path):
   t = vj.quantize(bits=4)
-  t = t._replace(describe=lambda path, leaf, state, count=0: {})  # a custom transform
+  t = t._replace(describe=lambda path, leaf, state, count=0: ())  # a custom transform
   step = vj.make_train_step(_LINEN, t, vj.linear_vanish(0))
   state = step.init(_LINEN_PARAMS)
   rows = vj.export(step, state, tmp_path / "m.npz")
@@ -335,57 +336,47 @@ def test_leaf_codecs_exact(dtype, tmp_path):
   three_pct = _np_keep(w, 35, lambda a: a.reshape(1, -1)).reshape(w.shape)
   forty_pct = _np_keep(w, 460, lambda a: a.reshape(1, -1)).reshape(w.shape)
   cases = {  # name: (values, settings, (layout, codec))
-      "int3": (_np_quantize(w, 3), {"transform": "quantize", "bits": 3,
-                                    "per_channel": True}, (None, "int")),  # any layout
-      "binary": (_np_quantize(w, 1, per_channel=False), {"transform": "binarize"},
+      "int3": (_np_quantize(w, 3), (LeafSpec("quantize", bits=3, per_channel=True),),
+               (None, "int")),  # any layout
+      "binary": (_np_quantize(w, 1, per_channel=False), (LeafSpec("binarize"),),
                  ("dense", "binary")),
-      "nm": (np.where(one_of_four, w, 0).astype(dtype), {"pattern": "1:4",
-                                                        "transform": "prune"},
+      "nm": (np.where(one_of_four, w, 0).astype(dtype), (LeafSpec("prune", pattern=(1, 4)),),
              ("nm", "float")),
-      "indices": (np.where(three_pct, w, 0).astype(dtype), {"transform": "prune"},
+      "indices": (np.where(three_pct, w, 0).astype(dtype), (LeafSpec("prune"),),
                   ("indices", "float")),
-      "bitmask": (np.where(forty_pct, w, 0).astype(dtype), {"transform": "prune"},
+      "bitmask": (np.where(forty_pct, w, 0).astype(dtype), (LeafSpec("prune"),),
                   ("bitmask", "float")),
       "bitmask_int4": (_np_quantize(np.where(forty_pct, w, 0).astype(dtype), 4),
-                       {"transform": "prune+quantize", "bits": 4, "per_channel": True},
+                       (LeafSpec("prune"), LeafSpec("quantize", bits=4, per_channel=True)),
                        ("bitmask", "int")),
   }
   encoded = {}
-  for name, (c, settings, expected) in cases.items():
-    fmt, arrays = _export._encode_selected(c, settings, None)
+  for name, (c, specs, expected) in cases.items():
+    fmt, arrays = encoder.encode_selected(c, specs)
     assert fmt["kind"] == "coded", name
     assert fmt["layout"] == (expected[0] or fmt["layout"]), (name, fmt)
     assert fmt["codec"] == expected[1], (name, fmt)
-    stored, views = _export._storable(arrays)
+    stored, views = export_format.storable(arrays)
     np.savez(tmp_path / "a.npz", **stored)
     with np.load(tmp_path / "a.npz") as z:
       back = {k: z[k].view(jnp.dtype(views[k])) if k in views else z[k] for k in z.files}
-    out = _export._decode_leaf(np, fmt, back, c.shape, c.dtype)
+    out = codec.decode_leaf(np, fmt, back, c.shape, c.dtype, c.shape)
     assert out.dtype == c.dtype
     np.testing.assert_array_equal(out, c)
     # the on-the-fly form: sparse layouts as sorted positions, values permuted to match
-    encoded[name] = _export._runtime_coded(fmt, back, c.shape)
+    encoded[name] = codec.runtime_coded(fmt, back, *c.shape)
     assert encoded[name][0]["layout"] == ("dense" if fmt["layout"] == "dense" else "positions")
-    out = _export._decode_leaf(np, *encoded[name], c.shape, c.dtype)
+    out = codec.decode_leaf(np, *encoded[name], c.shape, c.dtype, c.shape)
     np.testing.assert_array_equal(out, c)
 
   @jax.jit
   def decode_all(arrays):
-    return {n: _export._decode_leaf(jnp, encoded[n][0], a, w.shape, w.dtype)
+    return {n: codec.decode_leaf(jnp, encoded[n][0], a, w.shape, w.dtype, w.shape)
             for n, a in arrays.items()}
 
   out = decode_all({n: back for n, (_, back) in encoded.items()})
   for name, (c, _, _) in cases.items():
     np.testing.assert_array_equal(np.asarray(out[name]), c, err_msg=name)
-
-
-@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 8, 11])
-def test_bit_packing_round_trip(nbits):
-  codes = np.random.RandomState(nbits).randint(0, 2 ** nbits, size=37)
-  packed = _export._pack(codes, nbits)
-  assert packed.dtype == np.uint8 and packed.size == math.ceil(37 * nbits / 8)
-  np.testing.assert_array_equal(_export._unpack(np, packed, 37, nbits), codes)
-  np.testing.assert_array_equal(_export._unpack(jnp, jnp.asarray(packed), 37, nbits), codes)
 
 
 def test_bad_paths_give_clear_errors(tmp_path):
@@ -454,3 +445,22 @@ def test_scheduled_rank_and_unfinished_chain_member(tmp_path):
   assert [r["format"] for r in _selected(rows)] == ["raw", "raw"]
   _assert_params(vj.load_compressed(tmp_path / "blend.npz").params(),
                  step.compressed_params(state), False)
+
+
+def test_nnx_run_leaves_the_module_alone_and_checks_its_params(tmp_path):
+  module = _nnx_model("mlp", in_features=40, hidden=(32,), num_classes=10)
+  x = np.random.RandomState(1).rand(4, 40).astype(np.float32)
+  step = vj.make_train_step(module, vj.low_rank(rank=4), vj.linear_vanish(0))
+  vj.export(step, step.init(), tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  before = jax.tree.map(np.asarray, nnx.state(module, nnx.Param))
+  runner = loaded.apply_fn(module)
+  assert runner.fast_layers == []  # planned at the first call
+  runner(x)
+  assert runner.fast_layers == loaded.fast_layers == ["head/kernel", "layers/0/kernel"]
+  assert all(sub.dot_general is jax.lax.dot_general
+             for _, sub in nnx.iter_modules(module) if isinstance(sub, nnx.Linear))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(module, nnx.Param), before)
+  other = _nnx_model("mlp", in_features=40, hidden=(16,), num_classes=10)
+  with pytest.raises(ValueError, match="do not match the export.*layers/0/kernel"):
+    loaded.apply_fn(other)

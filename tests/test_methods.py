@@ -3,9 +3,9 @@
 import pytest
 from flax import nnx
 
-from vcon_jax.experiment import config as config_lib
-from vcon_jax.experiment import methods
-from vcon_jax.models import get_model
+from vcon_experiments import config as config_lib
+from vcon_experiments import methods
+from vcon_experiments.models import get_model
 
 
 @pytest.mark.parametrize("compression", config_lib.COMPRESSIONS)

@@ -1,4 +1,4 @@
-"""Tests for the NNX classifiers in ``vcon_jax.models``.
+"""Tests for the NNX classifiers in ``vcon_experiments.models``.
 
 Most tests share one small configuration per model and fixed input shapes, so that JAX's
 per-shape compilation caches are reused across tests.
@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from vcon_jax.models import CNN, MLP, MODELS, TextTransformer, ViT, get_model
+from vcon_experiments.models import CNN, MLP, MODELS, TextTransformer, ViT, get_model
 
 # Same rule as the library's default selection: lookup tables stay dense.
 _TABLE_RE = re.compile(r"(?i)(embed|cls_token|class_token|pos_emb|position)")

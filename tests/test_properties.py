@@ -107,7 +107,7 @@ def compressed(t, w):
   p = params_of(w)
   s = t.init(p)
   out, train0 = jax.jit(lambda p, s: (vj.compress(t, p, s),
-                                      t.apply(p, s, jnp.float32(0.0), 0, False)))(p, s)
+                                      t.apply(p, s, jnp.float32(0.0), 0, exact=False)))(p, s)
   check_outputs(p, out, train0)
   return f32(out["k"])
 
@@ -143,7 +143,7 @@ def prune_outputs(t, w, mask_args):
 
   @jax.jit
   def run(p, s, traced_sparsity):
-    return (vj.compress(t, p, s), t.apply(p, s, jnp.float32(0.0), 0, False),
+    return (vj.compress(t, p, s), t.apply(p, s, jnp.float32(0.0), 0, exact=False),
             vj.magnitude_mask(p["k"], sparsity, *rest),
             vj.magnitude_mask(p["k"], traced_sparsity, *rest))
 
@@ -320,7 +320,7 @@ def test_blend_endpoints(w, name, exact, beta):
 
   @jax.jit
   def run(p, s, betas):
-    return [t.apply(p, s, b, 0, exact) for b in betas], vj.compress(t, p, s)
+    return [t.apply(p, s, b, 0, exact=exact) for b in betas], vj.compress(t, p, s)
 
   (dense, zero, mid), comp = run(p, s, (jnp.float32(1.0), jnp.float32(0.0),
                                         jnp.float32(beta)))
@@ -344,7 +344,7 @@ def test_gradients_pass_straight_through(w, name, beta):
 
   @jax.jit
   def grad(p, beta):
-    return jax.grad(lambda p: jnp.sum(g * t.apply(p, s, beta, 0, False)["k"]))(p)["k"]
+    return jax.grad(lambda p: jnp.sum(g * t.apply(p, s, beta, 0, exact=False)["k"]))(p)["k"]
 
   np.testing.assert_array_equal(f32(grad(p, jnp.float32(0.0))), f32(g))
   tol = 1e-6 if w.dtype == jnp.float32 else 2 ** -8
@@ -362,7 +362,7 @@ def test_low_rank_gradient_split(case, beta):
   g = jnp.asarray(np.random.RandomState(w.size).randn(*w.shape), jnp.float32)
 
   def f(p, trainable):
-    out = t.apply(p, vj.TransformState(trainable, s.aux), jnp.float32(beta), 0, False)
+    out = t.apply(p, vj.TransformState(trainable, s.aux), jnp.float32(beta), 0, exact=False)
     return jnp.sum(g * out["k"])
 
   gw, gf = jax.jit(jax.grad(f, argnums=(0, 1)))(p, s.trainable)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vcon_jax import _paths
-from vcon_jax.experiment import compare, methods, runner, tasks
-from vcon_jax.experiment.config import Config
+from vcon_experiments import compare, methods, runner, tasks
+from vcon_experiments.config import Config
 
 TINY = Config().replace(model="mlp", model_kwargs={"hidden": (32,)}, train_limit=512,
                         test_limit=256, batch_size=64, pretrain_steps=6, steps=4,
@@ -125,7 +125,7 @@ def test_map_jobs_run_budget_by_budget():
 ])
 def test_cli_refuses_before_writing_anything(tmp_path, args, msg):
   work = tmp_path / "w"
-  p = subprocess.run([sys.executable, "-m", "vcon_jax", *args, "--workdir", str(work)],
+  p = subprocess.run([sys.executable, "-m", "vcon_experiments", *args, "--workdir", str(work)],
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
   assert not work.exists()
@@ -136,8 +136,8 @@ def test_paper_preset_runs_a_few_steps_from_init_weights_on_mock_cifar10(tmp_pat
   import json  # pylint: disable=import-outside-toplevel
   import pathlib  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from vcon_jax.experiment import config as config_lib  # pylint: disable=import-outside-toplevel
-  from vcon_jax.models import ViT  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import config as config_lib  # pylint: disable=import-outside-toplevel
+  from vcon_experiments.models import ViT  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(__file__).parents[1] / "experiments/configs/paper_cifar10_vit_ti.json"
   paper = config_lib.load(path)
   assert paper.lr == 1e-4 and paper.epochs == 60 and paper.mixup == 1.0

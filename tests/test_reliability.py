@@ -11,9 +11,9 @@ import optax
 import pytest
 
 import vcon_jax as vj
-from vcon_jax.experiment import config as config_lib
-from vcon_jax.experiment import runner
-from vcon_jax.experiment.io import RunDir, RunLockedError
+from vcon_experiments import config as config_lib
+from vcon_experiments import runner
+from vcon_experiments.io import RunDir, RunLockedError
 
 TINY = config_lib.Config(model="mlp", model_kwargs={"hidden": (16,)}, train_limit=512,
                          test_limit=128, pretrain_steps=8, steps=12, eval_every=4,

@@ -122,13 +122,13 @@ def test_blend_endpoints(name, jit):
   p = _params()
   t = ALL[name]()
   s = t.init(p)
-  apply = jax.jit(t.apply, static_argnums=(4,)) if jit else t.apply
-  dense = apply(p, s, jnp.float32(1.0), 0, False)
+  apply = jax.jit(t.apply, static_argnames=("exact",)) if jit else t.apply
+  dense = apply(p, s, jnp.float32(1.0), 0, exact=False)
   jax.tree.map(np.testing.assert_array_equal, dense, p)
   exact = vj.compress(t, p, s)
-  train0 = apply(p, s, jnp.float32(0.0), 0, False)
+  train0 = apply(p, s, jnp.float32(0.0), 0, exact=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), train0, exact)
-  half = apply(p, s, jnp.float32(0.5), 0, True)
+  half = apply(p, s, jnp.float32(0.5), 0, exact=True)
   expect = jax.tree.map(lambda w, c: 0.5 * w + 0.5 * c, p, exact)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), half, expect)
   # Untouched leaves stay bit-identical.
@@ -144,7 +144,7 @@ def test_straight_through_gradient(name):
   g = jax.tree.map(lambda x: jnp.asarray(np.random.RandomState(3).randn(*x.shape), x.dtype), p)
 
   def f(params):
-    out = t.apply(params, s, jnp.float32(0.3), 0, False)
+    out = t.apply(params, s, jnp.float32(0.3), 0, exact=False)
     return sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g)))
 
   grads = jax.grad(f)(p)
@@ -158,7 +158,7 @@ def test_low_rank_gradient_split():
   g = jnp.ones((6, 5))
 
   def f(params, trainable):
-    out = t.apply(params, vj.TransformState(trainable, s.aux), jnp.float32(0.25), 0, False)
+    out = t.apply(params, vj.TransformState(trainable, s.aux), jnp.float32(0.25), 0, exact=False)
     return jnp.sum(out["k"] * g)
 
   gw, gf = jax.grad(f, argnums=(0, 1))(p, s.trainable)
@@ -184,7 +184,7 @@ def test_chain_with_member_schedules():
   t = vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=4),
                schedules=[vj.constant(0.0), vj.constant(1.0)])
   s = t.init(p)
-  out = t.apply(p, s, jnp.float32(0.7), 0, True)
+  out = t.apply(p, s, jnp.float32(0.7), 0, exact=True)
   only_prune = vj.prune(sparsity=0.5)
   expect = vj.compress(only_prune, p, only_prune.init(p))
   jax.tree.map(np.testing.assert_array_equal, out, expect)

@@ -6,23 +6,33 @@ weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 
 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
 from vcon_jax._checkpoint import CheckpointManager, restore, save
-from vcon_jax._export import CompressedModel, Summary, export, load_compressed, summary
+from vcon_jax._losses import Distillation, distill
+from vcon_jax.export import CompressedModel, Summary, export, load_compressed, summary
 from vcon_jax._low_rank import low_rank, svd_factors
+from vcon_jax._optax_wrapper import (VconState, WithState, blended_params, compressed_params,
+                                     dense_params, vcon_state, wrap_optax)
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
+from vcon_jax._spec import LeafSpec
+from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
-from vcon_jax._train import TrainState, TrainStep, make_train_step, softmax_cross_entropy
+from vcon_jax._losses import softmax_cross_entropy
+from vcon_jax._train import TrainState, TrainStep, make_train_step
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "binarize",
+    "blended_params",
     "blend_outputs",
     "blend_weights",
     "chain",
     "compress",
+    "compressed_params",
+    "dense_params",
+    "distill",
     "constant",
     "cosine_vanish",
     "export",
@@ -38,17 +48,25 @@ __all__ = [
     "prune",
     "quantize",
     "quantize_values",
+    "replicate",
     "restore",
     "save",
     "softmax_cross_entropy",
     "summary",
     "svd_factors",
     "topk_mask",
+    "vcon_state",
+    "wrap_optax",
+    "unreplicate",
     "CheckpointManager",
     "CompressedModel",
+    "Distillation",
+    "LeafSpec",
     "Summary",
     "TrainState",
     "TrainStep",
     "Transform",
     "TransformState",
+    "VconState",
+    "WithState",
 ]

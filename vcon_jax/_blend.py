@@ -37,7 +37,7 @@ def blend_outputs(apply_fn: Callable[[Any, Any], jax.Array], params: Any,
 def blend_weights(transform: Transform, params: Any, state: TransformState, beta: Any,
                   count: Any = 0) -> Any:
   """The weight-space blend ``beta * W + (1 - beta) * C(W)`` of every selected leaf."""
-  return transform.apply(params, state, beta, count, True)
+  return transform.apply(params, state, beta, count, exact=True)
 
 
 def output_blend_apply(apply_fn: Callable, transform: Transform, params: Any,

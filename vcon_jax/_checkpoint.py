@@ -8,21 +8,12 @@ counter resume exactly where they stopped.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from vcon_jax._train import TrainState
-
-
-class _LegacyTrainState(NamedTuple):
-  step: Any
-  params: Any
-  transform_state: Any
-  opt_state: Any
-  model_state: Any
-  rng: Any
+from vcon_jax import _paths
 
 
 class CheckpointManager:
@@ -64,15 +55,7 @@ class CheckpointManager:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     self._check_shapes(step, abstract)
-    try:
-      return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
-    except ValueError:
-      if not (isinstance(target, TrainState) and target.teacher is None):
-        raise
-      # A state saved before TrainState gained its optional `teacher` field.
-      legacy = _LegacyTrainState(*abstract[:len(_LegacyTrainState._fields)])
-      out = self._manager.restore(int(step), args=ocp.args.StandardRestore(legacy))
-      return TrainState(*out, teacher=None)
+    return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
 
   def _check_shapes(self, step: int, abstract: Any) -> None:
     """Names the first leaf whose saved shape differs from the target's (or is missing)."""
@@ -87,7 +70,7 @@ class CheckpointManager:
       return  # unreadable metadata: the restore itself reports (or a caller skips it)
     if not saved:
       return
-    wanted = {_dotted(path): tuple(leaf.shape)
+    wanted = {".".join(map(str, _paths.path_keys(path))): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     diffs = [(name, saved.get(name), shape) for name, shape in wanted.items()
              if saved.get(name) != shape]
@@ -102,19 +85,21 @@ class CheckpointManager:
     self._manager.close()
 
 
-def _dotted(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return ".".join(parts)
-
-
 def save(state: Any, directory: str | os.PathLike, step: int | None = None, *,
-         max_to_keep: int | None = 3) -> None:
-  """Saves a train state to ``directory`` (step defaults to ``state.step``)."""
+         max_to_keep: int | None = None) -> None:
+  """Saves a train state to ``directory`` (step defaults to ``state.step``).
+
+  Other steps already in ``directory`` are kept unless ``max_to_keep`` is given, in which
+  case only the newest ``max_to_keep`` steps remain (use :class:`CheckpointManager` to keep
+  a rolling window during training).
+
+  >>> import tempfile, jax.numpy as jnp, vcon_jax as vj
+  >>> folder = tempfile.mkdtemp()
+  >>> for step in range(5):
+  ...   vj.save({"w": jnp.ones(2)}, folder, step=step)
+  >>> vj.CheckpointManager(folder, max_to_keep=None).all_steps()
+  [0, 1, 2, 3, 4]
+  """
   if step is None:
     step = int(jax.device_get(state.step))
   mgr = CheckpointManager(directory, max_to_keep=max_to_keep)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcon_jax import _paths
+from vcon_jax._spec import LeafSpec
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
 
@@ -74,8 +75,9 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
       a = a * keep.astype(a.dtype)
     return (a @ b).reshape(w.shape)
 
-  def describe(w, count):
-    return {"rank": int(jnp.round(rank(count))) if scheduled else rank}
+  def describe(w, factors, count):
+    return LeafSpec("low_rank", rank=int(jnp.round(rank(count))) if scheduled else rank,
+                    factors=(factors["a"], factors["b"]))
 
   return leafwise(LeafRule(init, compress, None, describe), where=where, exclude=exclude,
                   name="low_rank")

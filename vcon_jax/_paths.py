@@ -17,16 +17,29 @@ import jax
 DEFAULT_EXCLUDE = r"(?i)(embed|cls_token|class_token|pos_emb|position)"
 
 
-def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+def path_keys(path: tuple) -> list:
+  """Pytree path -> its plain keys: dict keys, attribute names, sequence indices.
+
+  The one path helper (selection, checkpoint leaf names, export manifests). Integer keys
+  stay ``int`` (NNX list indices), others become ``str``.
+
+  >>> import jax
+  >>> path_keys(jax.tree_util.tree_flatten_with_path({"layers": [0, {"w": 1}]})[0][1][0])
+  ['layers', 1, 'w']
+  """
+  out = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        k = getattr(k, attr)
+        break
+    out.append(k if isinstance(k, int) else str(k))
+  return out
 
 
 def path_str(path: tuple) -> str:
   """Joins pytree path keys with ``/`` (an NNX ``.value`` accessor is dropped)."""
-  parts = [_key_str(k) for k in path]
+  parts = [str(k) for k in path_keys(path)]
   if parts and parts[-1] == "value":
     parts = parts[:-1]
   return "/".join(parts)

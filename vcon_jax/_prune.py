@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from vcon_jax import _paths
+from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
@@ -152,12 +153,10 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
       return mask
     return lax.cond(count % update_every == 0, lambda: mask_of(w, count), lambda: mask)
 
-  def describe(w, count):
+  def describe(w, trainable, count):
     if n is not None:
-      return {"pattern": f"{n}:{m}", "sparsity": 1.0 - n / m}
-    return {"granularity": granularity,
-            "sparsity": float(sparsity_at(count)) if not callable(sparsity) else
-            float(sparsity(count))}
+      return LeafSpec("prune", sparsity=1.0 - n / m, granularity="group", pattern=(n, m))
+    return LeafSpec("prune", sparsity=float(sparsity_at(count)), granularity=granularity)
 
   return leafwise(LeafRule(init, compress, update if stored else None, describe),
                   where=where, exclude=exclude, name="prune")

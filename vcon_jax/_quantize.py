@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vcon_jax._spec import LeafSpec
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
 
@@ -51,8 +52,8 @@ def _quantizer(bits, per_channel, where, exclude, name) -> Transform:
     # to the mean), so the training view at beta = 0 was not the exported one.
     return c if exact else c + (w - lax.stop_gradient(w))
 
-  def describe(w, count):
-    return {"bits": int(bits_at(count)), "per_channel": per_channel}
+  def describe(w, trainable, count):
+    return LeafSpec(name, bits=int(bits_at(count)), per_channel=per_channel)
 
   return leafwise(LeafRule(init, compress, None, describe), where=where, exclude=exclude,
                   name=name)

@@ -23,7 +23,11 @@ def linear_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
   r"""The paper's schedule: ``beta_t = clip(1 - (t - begin) / Q, 0, 1)``.
 
   Reaches exactly 0 at ``t = begin + Q`` and stays there; ``Q = 0`` is the post-shot
-  baseline (beta is 0 from the first step).
+  baseline (beta is 0 from the first step). For ``Q > 0`` it is
+  ``optax.linear_schedule(1.0, 0.0, Q, begin)``, bit for bit when run eagerly; it is not
+  built on it because under ``jit`` XLA rounds optax's order of operations differently (a
+  1-ulp change of beta that would change every stored result), and optax's ``Q = 0``
+  holds beta at 1.
 
   .. math:: \beta_t = \max(1 - t / Q, 0)
 
@@ -48,6 +52,9 @@ def cosine_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
 
   .. math:: \beta_t = \tfrac12 (1 + \cos(\pi \min(t / Q, 1)))
 
+  ``optax.cosine_decay_schedule(1.0, Q)`` up to rounding (it has no ``begin_step`` or
+  ``Q = 0`` form and computes ``pi * t / Q`` in another order).
+
   >>> import vcon_jax as vj
   >>> float(vj.cosine_vanish(transition_steps=10)(10))
   0.0
@@ -71,8 +78,12 @@ def polynomial_ramp(final: float, begin_step: int, end_step: int, initial: float
 
   .. math:: s_t = s_f + (s_i - s_f) (1 - \mathrm{clip}((t - t_0) / (t_1 - t_0), 0, 1))^p
 
+  For ``t_1 > t_0``, ``optax.polynomial_schedule(s_i, s_f, p, t_1 - t_0, t_0)`` (bit for bit
+  eagerly, to 1 ulp under ``jit``: kept as is for the reason given in
+  :func:`linear_vanish`); with ``t_1 = t_0`` the value jumps to ``s_f`` at ``t_0``.
+
   >>> import vcon_jax as vj
-  >>> float(vj.polynomial_ramp(0.9, 0, 100)(100))
+  >>> round(float(vj.polynomial_ramp(0.9, 0, 100)(100)), 6)
   0.9
   """
   _check_steps("begin_step", begin_step)

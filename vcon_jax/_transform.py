@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vcon_jax import _paths
+from vcon_jax._spec import LeafSpec
 
 Params = Any
 
@@ -30,7 +31,7 @@ class Transform(NamedTuple):
 
   Attributes:
     init: ``params -> TransformState``. Validates the selection (raises ``ValueError``).
-    apply: ``(params, state, beta, count=0, exact=False) -> params``: every selected leaf
+    apply: ``(params, state, beta, count=0, *, exact=False) -> params``: every selected leaf
       ``w`` becomes ``beta * w + (1 - beta) * C(w)``. With ``exact=False`` the result carries
       training gradients (straight-through for prune/quantize); with ``exact=True`` it is
       computed without the straight-through trick, so at ``beta = 0`` it holds exactly the
@@ -38,14 +39,29 @@ class Transform(NamedTuple):
     update: ``(params, state, count) -> state``: non-gradient state update after each
       optimiser step (e.g. recomputing a stored mask every ``update_every`` steps).
     select: ``(path, leaf) -> bool``: which leaves the transform compresses.
-    describe: ``(path, leaf, state, count) -> dict`` of the leaf's compression settings.
+    describe: ``(path, leaf, state, count) -> tuple[LeafSpec, ...]``: what was done to the
+      leaf, one :class:`~vcon_jax.LeafSpec` per compression in the order applied (``()``
+      for a leaf it does not select).
+
+  A custom transform is exported by :func:`vcon_jax.export` when:
+
+  * ``apply(params, state, 0.0, count, exact=True)`` gives the compressed values (these
+    are what is stored, bit for bit);
+  * ``select`` is true for every leaf it changes (other leaves are stored as they are);
+  * ``describe`` returns a tuple of ``LeafSpec`` for selected leaves. Its fields choose the
+    compact encodings tried: ``bits`` (k-bit codes; 1 is binary), ``per_channel``,
+    ``pattern`` (n:m positions), ``factors`` and ``rank`` on the last spec (stored as the
+    factors). Sparse layouts and binary codes are always tried. Every candidate is
+    decoded and compared with the values before it is chosen, so a wrong spec costs
+    size, never correctness. With ``()`` for a selected leaf, export also tries 2 to 8
+    bit codes when the values have few enough distinct magnitudes.
   """
 
   init: Callable[[Params], TransformState]
   apply: Callable[..., Params]
   update: Callable[[Params, TransformState, Any], TransformState]
   select: Callable[[str, Any], bool]
-  describe: Callable[..., dict]
+  describe: Callable[..., tuple[LeafSpec, ...]]
 
 
 class LeafRule(NamedTuple):
@@ -55,7 +71,7 @@ class LeafRule(NamedTuple):
   ``compress(w, trainable, aux, count, exact) -> c`` where, for ``exact=False``, ``c``
   carries the gradient the method wants (``w + stop_gradient(C(w) - w)`` for
   straight-through); ``update(w, trainable, aux, count) -> aux`` or ``None``;
-  ``describe(w, count) -> dict``.
+  ``describe(w, trainable, count) -> LeafSpec``.
   """
 
   init: Callable
@@ -104,7 +120,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
       raise _no_match_error(where_desc, params)
     return TransformState(trainable, aux)
 
-  def apply(params, state, beta, count=0, exact=False):
+  def apply(params, state, beta, count=0, *, exact=False):
     def one(path, leaf):
       p = _paths.path_str(path)
       if not select(p, leaf):
@@ -123,8 +139,8 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
 
   def describe(path, leaf, state, count=0):
     if not select(path, leaf):
-      return {}
-    return {"transform": name, **rule.describe(leaf, count)}
+      return ()
+    return (rule.describe(leaf, state.trainable.get(path), count),)
 
   return Transform(init, apply, update, select, describe)
 
@@ -168,20 +184,20 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     for t in transforms:
       s = t.init(x)
       states.append(s)
-      x = t.apply(x, s, 0.0, 0, True)
+      x = t.apply(x, s, 0.0, 0, exact=True)
     return TransformState(tuple(s.trainable for s in states), tuple(s.aux for s in states))
 
   def member_states(state):
     return [TransformState(tr, ax) for tr, ax in zip(state.trainable, state.aux)]
 
-  def apply(params, state, beta, count=0, exact=False):
+  def apply(params, state, beta, count=0, *, exact=False):
     x = params
     if schedules is not None:
       for t, s, sched in zip(transforms, member_states(state), schedules):
-        x = t.apply(x, s, beta if sched is None else sched(count), count, exact)
+        x = t.apply(x, s, beta if sched is None else sched(count), count, exact=exact)
       return x
     for t, s in zip(transforms, member_states(state)):
-      x = t.apply(x, s, 0.0, count, exact)
+      x = t.apply(x, s, 0.0, count, exact=exact)
     def one(path, w, c):
       return blend(w, c, beta) if select(_paths.path_str(path), w) else w
     return jax.tree_util.tree_map_with_path(one, params, x)
@@ -191,17 +207,12 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     for t, s in zip(transforms, member_states(state)):
       s = t.update(x, s, count)
       new.append(s)
-      x = t.apply(x, s, 0.0, count, True)
+      x = t.apply(x, s, 0.0, count, exact=True)
     return TransformState(tuple(s.trainable for s in new), tuple(s.aux for s in new))
 
   def describe(path, leaf, state, count=0):
-    parts = [t.describe(path, leaf, s, count)
-             for t, s in zip(transforms, member_states(state))]
-    merged = {}
-    for d in parts:
-      for k, v in d.items():
-        merged[k] = f"{merged[k]}+{v}" if k == "transform" and k in merged else v
-    return merged
+    return tuple(spec for t, s in zip(transforms, member_states(state))
+                 for spec in t.describe(path, leaf, s, count))
 
   return Transform(init, apply, update, select, describe)
 
@@ -209,7 +220,7 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
 def compress(transform: Transform, params: Params, state: TransformState,
              count: Any = 0) -> Params:
   """The exact compressed view (``beta = 0``), same tree as ``params``."""
-  return transform.apply(params, state, 0.0, count, True)
+  return transform.apply(params, state, 0.0, count, exact=True)
 
 
 def identity() -> Transform:
@@ -221,7 +232,7 @@ def identity() -> Transform:
   """
   return Transform(
       init=lambda params: TransformState({}, {}),
-      apply=lambda params, state, beta, count=0, exact=False: params,
+      apply=lambda params, state, beta, count=0, *, exact=False: params,
       update=lambda params, state, count: state,
       select=lambda path, leaf: False,
-      describe=lambda path, leaf, state, count=0: {})
+      describe=lambda path, leaf, state, count=0: ())

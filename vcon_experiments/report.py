@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from vcon_jax.experiment.io import write_text_atomic
+from vcon_experiments.io import write_text_atomic
 
 
 #: Below this many accuracy points between dense and post-shot there is no gap to speak
@@ -126,7 +126,7 @@ def plots(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def write(results: dict, out_dir: str | pathlib.Path) -> dict:
   """Writes ``results.json``, ``table.md`` and one PNG per suite into ``out_dir``."""
-  from vcon_jax.experiment.io import write_json_atomic  # pylint: disable=import-outside-toplevel
+  from vcon_experiments.io import write_json_atomic  # pylint: disable=import-outside-toplevel
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   summary = {name: summarize(s) for name, s in results["suites"].items()}

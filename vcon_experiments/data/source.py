@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from vcon_jax.data import convert
-from vcon_jax.data.catalog import DatasetInfo
-from vcon_jax.data.tokenizer import Tokenizer
+from vcon_experiments.data import convert
+from vcon_experiments.data.catalog import DatasetInfo
+from vcon_experiments.data.tokenizer import Tokenizer
 
 
 def fetch(records: Any, indices: Sequence[int]) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from vcon_jax.data import locations
-from vcon_jax.data._base import LocalBuilder
+from vcon_experiments.data import locations
+from vcon_experiments.data._base import LocalBuilder
 
 #: The 45 lexicographer file names, indexed by ``lex_filenum`` (WordNet 3.0
 #: ``lexnames(5WN)``; the ``lexnames`` file itself is not shipped by Debian).

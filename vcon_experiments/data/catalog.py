@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from vcon_jax.data import fashion_mnist, wordnet
-from vcon_jax.data.tokenizer import DEFAULT_MAX_LENGTH, ByteTokenizer
+from vcon_experiments.data import fashion_mnist, wordnet
+from vcon_experiments.data.tokenizer import DEFAULT_MAX_LENGTH, ByteTokenizer
 
 Kind = Literal["image", "text"]
 

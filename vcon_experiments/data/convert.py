@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vcon_jax.data.tokenizer import Tokenizer
+from vcon_experiments.data.tokenizer import Tokenizer
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -14,19 +14,19 @@ Standard TFDS datasets, read if already prepared (never downloaded):
 
 Example::
 
-  from vcon_jax import data
+  from vcon_experiments import data
   train = data.load("fashion_mnist", "train")
   for batch in data.batches(train, 128, seed=0, epoch=0):
     batch["inputs"]  # (128, 28, 28, 1) float32 in [0, 1]
     batch["labels"]  # (128,) int32
 """
 
-from vcon_jax.data.catalog import DatasetInfo, dataset_info, names
-from vcon_jax.data.fashion_mnist import FashionMnistLocal
-from vcon_jax.data.loader import as_arrays, batches, check_available, load, prepare
-from vcon_jax.data.source import Source
-from vcon_jax.data.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer
-from vcon_jax.data.wordnet import LEXNAMES, WordnetSupersenses
+from vcon_experiments.data.catalog import DatasetInfo, dataset_info, names
+from vcon_experiments.data.fashion_mnist import FashionMnistLocal
+from vcon_experiments.data.loader import as_arrays, batches, check_available, load, prepare
+from vcon_experiments.data.source import Source
+from vcon_experiments.data.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer
+from vcon_experiments.data.wordnet import LEXNAMES, WordnetSupersenses
 
 __all__ = [
     "ByteTokenizer",

@@ -1,4 +1,4 @@
-"""``vcon-jax`` (also ``python -m vcon_jax``): pretrain, compress and compare.
+"""``vcon-jax`` (also ``python -m vcon_experiments``): pretrain, compress and compare.
 
     vcon-jax compare                      # the main job: Fashion-MNIST CNN, prune 90 %,
                                           # post-shot / gradual / VCON / VCON+distill, 3 seeds
@@ -20,7 +20,7 @@ import json
 import pathlib
 import sys
 
-from vcon_jax.experiment import config as config_lib
+from vcon_experiments import config as config_lib
 
 DEFAULT_WORKDIR = "workdir"
 
@@ -115,7 +115,7 @@ def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
   changes.update({k: v for k, v in extra.items() if v is not None})
   cfg = dataclasses.replace(base, **changes)
   cfg = config_lib.validate(cfg)
-  from vcon_jax import data  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import data  # pylint: disable=import-outside-toplevel
   data.dataset_info(cfg.dataset)  # unknown dataset names fail here, before any work
   _check_model_kwargs(cfg)
   return cfg
@@ -124,7 +124,7 @@ def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
 def _check_model_kwargs(cfg: config_lib.Config) -> None:
   """Unknown model arguments fail here, naming the valid ones, before anything is written."""
   import inspect  # pylint: disable=import-outside-toplevel
-  from vcon_jax.models import MODELS  # pylint: disable=import-outside-toplevel
+  from vcon_experiments.models import MODELS  # pylint: disable=import-outside-toplevel
   params = inspect.signature(MODELS[cfg.model].__init__).parameters
   valid = [n for n in params if n not in ("self", "rngs")]
   for key in cfg.model_kwargs:
@@ -192,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quick", False) and args.preset not in ("default", "quick"):
       raise ValueError(f"--quick and --preset {args.preset} contradict each other; give one.")
     if not getattr(args, "collect", False):
-      from vcon_jax import data  # pylint: disable=import-outside-toplevel
+      from vcon_experiments import data  # pylint: disable=import-outside-toplevel
       data.check_available(cfg.dataset, data_dir=cfg.data_dir, source_dir=cfg.source_dir)
     workdir = pathlib.Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
       raise ValueError(f"--workdir={str(workdir)!r} exists and is not a directory.")
   except (ValueError, FileNotFoundError) as err:
     parser.exit(2, f"vcon-jax {args.command}: error: {err}\n")
-  from vcon_jax.experiment import compare, runner  # pylint: disable=import-outside-toplevel
-  from vcon_jax.experiment.io import RunLockedError  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import compare, runner  # pylint: disable=import-outside-toplevel
+  from vcon_experiments.io import RunLockedError  # pylint: disable=import-outside-toplevel
   progress = not args.no_progress
   try:
     if args.command == "pretrain":
@@ -264,7 +264,7 @@ def _print_summary(result: dict) -> None:
   summary = result.get("summary")
   if not summary:
     return
-  from vcon_jax._export import Summary  # pylint: disable=import-outside-toplevel
+  from vcon_jax import Summary  # pylint: disable=import-outside-toplevel
   print(Summary(summary["rows"], summary["totals"]).table())
 
 

@@ -11,9 +11,9 @@ import json
 import pathlib
 import time
 
-from vcon_jax.experiment import report, runner
-from vcon_jax.experiment.config import DATASET_DEFAULTS, METHODS, Config
-from vcon_jax.experiment.io import RunLockedError
+from vcon_experiments import report, runner
+from vcon_experiments.config import DATASET_DEFAULTS, METHODS, Config
+from vcon_experiments.io import RunLockedError
 
 
 def _dataset_cfg(base: Config, dataset: str) -> Config:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vcon_jax.data import catalog, fashion_mnist, locations, wordnet
-from vcon_jax.data.source import Source
-from vcon_jax.data.tokenizer import ByteTokenizer, Tokenizer
+from vcon_experiments.data import catalog, fashion_mnist, locations, wordnet
+from vcon_experiments.data.source import Source
+from vcon_experiments.data.tokenizer import ByteTokenizer, Tokenizer
 
 _LOCAL_BUILDERS = {
     "fashion_mnist": fashion_mnist.FashionMnistLocal,

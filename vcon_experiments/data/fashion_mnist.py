@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vcon_jax.data import locations
-from vcon_jax.data._base import LocalBuilder
+from vcon_experiments.data import locations
+from vcon_experiments.data._base import LocalBuilder
 
 #: Class names of Fashion-MNIST, in label order.
 CLASS_NAMES = (

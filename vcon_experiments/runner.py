@@ -23,10 +23,10 @@ from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax import _paths as vj_paths
-from vcon_jax import data as vdata
-from vcon_jax.experiment import methods, tasks
-from vcon_jax.experiment.config import Config
-from vcon_jax.experiment.io import RunDir
+from vcon_experiments import data as vdata
+from vcon_experiments import methods, tasks
+from vcon_experiments.config import Config
+from vcon_experiments.io import RunDir
 
 #: The dense model is shared by every method and seed of a comparison (cached once per
 #: dense config); seeds vary the fine-tuning's data order and dropout.
@@ -47,7 +47,7 @@ def build_model(cfg: Config, seed: int = 0, role: str = "target") -> nnx.Module:
   (the source classes, or the masked-byte language model of the text transfer regime)."""
   info = vdata.dataset_info(cfg.dataset)
   kwargs = dict(cfg.model_kwargs)
-  from vcon_jax.models import MaskedByteLM, get_model  # pylint: disable=import-outside-toplevel
+  from vcon_experiments.models import MaskedByteLM, get_model  # pylint: disable=import-outside-toplevel
   transfer = cfg.regime == "transfer"
   if info.kind == "text":
     vocab = vdata.ByteTokenizer(cfg.max_len).vocab_size + (1 if transfer else 0)

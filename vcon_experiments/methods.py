@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import vcon_jax as vj
 from vcon_jax import _paths
-from vcon_jax.experiment.config import Config
+from vcon_experiments.config import Config
 
 #: The classifier head and the stem (first conv, patch projection) stay dense, as in the
 #: reference; matched on whole path segments.

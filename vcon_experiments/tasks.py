@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 
-from vcon_jax import data as vdata
+from vcon_experiments import data as vdata
 
 #: Fraction of the non-padding tokens masked in masked-byte language modelling.
 MLM_RATE = 0.15

@@ -12,9 +12,9 @@ from typing import Any
 
 from flax import nnx
 
-from vcon_jax.models.cnn import CNN
-from vcon_jax.models.mlp import MLP
-from vcon_jax.models.transformer import (
+from vcon_experiments.models.cnn import CNN
+from vcon_experiments.models.mlp import MLP
+from vcon_experiments.models.transformer import (
     FeedForward,
     MaskedByteLM,
     MultiHeadSelfAttention,

@@ -1,0 +1,115 @@
+"""Two processes on localhost (jax.distributed, CPU collectives through gloo), 2 CPU
+devices each, params split over all 4 devices: train, checkpoint with Orbax, restore in
+2 new processes, continue; the result equals one process with 4 devices.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    mode, ckpt, out, port, pid, nproc = sys.argv[1:7]
+    pid, nproc = int(pid), int(nproc)
+    import numpy as np, jax, optax, flax.linen as nn
+    if nproc > 1:
+      jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
+                                 initialization_timeout=60)
+    from jax.experimental import multihost_utils
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import vcon_jax as vj
+
+    class MLP(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(8)(nn.relu(nn.Dense(32)(x)))
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    model = MLP()
+    rng = np.random.RandomState(0)
+    batches = [{"inputs": rng.randn(16, 16).astype(np.float32),
+                "labels": rng.randint(0, 8, 16)} for _ in range(20)]
+    params = model.init(jax.random.key(0), batches[0]["inputs"])["params"]
+    # every kernel split over all 4 devices (rows over 'data', columns over 'model')
+    spec = lambda x: P("data", "model") if x.ndim == 2 else P("model")
+    params = jax.tree.map(lambda x: jax.make_array_from_callback(
+        x.shape, NamedSharding(mesh, spec(x)), lambda idx: np.asarray(x)[idx]), params)
+    step = vj.make_train_step(model, vj.chain(vj.prune(sparsity=0.8), vj.quantize(bits=4)),
+                              vj.linear_vanish(8), optax.adam(1e-2), mesh=mesh)
+    state = step.init(params)
+    if mode == "resume":
+      state = vj.restore(ckpt, state)
+    start, stop = {"ref": (0, 20), "first": (0, 10), "resume": (10, 20)}[mode]
+    assert int(state.step) == start
+    batch_sharding = NamedSharding(mesh, P("data"))
+    losses = []
+    for i in range(start, stop):
+      # each process loads only its own rows of the global batch
+      rows = slice(pid * 16 // nproc, (pid + 1) * 16 // nproc)
+      local = {k: v[rows] for k, v in batches[i].items()}
+      batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
+      state, m = step(state, batch)
+      losses.append(float(m["loss"]))
+    if mode == "first":
+      vj.save(state, ckpt)
+    kept = all(x.sharding.spec == spec(x) for x in jax.tree.leaves(state.params))
+    full = multihost_utils.process_allgather(state.params, tiled=True)
+    comp = multihost_utils.process_allgather(step.compressed_params(state), tiled=True)
+    if pid == 0:
+      leaves = {f"p{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(full))}
+      leaves.update({f"c{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(comp))})
+      np.savez(out, losses=np.array(losses), kept=np.array(kept), **leaves)
+''')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(tmp, mode, nproc, deadline):
+  script = tmp / "worker.py"
+  script.write_text(WORKER)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // nproc} "
+                      "--xla_cpu_multi_thread_eigen=false"}
+  port, out = _free_port(), tmp / f"{mode}.npz"
+  procs = [subprocess.Popen([sys.executable, str(script), mode, str(tmp / "ckpt"), str(out),
+                             str(port), str(i), str(nproc)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(nproc)]
+  try:
+    for p in procs:
+      p.wait(timeout=max(deadline - time.time(), 1))
+  finally:
+    for p in procs:  # only the processes this test started
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs = [p.stdout.read()[-3000:] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)
+  return np.load(out)
+
+
+def test_two_processes_checkpoint_resume_equal_one_process(tmp_path):
+  deadline = time.time() + 110  # the whole test: under 2 minutes
+  first = _launch(tmp_path, "first", 2, deadline)
+  resumed = _launch(tmp_path, "resume", 2, deadline)
+  ref = _launch(tmp_path, "ref", 1, deadline)
+  assert first["kept"] and resumed["kept"] and ref["kept"]
+  np.testing.assert_allclose(np.concatenate([first["losses"], resumed["losses"]]),
+                             ref["losses"], atol=1e-5)
+  names = [k for k in ref.files if k[0] in "pc"]
+  assert names
+  for k in names:
+    np.testing.assert_allclose(resumed[k], ref[k], atol=1e-5)

@@ -1,7 +1,0 @@
-"""``python -m vcon_jax``: the ``vcon-jax`` command line."""
-
-import sys
-
-from vcon_jax.cli import main
-
-sys.exit(main())

@@ -1,0 +1,211 @@
+"""Bit packing and the decoding of stored leaf encodings; numpy only.
+
+This module imports nothing but numpy, so it is tested (and can be reused to read an
+export) without JAX or Flax. Decoders take the array module ``xp`` (``numpy`` or
+``jax.numpy``) as an argument and work on the ``(fan_in, fan_out)`` matrix view of a leaf;
+callers reshape. Stored sparse layouts are decoded with numpy only (their positions are
+found on the host); :func:`runtime_coded` turns them into the ``positions`` layout that
+``jax.numpy`` decodes inside a jitted call.
+
+A ``coded`` leaf's format (a dict in the manifest) has a ``layout`` (``dense``,
+``bitmask``, ``indices``, ``nm`` or, at run time only, ``positions``), a ``codec``
+(``float``, ``binary`` or ``int`` with ``bits``), ``count`` (how many values are stored)
+and, for binary and int codecs, ``scale`` (``layer`` or ``channel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+SPARSE_LAYOUTS = ("bitmask", "indices", "nm")
+
+
+def pack(codes, nbits: int) -> np.ndarray:
+  """Packs non-negative integers below ``2**nbits`` into bytes, big-endian, no padding.
+
+  >>> pack(np.array([1, 0, 3, 2]), 2)
+  array([78], dtype=uint8)
+  """
+  codes = np.asarray(codes).reshape(-1)
+  if nbits == 0:
+    return np.zeros((0,), np.uint8)
+  if nbits == 8:
+    return codes.astype(np.uint8)
+  shifts = np.arange(nbits - 1, -1, -1, dtype=np.uint32)
+  bits = ((codes.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)
+  return np.packbits(bits.reshape(-1))
+
+
+def unpack(xp, packed, count: int, nbits: int):
+  """Inverse of :func:`pack` with ``numpy`` or ``jax.numpy``; returns ``int32`` codes.
+
+  >>> unpack(np, pack(np.array([1, 0, 3, 2]), 2), 4, 2)
+  array([1, 0, 3, 2], dtype=int32)
+  """
+  if nbits == 0 or count == 0:
+    return xp.zeros((count,), xp.int32)
+  if nbits == 8:
+    return packed[:count].astype(xp.int32)
+  if 8 % nbits == 0:
+    per = 8 // nbits
+    shifts = xp.asarray(8 - nbits * (1 + np.arange(per)), dtype=xp.uint8)
+    vals = (packed[:, None] >> shifts[None, :]) & xp.uint8((1 << nbits) - 1)
+    return vals.reshape(-1)[:count].astype(xp.int32)
+  bits = xp.unpackbits(packed, count=count * nbits).reshape(count, nbits).astype(xp.int32)
+  weights = xp.asarray(1 << np.arange(nbits - 1, -1, -1), dtype=xp.int32)
+  return (bits * weights[None, :]).sum(axis=1).astype(xp.int32)
+
+
+def index_dtype(size: int) -> np.dtype:
+  """Smallest unsigned dtype holding indices ``0 .. size - 1``."""
+  if size <= 1 << 8:
+    return np.dtype(np.uint8)
+  if size <= 1 << 16:
+    return np.dtype(np.uint16)
+  return np.dtype(np.int32)
+
+
+def count_dtype(size: int) -> np.dtype:
+  """Smallest unsigned dtype holding counts ``0 .. size``."""
+  return index_dtype(size + 1)
+
+
+def nm_bits(m: int) -> int:
+  """Bits of one position inside a group of ``m`` (``ceil(log2 m)``)."""
+  return max(int(m - 1).bit_length(), 0)
+
+
+def nbytes(arrays: Mapping) -> int:
+  """Total bytes of a dict of arrays."""
+  return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def sparse_positions(fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int) -> np.ndarray:
+  """Flat positions in the ``(fan_in, fan_out)`` row-major matrix of the stored values (in
+  their stored, unit-major order) of a sparse layout; numpy, on the host.
+
+  Linear in the stored bytes: the bitmask is unpacked once and its set bits found with
+  ``np.nonzero``; indices and n:m positions are offset by their unit and group.
+  """
+  nv, layout = fmt["count"], fmt["layout"]
+  if layout == "bitmask":
+    bits = np.unpackbits(np.asarray(arr["mask"]), count=fan_in * fan_out)
+    unit, index = np.nonzero(bits.reshape(fan_out, fan_in))
+  elif layout == "indices":
+    unit = np.repeat(np.arange(fan_out), np.asarray(arr["counts"]).astype(np.int64))
+    index = np.asarray(arr["indices"]).astype(np.int64)
+  elif layout == "nm":
+    n, m = fmt["n"], fmt["m"]
+    groups = fan_in // m
+    local = unpack(np, np.asarray(arr["nm_index"]), nv, nm_bits(m)).reshape(
+        fan_out, groups, n)
+    index = (np.arange(groups)[None, :, None] * m + local).reshape(-1)
+    unit = np.repeat(np.arange(fan_out), groups * n)
+  else:
+    raise ValueError(f"unknown layout {layout!r} in the export manifest.")
+  if unit.size != nv:
+    raise ValueError(f"corrupt export: a {layout} leaf holds {unit.size} positions for "
+                     f"{nv} values.")
+  return index.astype(np.int64) * fan_out + unit
+
+
+def runtime_coded(fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int
+                  ) -> tuple[dict, dict]:
+  """The form of a ``coded`` leaf that a jitted call decodes with ``jax.numpy``.
+
+  Dense layouts stay as stored. Sparse layouts (bitmask, indices, n:m) become the
+  ``positions`` layout: ``int32`` flat positions in the matrix, sorted, and the values (or
+  their bit-packed codes) permuted to match, so decoding is one in-order scatter. 4 bytes
+  per kept value on top of the stored values, found once on the host.
+  """
+  if fmt["kind"] != "coded" or fmt["layout"] not in SPARSE_LAYOUTS:
+    return dict(fmt), dict(arr)
+  if fan_in * fan_out >= 2 ** 31:
+    raise ValueError(f"a sparse leaf of {fan_in} x {fan_out} entries is too large for "
+                     f"int32 positions; run it with decode='once'.")
+  positions = sparse_positions(fmt, arr, fan_in, fan_out)
+  order = np.argsort(positions, kind="stable")
+  out = {"positions": positions[order].astype(np.int32)}
+  nv = fmt["count"]
+  if fmt["codec"] == "float":
+    out["values"] = np.asarray(arr["values"])[order]
+  else:
+    bits = fmt["bits"]
+    out["codes"] = pack(unpack(np, np.asarray(arr["codes"]), nv, bits)[order], bits)
+    out["scale"] = arr["scale"]
+  new = {k: v for k, v in fmt.items() if k not in ("n", "m")}
+  new.update(layout="positions", sorted=True)
+  return new, out
+
+
+def _values(xp, fmt: Mapping, arr: Mapping):
+  nv, codec = fmt["count"], fmt["codec"]
+  if codec == "float":
+    return arr["values"]
+  if codec == "binary":
+    return 1 - 2 * unpack(xp, arr["codes"], nv, 1)
+  bits = fmt["bits"]
+  return unpack(xp, arr["codes"], nv, bits) - (2 ** (bits - 1) - 1)
+
+
+def decode_coded(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtype):
+  """The ``(fan_in, fan_out)`` matrix of a ``coded`` leaf, in ``dtype``.
+
+  >>> fmt = {"kind": "coded", "layout": "dense", "codec": "binary", "bits": 1,
+  ...        "scale": "layer", "count": 4}
+  >>> arr = {"codes": pack(np.array([0, 1, 1, 0]), 1), "scale": np.float32(0.5)}
+  >>> decode_coded(np, fmt, arr, 2, 2, np.float32)
+  array([[ 0.5, -0.5],
+         [-0.5,  0.5]], dtype=float32)
+  """
+  codec, layout = fmt["codec"], fmt["layout"]
+  if layout in SPARSE_LAYOUTS:
+    if xp is not np:
+      raise ValueError(f"internal: a stored {layout} leaf is decoded with numpy, or after "
+                       f"runtime_coded with jax.numpy.")
+    positions = sparse_positions(fmt, arr, fan_in, fan_out)
+  elif layout == "positions":
+    positions = arr["positions"]
+  elif layout != "dense":
+    raise ValueError(f"unknown layout {layout!r} in the export manifest.")
+  vals = _values(xp, fmt, arr)
+  if layout == "dense":
+    mat = vals.reshape(fan_in, fan_out)
+    if codec != "float":
+      scale = arr["scale"]
+      mat = mat.astype(xp.float32) * (scale if scale.ndim == 0 else scale[None, :])
+    return mat.astype(dtype)
+  if codec != "float":  # scaled per value: the same products as the dense layout's
+    scale = arr["scale"]
+    vals = vals.astype(xp.float32) * (scale if scale.ndim == 0 else scale[positions % fan_out])
+  vals = vals.astype(dtype)
+  if xp is np:
+    flat = np.zeros((fan_in * fan_out,), vals.dtype)
+    flat[positions] = vals
+  else:
+    flat = xp.zeros((fan_in * fan_out,), vals.dtype).at[positions].set(
+        vals, unique_indices=True, indices_are_sorted=bool(fmt.get("sorted")),
+        mode="promise_in_bounds")
+  return flat.reshape(fan_in, fan_out)
+
+
+def decode_leaf(xp, fmt: Mapping, arr: Mapping, shape, dtype, matrix_shape):
+  """The value of one stored leaf of ``shape`` and ``dtype``.
+
+  Args:
+    xp: ``numpy`` or ``jax.numpy``.
+    fmt: the leaf's format from the manifest (``kind`` raw, low_rank or coded).
+    arr: its arrays by role.
+    shape, dtype: of the leaf.
+    matrix_shape: ``(fan_in, fan_out)``, the leaf's matrix view (the caller's convention).
+  """
+  kind = fmt["kind"]
+  if kind == "raw":
+    return arr["value"]
+  if kind == "low_rank":
+    return (arr["a"] @ arr["b"]).astype(dtype).reshape(tuple(shape))
+  if kind == "coded":
+    return decode_coded(xp, fmt, arr, *matrix_shape, dtype).reshape(tuple(shape))
+  raise ValueError(f"unknown leaf encoding {kind!r} in the export manifest.")

@@ -1,0 +1,348 @@
+"""The exact-fit encoding search: the smallest stored form of each compressed leaf.
+
+Every selected leaf, viewed as a ``(fan_in, fan_out)`` matrix, gets the smallest of these
+encodings that reproduces its values *exactly* (each candidate is decoded and compared
+before it is chosen; a leaf nothing fits is stored as it is):
+
+* **layout** of the stored values: ``dense`` (all entries, row-major); ``bitmask`` (one bit
+  per entry, then the non-zeros of each output unit); ``indices`` (per output unit the count
+  of non-zeros and their input indices as ``uint8``/``uint16``/``int32``, the smallest
+  that holds ``fan_in``); ``n:m`` (per group of ``m`` inputs the ``n`` kept values and
+  their ``ceil(log2 m)``-bit positions).
+* **codec** of those values: ``float`` (as they are); ``binary`` (one sign bit per value and
+  one scale per layer or per output unit); ``int<k>`` (``k``-bit codes packed into bytes,
+  ``q * scale`` with one float32 scale per output unit or per layer).
+* **low rank**: a leaf whose last spec carries factors is stored as them, ``A``
+  (fan_in x r) and ``B`` (r x fan_out), when their product matches its values.
+
+The transform's own description of the leaf (a tuple of :class:`~vcon_jax.LeafSpec` from
+``Transform.describe``: bits, per-channel scales, n:m pattern, low-rank factors) chooses
+which encodings to try; the values themselves decide which one is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcon_jax import _paths, _spec
+from vcon_jax._spec import LeafSpec
+from vcon_jax.export import codec, format as fmt_lib
+
+_SHIFT_CANDIDATES = (0, 1, -1, 2, -2, 3, -3)
+_MAX_INT_BITS = 16
+
+
+def _same(decoded: np.ndarray, target: np.ndarray) -> bool:
+  return decoded.shape == target.shape and bool(np.array_equal(decoded, target))
+
+
+def _column_max(a: np.ndarray, col: np.ndarray, ncol: int) -> np.ndarray:
+  out = np.zeros((ncol,), np.float32)
+  if a.size:
+    np.maximum.at(out, col, a)
+  return out
+
+
+def _fit_binary(v, col, ncol, dtype):
+  """Sign bits and scales (``ncol`` of them) reproducing ``v`` exactly, or ``None``."""
+  vf = v.astype(np.float32)
+  scale = _column_max(np.abs(vf), col, ncol)
+  sign = np.signbit(vf)
+  decoded = ((1 - 2 * sign.astype(np.int32)).astype(np.float32) * scale[col]).astype(dtype)
+  if not _same(decoded, v):
+    return None
+  return codec.pack(sign.astype(np.uint8), 1), scale
+
+
+def _rounding_interval(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """For non-negative floats ``a`` (any float dtype), the float64 interval rounding to each."""
+  uint = np.dtype(f"u{a.dtype.itemsize}")
+  bits = a.view(uint)
+  prev = np.where(bits > 0, bits - 1, bits).astype(uint).view(a.dtype).astype(np.float64)
+  nxt = (bits + 1).astype(uint).view(a.dtype).astype(np.float64)
+  a64 = a.astype(np.float64)
+  return (a64 + prev) / 2, (a64 + nxt) / 2
+
+
+def _fit_int(v, col, ncol, bits, dtype):
+  """``bits``-bit codes and scales reproducing ``v`` as ``q * scale`` exactly, or ``None``.
+
+  Candidate scales per group: its largest magnitude over ``L`` (the quantiser's own
+  ``max|w| / L`` up to rounding), and the middle of the interval of scales that round every
+  ``q * scale`` to its stored value (needed for bfloat16 and other short dtypes); each
+  nudged by up to three float32 ulps, and the first that reproduces the group is kept.
+  """
+  levels = 2 ** (bits - 1) - 1
+  vf = v.astype(np.float32)
+  base = _column_max(np.abs(vf), col, ncol) / np.float32(levels)
+  base = np.where(base > 0, base, np.float32(1.0)).astype(np.float32)
+  bases = [base]
+  q0 = np.clip(np.rint(vf / base[col]), -levels, levels)
+  nz = q0 != 0
+  if nz.any():
+    lo, hi = _rounding_interval(np.abs(v[nz]))
+    qa = np.abs(q0[nz]).astype(np.float64)
+    s_lo = np.full((ncol,), -np.inf)
+    s_hi = np.full((ncol,), np.inf)
+    np.maximum.at(s_lo, col[nz], lo / qa)
+    np.minimum.at(s_hi, col[nz], hi / qa)
+    mid = np.where(np.isfinite(s_lo) & np.isfinite(s_hi) & (s_lo <= s_hi),
+                   (s_lo + s_hi) / 2, base)
+    bases.append(mid.astype(np.float32))
+  chosen = np.full((ncol,), np.nan, np.float32)
+  for start in bases:
+    for shift in _SHIFT_CANDIDATES:
+      s = start
+      direction = np.float32(np.inf if shift > 0 else -np.inf)
+      for _ in range(abs(shift)):
+        s = np.nextafter(s, direction).astype(np.float32)
+      sc = s[col]
+      q = np.clip(np.rint(vf / sc), -levels, levels)
+      ok = (q.astype(np.float32) * sc).astype(dtype) == v
+      bad = np.bincount(col[~ok], minlength=ncol) > 0 if not ok.all() else np.zeros(ncol, bool)
+      fresh = ~bad & np.isnan(chosen)
+      chosen[fresh] = s[fresh]
+      if not np.isnan(chosen).any():
+        break
+    if not np.isnan(chosen).any():
+      break
+  if np.isnan(chosen).any():
+    return None
+  sc = chosen[col]
+  q = np.clip(np.rint(vf / sc), -levels, levels)
+  if not _same((q.astype(np.float32) * sc).astype(dtype), v):
+    return None
+  return codec.pack((q + levels).astype(np.uint32), bits), chosen
+
+
+def _scale_array(scale: np.ndarray, per_layer: bool) -> np.ndarray:
+  return np.asarray(scale[0] if per_layer else scale, np.float32)
+
+
+def _codecs(v, col, fan_out, dtype, bits_options, layer_first):
+  """Yields ``(fmt, arrays)`` for every codec that reproduces ``v`` exactly.
+
+  Binary is always tried; of ``bits_options`` the smallest width that fits is yielded.
+  Scales are tried per layer then per output unit (or the reverse: ``layer_first``).
+  """
+  yield {"codec": "float"}, {"values": v}
+  if not jnp.issubdtype(dtype, jnp.floating) or v.dtype != dtype:
+    return
+  zero_col = np.zeros_like(col)
+  modes = (True, False) if layer_first else (False, True)
+  for per_layer in modes:  # binary: one sign bit per value
+    fit = _fit_binary(v, zero_col if per_layer else col, 1 if per_layer else fan_out, dtype)
+    if fit is not None:
+      codes, scale = fit
+      yield ({"codec": "binary", "bits": 1, "scale": "layer" if per_layer else "channel"},
+             {"codes": codes, "scale": _scale_array(scale, per_layer)})
+      break
+  for bits in bits_options:
+    for per_layer in modes:
+      fit = _fit_int(v, zero_col if per_layer else col, 1 if per_layer else fan_out, bits,
+                     dtype)
+      if fit is not None:
+        codes, scale = fit
+        yield ({"codec": "int", "bits": bits, "scale": "layer" if per_layer else "channel"},
+               {"codes": codes, "scale": _scale_array(scale, per_layer)})
+        break
+    else:
+      continue
+    break  # the smallest bit width that fits
+
+
+def _layouts(mat: np.ndarray, pattern: tuple[int, int] | None):
+  """Yields ``(fmt, arrays, values, value_columns)`` for each applicable layout."""
+  fan_in, fan_out = mat.shape
+  col = np.broadcast_to(np.arange(fan_out, dtype=np.int32), mat.shape).reshape(-1)
+  yield {"layout": "dense"}, {}, mat.reshape(-1), col
+  units = mat.T  # (fan_out, fan_in): one row per output unit
+  if pattern is not None:
+    n, m = pattern
+    if 0 < m and fan_in % m == 0 and n < m:
+      groups = units.reshape(fan_out, fan_in // m, m)
+      if int((groups != 0).sum(axis=-1).max(initial=0)) <= n:
+        # the non-zeros of each group first (stable), topped up with zeros, in index order
+        order = np.argsort(groups == 0, axis=-1, kind="stable")[..., :n]
+        order = np.sort(order, axis=-1)
+        vals = np.take_along_axis(groups, order, axis=-1).reshape(-1)
+        vcol = np.repeat(np.arange(fan_out, dtype=np.int32), (fan_in // m) * n)
+        yield ({"layout": "nm", "n": n, "m": m},
+               {"nm_index": codec.pack(order.reshape(-1).astype(np.uint32),
+                                       codec.nm_bits(m))},
+               vals, vcol)
+  nonzero = units != 0
+  nnz = int(nonzero.sum())
+  if nnz < mat.size:
+    counts = nonzero.sum(axis=1)
+    vals = units[nonzero]
+    vcol = np.repeat(np.arange(fan_out, dtype=np.int32), counts)
+    mask_bytes = (mat.size + 7) // 8
+    index_bytes = (fan_out * codec.count_dtype(fan_in).itemsize
+                   + nnz * codec.index_dtype(fan_in).itemsize)
+    if mask_bytes <= index_bytes:
+      yield ({"layout": "bitmask"}, {"mask": np.packbits(nonzero.reshape(-1))}, vals, vcol)
+    else:
+      indices = np.nonzero(nonzero)[1].astype(codec.index_dtype(fan_in))
+      yield ({"layout": "indices"},
+             {"counts": counts.astype(codec.count_dtype(fan_in)), "indices": indices},
+             vals, vcol)
+
+
+def _bits_options(specs: tuple[LeafSpec, ...], values: np.ndarray, fan_out: int
+                  ) -> list[int]:
+  """The k-bit widths to try: the specs' ``bits``; with no spec at all, 2 to 8 if the values
+  can be such codes (at most ``2**(k-1)`` distinct magnitudes per output unit, so at most
+  ``128 * fan_out + 1`` in all, and fewer than half the values)."""
+  bits = _spec.last(specs, "bits")
+  if bits is not None:
+    return [int(bits)] if 2 <= bits <= _MAX_INT_BITS else []
+  if specs:  # described, and not quantised
+    return []
+  distinct = np.unique(np.abs(values)).size if values.size else 0
+  if 0 < distinct <= min(values.size // 2, 128 * fan_out + 1):
+    return list(range(2, 9))
+  return []
+
+
+def _encode_low_rank(c: np.ndarray, a: np.ndarray, b: np.ndarray, rank: int | None):
+  if rank is not None and 0 < rank < a.shape[1]:
+    a, b = a[:, :rank], b[:rank]
+  fan_in, fan_out = _paths.matricize_shape(c.shape)
+  if a.shape[0] != fan_in or b.shape[1] != fan_out:
+    return None
+  if not jnp.issubdtype(c.dtype, jnp.floating):
+    return None
+  # The factors are the truth; the check only rejects values that are not their product
+  # (e.g. a chain member whose own schedule has not reached 0). The tolerance allows for
+  # reduced-precision matmuls (TF32 on GPUs, bfloat16 params) computing ``c``.
+  prod = a.astype(np.float64) @ b.astype(np.float64)
+  bound = np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))
+  tol = max(4e-3, 2 * float(jnp.finfo(c.dtype).eps))
+  err = np.abs(prod - c.reshape(fan_in, fan_out).astype(np.float64))
+  if not np.all(err <= tol * (bound.max(initial=0.0) + 1e-30)):
+    return None
+  return ({"kind": "low_rank", "rank": int(a.shape[1])},
+          {"a": np.ascontiguousarray(a), "b": np.ascontiguousarray(b)})
+
+
+def encode_selected(c: np.ndarray, specs: tuple[LeafSpec, ...]):
+  """The smallest exact encoding of one compressed leaf: ``(fmt, arrays)``.
+
+  Args:
+    c: the leaf's compressed values.
+    specs: what the transform did to it (``Transform.describe``), ``()`` if unknown.
+  """
+  if specs and specs[-1].factors is not None:
+    a, b = (np.asarray(jax.device_get(f)) for f in specs[-1].factors)
+    enc = _encode_low_rank(c, a, b, specs[-1].rank)
+    if enc is not None:
+      return enc
+  best = ({"kind": "raw"}, {"value": c})
+  if c.ndim == 0 or c.size == 0:
+    return best
+  fan_in, fan_out = _paths.matricize_shape(c.shape)
+  mat = c.reshape(fan_in, fan_out)
+  best_bytes = c.nbytes
+  bits_options = _bits_options(specs, mat, fan_out)
+  layer_first = not _spec.last(specs, "per_channel")
+  pattern = _spec.last(specs, "pattern")
+  for layout, layout_arrays, vals, vcol in _layouts(mat, pattern):
+    for cdc, codec_arrays in _codecs(vals, vcol, fan_out, c.dtype, bits_options,
+                                     layer_first):
+      arrays = {**layout_arrays, **codec_arrays}
+      size = codec.nbytes(arrays)
+      if size < best_bytes:
+        fmt = {"kind": "coded", **layout, **cdc, "count": int(vals.size)}
+        decoded = codec.decode_coded(np, fmt, arrays, fan_in, fan_out, c.dtype)
+        if _same(decoded.reshape(c.shape), c):
+          best, best_bytes = (fmt, arrays), size
+  return best
+
+
+def describe(transform: Any, path: str, leaf: Any, tstate: Any, count: int
+             ) -> tuple[tuple[LeafSpec, ...], dict]:
+  """``(specs, settings)`` of one selected leaf; settings is the manifest's JSON record.
+
+  A ``describe`` that raises or returns anything but a tuple of :class:`LeafSpec` counts
+  as no description (the error is kept in the settings).
+  """
+  try:
+    specs = transform.describe(path, leaf, tstate, count)
+    if not isinstance(specs, tuple) or not all(isinstance(s, LeafSpec) for s in specs):
+      raise TypeError(f"Transform.describe must return a tuple of vcon_jax.LeafSpec, got "
+                      f"{type(specs).__name__}.")
+    error = None
+  except Exception as err:  # pylint: disable=broad-except
+    specs, error = (), f"{type(err).__name__}: {err}"
+  settings = {"transform": "+".join(s.kind for s in specs),
+              "specs": [s.settings() for s in specs]}
+  if error is not None:
+    settings["describe_error"] = error
+  return specs, settings
+
+
+def flatten(tree) -> list[tuple]:
+  """``(keys, path, leaf)`` triples: JSON keys, the transform's path string and the leaf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(_paths.path_keys(p), _paths.path_str(p), leaf) for p, leaf in flat]
+
+
+def _to_pure(tree):
+  return tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
+
+
+def _check_step(step, state):
+  needed = ("transform", "compressed_params", "adapter")
+  if not all(hasattr(step, a) for a in needed):
+    raise ValueError(f"export/summary need the TrainStep from vj.make_train_step, got "
+                     f"{type(step).__name__}.")
+  if not hasattr(state, "params") or not hasattr(state, "transform_state"):
+    raise ValueError(f"export/summary need the TrainState from step.init / step(...), got "
+                     f"{type(state).__name__}.")
+
+
+def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
+  """``(manifest, arrays)`` of the compact export of ``state`` (see ``format``)."""
+  _check_step(step, state)
+  compressed = _to_pure(step.compressed_params(state))
+  dense = dict(_paths.leaf_paths(state.params))
+  count = int(np.asarray(jax.device_get(state.step)))
+  tstate = state.transform_state
+  arrays: dict[str, np.ndarray] = {}
+  leaves = []
+  for i, (keys, path, leaf) in enumerate(flatten(compressed)):
+    c = np.asarray(jax.device_get(leaf))
+    template = dense.get(path, leaf)
+    selected = bool(step.transform.select(path, template))
+    settings = {}
+    if selected:
+      specs, settings = describe(step.transform, path, template, tstate, count)
+      fmt, leaf_arrays = encode_selected(c, specs)
+    else:
+      fmt, leaf_arrays = {"kind": "raw"}, {"value": c}
+    names = {}
+    for role, arr in leaf_arrays.items():
+      names[role] = f"p{i}.{role}"
+      arrays[names[role]] = np.ascontiguousarray(arr)
+    nonzero = int(np.count_nonzero(c))
+    leaves.append({
+        "path": path, "keys": keys, "shape": list(c.shape), "dtype": np.dtype(c.dtype).name,
+        "selected": selected, "settings": fmt_lib.jsonable(settings) if selected else {},
+        "format": fmt_lib.jsonable(fmt), "arrays": names,
+        "dense_bytes": int(c.nbytes), "compressed_bytes": codec.nbytes(leaf_arrays),
+        "sparsity": 1.0 - nonzero / c.size if c.size else 0.0,
+    })
+  model_state = []
+  for j, (keys, _, leaf) in enumerate(flatten(state.model_state)):
+    name = f"s{j}"
+    arrays[name] = np.asarray(jax.device_get(leaf))
+    model_state.append({"keys": keys, "array": name})
+  manifest = {"format": fmt_lib.FORMAT, "version": fmt_lib.VERSION, "kind": step.adapter.kind,
+              "step": count, "leaves": leaves, "model_state": model_state}
+  return manifest, arrays

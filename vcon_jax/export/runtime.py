@@ -1,0 +1,301 @@
+"""Running a loaded export: :class:`CompressedModel` and :func:`load_compressed`.
+
+A run is planned before anything is traced: which low-rank layers run as thin matmuls
+(:mod:`vcon_jax.export.lowrank`), hence which arrays (dense, packed or factors) the jitted
+function takes. The traced function itself is pure: it decodes, runs the model through the
+training step's adapter (:func:`vcon_jax._model.make_adapter`) and returns the logits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcon_jax import _model, _paths
+from vcon_jax.export import codec, encoder, format as fmt_lib, lowrank
+from vcon_jax.export import table
+
+DECODE_MODES = ("once", "on_the_fly")
+
+
+class _Runner:
+  """``x -> logits`` of a loaded export; ``lower(x)`` gives the jitted computation.
+
+  At the first call, ``plan(x)`` gives the keys of the low-rank kernels that run as thin
+  matmuls; then the arrays are placed and the run function jitted.
+  """
+
+  def __init__(self, owner: "CompressedModel", adapter, model_state, decode: str,
+               plan: Callable):
+    self._owner, self._adapter, self._state = owner, adapter, model_state
+    self._decode, self._plan = decode, plan
+    self._jitted = self._arrays = None
+    self.fast_layers: list[str] = []
+
+  def _ready(self, x):
+    if self._jitted is None:
+      owner = self._owner
+      fast = self._plan(x)
+      dense_keys = owner.low_rank_keys - fast if self._decode == "once" else frozenset()
+      fmts, self._arrays = owner._plan(self._decode, dense_keys)
+      self._jitted = jax.jit(self._make_run(fmts, fast))
+      self.fast_layers = sorted("/".join(map(str, k)) for k in fast)
+    self._owner.fast_layers = self.fast_layers
+    return self._jitted
+
+  def _make_run(self, fmts: list, fast: frozenset) -> Callable:
+    owner, apply = self._owner, self._adapter.apply
+
+    def run(arrays, model_state, x):
+      params = owner._decode_all(fmts, arrays)
+      with lowrank.thin_factors(owner._factors(fmts, arrays), fast):
+        logits, _ = apply(params, model_state, x, None, train=False)
+      return logits
+
+    return run
+
+  def __call__(self, x):
+    return self._ready(x)(self._arrays, self._state, x)
+
+  def lower(self, x):
+    return self._ready(x).lower(self._arrays, self._state, x)
+
+
+class CompressedModel:
+  """A compact export loaded by :func:`load_compressed`.
+
+  * :meth:`params` decodes the dense-equivalent params (the tree of
+    ``step.compressed_params(state)``);
+  * :meth:`apply` / :meth:`apply_fn` run a model inside one ``jit``, with the k-bit,
+    binary and sparse layers either decoded once to dense arrays kept on the device
+    (``decode="once"``, the default: as fast as the dense model) or decoded from their
+    packed form inside every call (``decode="on_the_fly"``: only the compact arrays stay
+    on the device). In both, low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers
+    run as two thin matmuls ``(x @ A) @ B`` (the rebuilt ``A @ B`` is never formed).
+
+  Attributes:
+    manifest: the export's JSON manifest.
+    arrays: the stored (compact) numpy arrays by name.
+    kind: ``"linen"`` or ``"nnx"``, the kind of model that was exported.
+    step: the train step count of the exported state.
+    fast_layers: paths of the low-rank kernels the last run (:meth:`apply` or a function
+      from :meth:`apply_fn`) computes as ``(x @ A) @ B``; planned before tracing.
+  """
+
+  def __init__(self, manifest: dict, arrays: dict, path: str | None = None):
+    self.manifest = manifest
+    self.arrays = arrays
+    self.path = path
+    self.kind = manifest["kind"]
+    self.step = manifest.get("step")
+    self._leaves = manifest["leaves"]
+    self._dense: dict[int, jax.Array] = {}  # decoded leaves on the device: params(), "once"
+    self._runtime: dict[int, tuple] = {}  # on-the-fly forms on the device
+    self._apply_cache: dict = {}
+    self.low_rank_keys = frozenset(tuple(leaf["keys"]) for leaf in self._leaves
+                                   if leaf["format"]["kind"] == "low_rank")
+    self.fast_layers: list[str] = []
+
+  def __repr__(self):
+    s = self.summary(print_fn=None).totals
+    return (f"CompressedModel({self.kind}, {len(self._leaves)} leaves, "
+            f"{s['compressed_bytes']} bytes of {s['dense_bytes']} dense"
+            f"{f', from {self.path!r}' if self.path else ''})")
+
+  # ------------------------------------------------------------------------ decoding
+  def _stored(self, leaf) -> dict:
+    return {role: self.arrays[name] for role, name in leaf["arrays"].items()}
+
+  def _decode(self, xp, fmt, arrays, leaf):
+    return codec.decode_leaf(xp, fmt, arrays, leaf["shape"], jnp.dtype(leaf["dtype"]),
+                             _paths.matricize_shape(tuple(leaf["shape"])))
+
+  def _dense_leaf(self, i: int) -> jax.Array:
+    """Leaf ``i`` decoded on the host (numpy: no compile) and put on the device, cached."""
+    if i not in self._dense:
+      leaf = self._leaves[i]
+      self._dense[i] = jnp.asarray(self._decode(np, leaf["format"], self._stored(leaf), leaf))
+    return self._dense[i]
+
+  def _runtime_leaf(self, i: int) -> tuple[dict, dict]:
+    """Leaf ``i`` as decoded inside a jitted call (:func:`codec.runtime_coded`), cached."""
+    if i not in self._runtime:
+      leaf = self._leaves[i]
+      fmt, arrays = codec.runtime_coded(leaf["format"], self._stored(leaf),
+                                        *_paths.matricize_shape(tuple(leaf["shape"])))
+      self._runtime[i] = (fmt, {k: jnp.asarray(v) for k, v in arrays.items()})
+    return self._runtime[i]
+
+  def _plan(self, decode: str, dense_keys=frozenset()) -> tuple[list, list]:
+    """Per leaf, the (static) format and the device arrays a jitted call decodes.
+
+    ``"once"``: every leaf dense except low-rank ones (their factors), unless in
+    ``dense_keys`` (low-rank kernels not run as thin matmuls). ``"on_the_fly"``: the
+    compact forms.
+    """
+    fmts, arrays = [], []
+    for i, leaf in enumerate(self._leaves):
+      kind = leaf["format"]["kind"]
+      if kind == "low_rank" and tuple(leaf["keys"]) not in dense_keys:
+        fmt, arr = self._runtime_leaf(i)
+      elif kind == "raw" or decode == "once":
+        fmt, arr = {"kind": "raw"}, {"value": self._dense_leaf(i)}
+      else:
+        fmt, arr = self._runtime_leaf(i)
+      fmts.append(fmt)
+      arrays.append(arr)
+    return fmts, arrays
+
+  def _decode_all(self, fmts, arrays) -> dict:
+    return fmt_lib.unflatten([(leaf["keys"], self._decode(jnp, fmt, arr, leaf))
+                              for leaf, fmt, arr in zip(self._leaves, fmts, arrays)])
+
+  def _factors(self, fmts, arrays) -> dict:
+    return {tuple(leaf["keys"]): (arr["a"], arr["b"])
+            for leaf, fmt, arr in zip(self._leaves, fmts, arrays)
+            if fmt["kind"] == "low_rank"}
+
+  def params(self, model: Any = None) -> Any:
+    """The dense-equivalent params, the tree of ``step.compressed_params(state)``.
+
+    Decoded on the host once and kept on the device (the same arrays a
+    ``decode="once"`` :meth:`apply` runs on).
+
+    Args:
+      model: optional. For an NNX module the result is an ``nnx.State`` (for
+        ``nnx.update(model, ...)``); otherwise a nested dict (Linen's ``params``; NNX's
+        ``nnx.update`` also takes it).
+    """
+    params = fmt_lib.unflatten([(leaf["keys"], self._dense_leaf(i))
+                                for i, leaf in enumerate(self._leaves)])
+    if model is not None and self.kind == "nnx":
+      from flax import nnx
+      if isinstance(model, nnx.Module):
+        state = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+        nnx.replace_by_pure_dict(state, params)
+        return state
+    return params
+
+  def model_state(self) -> dict:
+    """The exported non-param state (Linen collections such as ``batch_stats``; NNX
+    BatchNorm statistics and rng counters) as a nested dict."""
+    return fmt_lib.unflatten([(e["keys"], jnp.asarray(self.arrays[e["array"]]))
+                              for e in self.manifest["model_state"]])
+
+  # -------------------------------------------------------------------------- running
+  def apply_fn(self, model: Any, *, decode: str = "once", **kwargs) -> Callable:
+    """A jitted ``x -> logits`` running ``model`` (eval mode) on this export.
+
+    ``model`` is the same architecture that was exported (a ``flax.linen.Module`` or an
+    ``nnx.Module``; the NNX module's structure and its non-exported state are read now,
+    the module itself is left as it is).
+
+    Args:
+      model: the Linen or NNX model.
+      decode: where the k-bit, binary and sparse layers are decoded.
+
+        * ``"once"`` (default): on the host at the first call, to dense arrays of the
+          model's dtype that stay on the device (cached on this object and shared with
+          :meth:`params`); every call then runs the plain dense model. Fastest; device
+          memory of the dense model for those layers.
+        * ``"on_the_fly"``: inside every jitted call, from the packed arrays (which are
+          all that stays on the device; sparse layers as their values and ``int32``
+          positions, 4 bytes per kept value more than the file's bitmask). Saves device
+          memory between calls, but each call writes every such layer's dense kernel
+          (transient, one layer at a time in XLA's schedule) before its matmul: on CPU
+          several times slower than ``"once"`` at small batches.
+
+        In both modes low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers run as
+        two thin matmuls ``(x @ A) @ B`` from their factors (see :attr:`fast_layers`);
+        other low-rank layers (convs, ``DenseGeneral``, einsums) use the kernel ``A @ B``,
+        formed once (``"once"``) or in every call (``"on_the_fly"``).
+      **kwargs: passed to a Linen model's ``apply`` (e.g. ``train=False``).
+    """
+    if decode not in DECODE_MODES:
+      raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
+    kind = _model.model_kind(model)
+    if kind != self.kind:
+      raise ValueError(f"this export is of {'an NNX' if self.kind == 'nnx' else 'a Linen'} "
+                       f"model; pass the {'nnx' if self.kind == 'nnx' else 'flax.linen'}"
+                       f".Module.")
+    if kind == "nnx":
+      if kwargs:
+        raise ValueError("keyword arguments are for Linen models' apply; an NNX module is "
+                         "run in eval mode as it is.")
+      from flax import nnx
+      # a new module with shape-only params (the adapter keeps it as its template), its
+      # low-rank layers switched to thin matmuls; the user's module stays as it is
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+      model = nnx.merge(graphdef, params, rest)
+      fast = lowrank.nnx_fast_keys(model, self.low_rank_keys)
+      adapter = _model.make_adapter(model, None, None)
+      params, rest = adapter.split(None)
+      self._check_params(params)
+      return _Runner(self, adapter, self._merged_state(rest), decode, lambda x: fast)
+    adapter = _model.make_adapter(model, None, kwargs)
+    state = self.model_state()
+    shapes = fmt_lib.unflatten([
+        (leaf["keys"], jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])))
+        for leaf in self._leaves])
+    plan = lambda x: lowrank.linen_fast_keys(
+        lambda p, s, x: adapter.apply(p, s, x, None, train=False)[0], (shapes, state, x),
+        self.low_rank_keys)
+    return _Runner(self, adapter, state, decode, plan)
+
+  def _check_params(self, params) -> None:
+    """Raises if the model's param leaves (keys and shapes) differ from the export's."""
+    expected = {tuple(k): tuple(v.shape) for k, _, v in encoder.flatten(params)}
+    stored = {tuple(leaf["keys"]): tuple(leaf["shape"]) for leaf in self._leaves}
+    if expected != stored:
+      diff = sorted({"/".join(map(str, k)) for k in set(expected) ^ set(stored)} | {
+          "/".join(map(str, k)) for k in set(expected) & set(stored)
+          if expected[k] != stored[k]})
+      raise ValueError(f"the model's params do not match the export (differing leaves: "
+                       f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}).")
+
+  def _merged_state(self, rest) -> dict:
+    """The module's model state with the exported leaves (BatchNorm statistics) put in."""
+    exported = {tuple(e["keys"]): self.arrays[e["array"]] for e in self.manifest["model_state"]}
+    merged = []
+    for keys, _, leaf in encoder.flatten(rest):
+      new = exported.get(tuple(keys))
+      if new is not None and np.shape(new) == np.shape(leaf):
+        leaf = jnp.asarray(new, dtype=leaf.dtype)
+      merged.append((keys, leaf))
+    return fmt_lib.unflatten(merged)
+
+  def apply(self, model: Any, x: Any, *, decode: str = "once", **kwargs) -> jax.Array:
+    """Logits of ``model`` on ``x`` from this export (see :meth:`apply_fn`; the jitted
+    function is kept per model, ``decode`` mode and keyword arguments)."""
+    try:
+      key = (id(model), decode, tuple(sorted(kwargs.items())))
+      hash(key)
+    except TypeError:
+      return self.apply_fn(model, decode=decode, **kwargs)(x)
+    if key not in self._apply_cache:
+      self._apply_cache[key] = (model, self.apply_fn(model, decode=decode, **kwargs))
+    return self._apply_cache[key][1](x)
+
+  def summary(self, print_fn: Callable | None = print) -> table.Summary:
+    """The per-layer size table of this export (see :func:`~vcon_jax.summary`)."""
+    return table.summary(self, print_fn=print_fn)
+
+
+def load_compressed(path: str | os.PathLike) -> CompressedModel:
+  """Loads a compact export written by :func:`~vcon_jax.export`.
+
+  >>> model = vj.load_compressed("model.npz")              # doctest: +SKIP
+  >>> logits = model.apply(flax_model, x)                  # doctest: +SKIP
+  >>> params = model.params()                              # doctest: +SKIP
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: the file is not a vcon_jax compact export.
+  """
+  manifest, arrays = fmt_lib.read(path)
+  return CompressedModel(manifest, arrays, os.fspath(path))
