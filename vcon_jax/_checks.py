@@ -183,7 +183,8 @@ def preflight(step: Any, state: Any, batch: Mapping, *, training: bool) -> None:
       check_labels(labels, logits.shape, step.label_key)
     if training or labels is not None:
       try:
-        out = jax.eval_shape(step.loss_fn, logits, dict(batch))
+        loss_fn = getattr(step.loss_fn, "loss_fn", step.loss_fn)  # distillation: its task loss
+        out = jax.eval_shape(loss_fn, logits, dict(batch))
       except Exception as err:  # pylint: disable=broad-except
         raise loss_fn_error(step.loss_fn, err, sorted(batch)) from None
       check_loss_output(out)

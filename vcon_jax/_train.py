@@ -68,7 +68,8 @@ class TrainStep:
     if not callable(loss_fn):
       raise ValueError(f"loss_fn must be callable ((logits, batch) -> loss or (loss, "
                        f"metrics)), got {loss_fn!r}.")
-    _checks.check_loss_fn(loss_fn)
+    # a distillation wrapper also takes the teacher's logits: its task loss is checked
+    _checks.check_loss_fn(loss_fn.loss_fn if isinstance(loss_fn, Distillation) else loss_fn)
     if axis_name is not None and mesh is not None:
       raise ValueError("Pass either mesh (jit over a device mesh) or axis_name (a step for "
                        "jax.pmap), not both.")
