@@ -43,6 +43,6 @@ def test_readme_pmap_recipe_runs():
   import jax  # pylint: disable=import-outside-toplevel
   n = jax.local_device_count()
   assert scope["metrics"]["beta"].shape == (n,) and float(scope["metrics"]["beta"][0]) == 0.0
-  kernel = np.asarray(scope["cparams"]["Dense_0"]["kernel"])
+  kernel = np.asarray(scope["cparams"]["Dense_1"]["kernel"])  # Dense(256): built second
   assert kernel.shape == (784, 256)  # no leading device axis
   assert abs((kernel != 0).mean() - 0.1) < 1e-3

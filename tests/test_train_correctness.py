@@ -189,7 +189,9 @@ class _BNNet(nn.Module):
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (forced CPU) devices")
-def test_batchnorm_axis_name_data_gives_whole_batch_statistics():
+def test_batchnorm_statistics_are_whole_batch_under_the_data_parallel_step():
+  """The step is jax.jit over a mesh (the partitioner does the collectives), so a plain
+  BatchNorm normalises with the whole global batch's statistics, as on one device."""
   rng = np.random.RandomState(0)
   batches = [{"inputs": rng.randn(8, 5).astype(np.float32) + np.arange(8)[:, None],
               "labels": rng.randint(0, 3, 8)} for _ in range(4)]
@@ -206,7 +208,5 @@ def test_batchnorm_axis_name_data_gives_whole_batch_statistics():
       out.append(float(m["loss"]))
     return out
 
-  one_batch = losses("data", 1)
-  np.testing.assert_allclose(losses("data", 2), one_batch, atol=1e-5)
-  # Documented: without axis_name each device normalises its own shard.
-  assert not np.allclose(losses(None, 2), one_batch, atol=1e-3)
+  one_batch = losses(None, 1)
+  np.testing.assert_allclose(losses(None, 2), one_batch, atol=1e-5)

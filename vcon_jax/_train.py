@@ -357,9 +357,10 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
       the fraction of such labels, shows it); or a :func:`distill` wrapper.
     mesh: a device mesh with a ``'data'`` axis (default: all devices on ``'data'``); the
       batch is split over ``'data'``, params keep the ``NamedSharding`` they were given on
-      this mesh (e.g. kernels split over a ``'model'`` axis) or are replicated. BatchNorm
-      normalises each device's shard with the shard's own statistics unless its layers
-      are built with ``axis_name='data'``, so results differ slightly from one big batch.
+      this mesh (e.g. kernels split over a ``'model'`` axis) or are replicated. The step is
+      one ``jax.jit`` over the mesh, so BatchNorm sees the whole global batch, as on one
+      device (tested); under ``jax.pmap`` (``axis_name=``) each device normalises its own
+      batch unless the layers are built with that ``axis_name``.
     axis_name: instead of jit, return a step meant for ``jax.pmap(step, axis_name=...)``:
       gradients, metrics and model state are averaged over that axis. Give it
       ``vj.replicate(step.init(params))`` and read results from ``vj.unreplicate(state)``
