@@ -100,7 +100,7 @@ def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
   deadline = time.time() + 300
   ckpt = None
   while time.time() < deadline and proc.poll() is None:
-    found = list(cut_dir.glob("*/prune90/vcon-Q25/seed0/checkpoints/12"))
+    found = list(cut_dir.glob("*/same-task/s*/prune90/vcon-Q20/seed0/checkpoints/12"))
     if found:
       ckpt = found[0]
       break
