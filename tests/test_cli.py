@@ -129,7 +129,7 @@ def test_compress_killed_during_a_checkpoint_write_resumes(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline, hit = time.time() + 300, None
   while time.time() < deadline and proc.poll() is None and hit is None:
-    for ck in cut_dir.glob("*/prune90/vcon-Q25/seed0/checkpoints/*"):
+    for ck in cut_dir.glob("*/same-task/s*/prune90/vcon-Q20/seed0/checkpoints/*"):
       if not ck.name.isdigit() and int(ck.name.split(".")[0] or 0) >= 8:
         hit = ck.name
         break
