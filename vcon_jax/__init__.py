@@ -11,7 +11,8 @@ from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
-from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
+from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
+                                 polynomial_ramp)
 from vcon_jax._train import TrainState, TrainStep, make_train_step, softmax_cross_entropy
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
 
@@ -22,6 +23,7 @@ __all__ = [
     "blend_outputs",
     "blend_weights",
     "chain",
+    "check_beta_schedule",
     "compress",
     "constant",
     "cosine_vanish",
