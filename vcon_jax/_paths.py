@@ -188,7 +188,8 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
 
   - 0-D and 1-D leaves: no input axis (a 1-D leaf is ``(1, n)``);
   - a kernel under a Linen ``Einsum_<i>`` module: any layout is possible, so refused;
-  - 2-D: ``(in, out)`` (``Dense``, ``nnx.Linear``);
+  - 2-D: ``(in, out)`` (``Dense``, ``nnx.Linear``; an ``nnx.Einsum``, whose attribute name
+    does not say it is one, with an ``(out, in)`` kernel must be declared);
   - 3-D kernels of Flax attention (``nn.MultiHeadDotProductAttention``,
     ``nnx.MultiHeadAttention``): ``query`` / ``key`` / ``value`` are
     ``(in, heads, head_dim)`` (one input axis), ``out`` is ``(heads, head_dim, out)``

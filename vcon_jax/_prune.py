@@ -122,14 +122,16 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
   .. math:: C(W) = W \odot M(|W|), \quad \partial C / \partial W := I
 
   Args:
-    sparsity: fraction of weights zeroed per group, in ``[0, 1)``; or a schedule
-      ``count -> sparsity`` (e.g. :func:`vcon_jax.polynomial_ramp`) for gradual pruning.
+    sparsity: fraction of weights zeroed per group, a number in ``[0, 1)`` (numpy scalars
+      included); or a schedule ``count -> sparsity`` (e.g.
+      :func:`vcon_jax.polynomial_ramp`) for gradual pruning, evaluated at a few counts
+      when ``prune`` is called and refused if it leaves ``[0, 1)``.
     granularity: ``"layer"`` (one threshold per tensor), ``"neuron"`` (per output unit:
       for a ``(in, heads, head_dim)`` attention kernel one per ``(head, head_dim)`` pair)
       or ``"group"`` (blocks of ``group_size`` consecutive inputs of each output unit).
     group_size: block length for ``granularity="group"``.
     n, m: n:m structured sparsity: keep ``n`` of every ``m`` consecutive inputs of each
-      output unit (e.g. ``n=2, m=4``). Exclusive with ``sparsity``.
+      output unit (e.g. ``n=2, m=4``; ``1 <= n <= m``). Exclusive with ``sparsity``.
     update_every: recompute the mask every this many optimiser steps (1: online, as in the
       paper); ``None``: a fixed mask computed once from the initial weights. With values
       above 1 the mask is stored in the transform state and refreshed in ``update``.
