@@ -391,3 +391,10 @@ def test_numpy_scalars_are_numbers():
   assert int((np.asarray(c["Dense_0"]["kernel"]) != 0).sum()) == 16
   assert float(vj.linear_vanish(np.int64(4))(2)) == 0.5
   assert vj.quantize(bits=16) and vj.quantize(bits=1)
+
+
+def test_low_precision_kernels_selected_integers_not():
+  t = vj.prune(0.5)
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+    assert t.select("Dense_0/kernel", jnp.zeros((4, 4), dtype)), dtype
+  assert not t.select("Dense_0/kernel", jnp.zeros((4, 4), jnp.int32))

@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 #: Lookup tables, left dense by default: a kernel is not selected when one WHOLE segment of
@@ -84,7 +85,8 @@ def compile_pattern(name: str, pattern: str | None) -> re.Pattern | None:
 
 def _is_float(leaf: Any) -> bool:
   dtype = getattr(leaf, "dtype", None)
-  return dtype is not None and np.issubdtype(np.dtype(dtype), np.inexact)
+  # jnp's issubdtype knows bfloat16 and the other ml_dtypes floats; numpy's does not.
+  return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
 def is_kernel(path: str, leaf: Any) -> bool:
