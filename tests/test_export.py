@@ -464,3 +464,47 @@ def test_nnx_run_leaves_the_module_alone_and_checks_its_params(tmp_path):
   other = _nnx_model("mlp", in_features=40, hidden=(16,), num_classes=10)
   with pytest.raises(ValueError, match="do not match the export.*layers/0/kernel"):
     loaded.apply_fn(other)
+
+
+class _Attn(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=16, qkv_features=32,
+                                       decode=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.attn(x)
+
+
+@pytest.mark.parametrize("transform", ["low_rank", "quantize", "prune_neuron"])
+def test_attention_kernels_export_in_their_real_matrix_view(transform, tmp_path):
+  """q/k/v kernels (in, heads, head_dim) are stored as their (in, heads*head_dim) matrix:
+  low-rank factors of that matrix, per-(head, head_dim) scales; decoding transposes back."""
+  module = _Attn(nnx.Rngs(0))
+  t = {"low_rank": lambda: vj.low_rank(4),
+       "quantize": lambda: vj.quantize(4),
+       "prune_neuron": lambda: vj.prune(0.75, granularity="neuron")}[transform]()
+  step = vj.make_train_step(module, t, vj.linear_vanish(0))
+  state = step.init()
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz")
+  cparams = step.compressed_params(state).to_pure_dict()
+  flat_loaded = dict(jax.tree_util.tree_leaves_with_path(loaded.params()))
+  for path, ref in jax.tree_util.tree_leaves_with_path(cparams):
+    np.testing.assert_allclose(flat_loaded[path], ref, rtol=1e-6, atol=1e-6)
+  manifest, _ = export_format.read(tmp_path / "m.npz")
+  query = next(l for l in manifest["leaves"] if l["path"] == "attn/query/kernel")
+  assert query["format"].get("in_axes") == [0]
+  out = next(l for l in manifest["leaves"] if l["path"] == "attn/out/kernel")
+  assert "in_axes" not in out["format"]  # (heads, head_dim, out): Flax's default view
+  if transform == "low_rank":
+    assert query["format"]["kind"] == "low_rank"
+    assert query["compressed_bytes"] == 4 * (16 + 32) * 4
+  else:
+    assert query["format"]["kind"] == "coded"
+    assert query["compressed_bytes"] < query["dense_bytes"] / 2
+  x = np.random.RandomState(1).rand(2, 3, 16).astype(np.float32)
+  reference = nnx.clone(module)
+  nnx.update(reference, step.compressed_params(state))
+  for decode in ("once", "on_the_fly"):
+    np.testing.assert_allclose(loaded.apply(module, x, decode=decode), reference(x),
+                               rtol=1e-5, atol=1e-5, err_msg=decode)

@@ -1,8 +1,8 @@
 """Property tests (hypothesis): the transforms' guarantees over random shapes and dtypes.
 
-Shapes: 1-D leaves (biases; not selected by default, so selected here with ``where=``),
-dense ``(fan_in, fan_out)`` matrices and 4-D conv kernels ``(kh, kw, cin, cout)``, with odd
-sizes. Values: integer-valued weights (many exact ties in magnitude, zeros), arbitrary
+Shapes: 1-D leaves (biases; not selected by default, so selected here with
+``include_non_kernels=True``), dense ``(fan_in, fan_out)`` matrices and 4-D conv kernels
+``(kh, kw, cin, cout)``, with odd sizes. Values: integer-valued weights (many exact ties in magnitude, zeros), arbitrary
 finite float32s, or magnitudes spread over 12 decades (outliers next to tiny weights);
 dtypes float32 and bfloat16. Properties:
 
@@ -45,6 +45,10 @@ from hypothesis.extra import numpy as hnp
 
 import vcon_jax as vj
 from vcon_jax import _paths
+
+
+# The leaf under test, selected whatever its number of axes (1-D leaves are not kernels).
+SEL = {"where": "^kernel$", "include_non_kernels": True}
 
 
 def props(max_examples):
@@ -90,26 +94,26 @@ def f32(x):
 
 
 def params_of(w):
-  """``{"k": w}`` plus a leaf the transforms must leave alone."""
-  return {"k": w, "other": jnp.arange(3, dtype=jnp.float32)}
+  """``{"kernel": w}`` plus a leaf the transforms must leave alone."""
+  return {"kernel": w, "other": jnp.arange(3, dtype=jnp.float32)}
 
 
 def check_outputs(p, out, train0):
   """The selected leaf keeps dtype and shape, others are untouched, and the training view
   at beta = 0 (``exact=False``, straight-through) holds exactly the compressed values."""
   np.testing.assert_array_equal(out["other"], p["other"])
-  assert out["k"].dtype == p["k"].dtype and out["k"].shape == p["k"].shape
-  np.testing.assert_array_equal(f32(train0["k"]), f32(out["k"]))
+  assert out["kernel"].dtype == p["kernel"].dtype and out["kernel"].shape == p["kernel"].shape
+  np.testing.assert_array_equal(f32(train0["kernel"]), f32(out["kernel"]))
 
 
 def compressed(t, w):
-  """``compress(t, {"k": w, ...})["k"]`` as float32 numpy, checked by ``check_outputs``."""
+  """``compress(t, {"kernel": w, ...})["kernel"]`` as float32 numpy, checked by ``check_outputs``."""
   p = params_of(w)
   s = t.init(p)
   out, train0 = jax.jit(lambda p, s: (vj.compress(t, p, s),
                                       t.apply(p, s, jnp.float32(0.0), 0, exact=False)))(p, s)
   check_outputs(p, out, train0)
-  return f32(out["k"])
+  return f32(out["kernel"])
 
 
 def rows_of(x, granularity, group_size=None):
@@ -144,14 +148,14 @@ def prune_outputs(t, w, mask_args):
   @jax.jit
   def run(p, s, traced_sparsity):
     return (vj.compress(t, p, s), t.apply(p, s, jnp.float32(0.0), 0, exact=False),
-            vj.magnitude_mask(p["k"], sparsity, *rest),
-            vj.magnitude_mask(p["k"], traced_sparsity, *rest))
+            vj.magnitude_mask(p["kernel"], sparsity, *rest),
+            vj.magnitude_mask(p["kernel"], traced_sparsity, *rest))
 
   out, train0, mask, traced_mask = run(p, s, jnp.float32(0.0 if sparsity is None
                                                          else sparsity))
   check_outputs(p, out, train0)
   assert mask.shape == w.shape and mask.dtype == jnp.bool_
-  return f32(out["k"]), np.asarray(mask), np.asarray(traced_mask)
+  return f32(out["kernel"]), np.asarray(mask), np.asarray(traced_mask)
 
 
 @props(20)
@@ -163,7 +167,7 @@ def test_prune_keeps_exact_count_per_group(data):
   group_size = data.draw(st.sampled_from(divisors(fan_in))) if granularity == "group" else None
   sparsity = data.draw(st.one_of(st.sampled_from([0.0, 0.5, 0.25, 0.75]),
                                  st.floats(0.0, 0.99)))
-  t = vj.prune(sparsity=sparsity, granularity=granularity, group_size=group_size, where="k")
+  t = vj.prune(sparsity=sparsity, granularity=granularity, group_size=group_size, **SEL)
   c, mask, traced_mask = prune_outputs(t, w, (sparsity, granularity, group_size))
 
   scores = rows_of(np.abs(f32(w)), granularity, group_size)
@@ -181,7 +185,7 @@ def test_prune_keeps_exact_count_per_group(data):
 @given(data=st.data())
 def test_prune_n_m_keeps_n_of_every_m(data):
   m = data.draw(st.integers(1, 6), label="m")
-  n = data.draw(st.integers(0, m), label="n")
+  n = data.draw(st.integers(1, m), label="n")  # n = 0 is refused at build time
   dtype = data.draw(DTYPES)
   kind = data.draw(st.sampled_from(["dense", "conv"]))
   fan_out = data.draw(st.integers(1, 7))
@@ -191,7 +195,7 @@ def test_prune_n_m_keeps_n_of_every_m(data):
     shape = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)),
              m * data.draw(st.integers(1, 2)), fan_out)
   w = data.draw(arrays(shape, dtype))
-  t = vj.prune(n=n, m=m, where="k")
+  t = vj.prune(n=n, m=m, **SEL)
   c, mask, _ = prune_outputs(t, w, (None, "group", m, n))
   groups = rows_of(mask, "group", m)
   np.testing.assert_array_equal(groups.sum(1), n)
@@ -204,7 +208,7 @@ def test_prune_n_m_keeps_n_of_every_m(data):
 @given(w=arrays(SHAPES_1D, DTYPES), m=st.integers(2, 8))
 def test_prune_n_m_on_1d_leaf_is_a_clear_error(w, m):
   # A 1-D leaf is one input per output unit (fan_in = 1): m > 1 cannot divide it.
-  t = vj.prune(n=1, m=m, where="k")
+  t = vj.prune(n=1, m=m, **SEL)
   with pytest.raises(ValueError, match=rf"m={m} must divide the input size"):
     t.init(params_of(w))
 
@@ -213,7 +217,7 @@ def test_prune_n_m_on_1d_leaf_is_a_clear_error(w, m):
 @props(20)
 @given(w=leaves())
 def test_binarize_two_values_plus_minus_mean(w):
-  c = compressed(vj.binarize(where="k"), w)
+  c = compressed(vj.binarize(**SEL), w)
   x = f32(w)
   assert len(np.unique(c)) <= 2
   scale = np.abs(c).max()
@@ -226,7 +230,7 @@ def test_binarize_two_values_plus_minus_mean(w):
 @props(30)
 @given(w=leaves(), bits=st.integers(1, 8), per_channel=st.booleans())
 def test_quantize_levels_per_channel(w, bits, per_channel):
-  c = compressed(vj.quantize(bits=bits, per_channel=per_channel, where="k"), w)
+  c = compressed(vj.quantize(bits=bits, per_channel=per_channel, **SEL), w)
   x = f32(w)
   # Channels: the last axis of a kernel; a 1-D leaf (or per_channel=False) has one scale.
   channelwise = per_channel and w.ndim > 1
@@ -264,7 +268,7 @@ def low_rank_cases(draw):
 @given(case=low_rank_cases())
 def test_low_rank_rank_at_most_r(case):
   w, r = case
-  c = compressed(vj.low_rank(rank=r, where="k"), w)
+  c = compressed(vj.low_rank(rank=r, **SEL), w)
   fan_in, fan_out = _paths.matricize_shape(w.shape)
   mat = f32(c).astype(np.float64).reshape(fan_in, fan_out)
   ref = f32(w).astype(np.float64).reshape(fan_in, fan_out)
@@ -282,11 +286,11 @@ def test_low_rank_rank_at_most_r(case):
 @given(w=arrays(SHAPES_1D, DTYPES), r=st.integers(2, 5))
 def test_low_rank_on_1d_leaf(w, r):
   # A 1-D leaf is a (1, L) matrix: rank 1 reproduces it, a larger rank is a clear error.
-  c = compressed(vj.low_rank(rank=1, where="k"), w)
+  c = compressed(vj.low_rank(rank=1, **SEL), w)
   eps = 1e-6 if w.dtype == jnp.float32 else 2 ** -7
   np.testing.assert_allclose(c, f32(w), rtol=0, atol=eps * np.abs(f32(w)).max())
   with pytest.raises(ValueError, match=rf"rank={r} is larger than leaf k"):
-    vj.low_rank(rank=r, where="k").init(params_of(w))
+    vj.low_rank(rank=r, **SEL).init(params_of(w))
 
 
 # ------------------------------------------------------------------ blend and gradients
@@ -294,15 +298,15 @@ def make_transform(name, w):
   fan_in, fan_out = _paths.matricize_shape(w.shape)
   group = max(d for d in divisors(fan_in) if d <= 4)
   return {
-      "prune": lambda: vj.prune(sparsity=0.6, where="k"),
-      "prune_neuron": lambda: vj.prune(sparsity=0.5, granularity="neuron", where="k"),
-      "prune_nm": lambda: vj.prune(n=1, m=group, where="k"),
-      "prune_interval": lambda: vj.prune(sparsity=0.4, update_every=3, where="k"),
-      "binarize": lambda: vj.binarize(where="k"),
-      "quantize": lambda: vj.quantize(bits=3, where="k"),
-      "low_rank": lambda: vj.low_rank(rank=min(2, fan_in, fan_out), where="k"),
-      "chain": lambda: vj.chain(vj.prune(sparsity=0.5, where="k"),
-                                vj.quantize(bits=4, where="k")),
+      "prune": lambda: vj.prune(sparsity=0.6, **SEL),
+      "prune_neuron": lambda: vj.prune(sparsity=0.5, granularity="neuron", **SEL),
+      "prune_nm": lambda: vj.prune(n=1, m=group, **SEL),
+      "prune_interval": lambda: vj.prune(sparsity=0.4, update_every=3, **SEL),
+      "binarize": lambda: vj.binarize(**SEL),
+      "quantize": lambda: vj.quantize(bits=3, **SEL),
+      "low_rank": lambda: vj.low_rank(rank=min(2, fan_in, fan_out), **SEL),
+      "chain": lambda: vj.chain(vj.prune(sparsity=0.5, **SEL),
+                                vj.quantize(bits=4, **SEL)),
   }[name]()
 
 
@@ -325,13 +329,13 @@ def test_blend_endpoints(w, name, exact, beta):
   (dense, zero, mid), comp = run(p, s, (jnp.float32(1.0), jnp.float32(0.0),
                                         jnp.float32(beta)))
   for out, expect in ((dense, p), (zero, comp)):
-    assert out["k"].dtype == w.dtype
-    np.testing.assert_array_equal(f32(out["k"]), f32(expect["k"]))
+    assert out["kernel"].dtype == w.dtype
+    np.testing.assert_array_equal(f32(out["kernel"]), f32(expect["kernel"]))
     np.testing.assert_array_equal(out["other"], p["other"])
-  expect = beta * f32(w).astype(np.float64) + (1 - beta) * f32(comp["k"])
-  scale = np.abs(f32(w)).max() + np.abs(f32(comp["k"])).max()
+  expect = beta * f32(w).astype(np.float64) + (1 - beta) * f32(comp["kernel"])
+  scale = np.abs(f32(w)).max() + np.abs(f32(comp["kernel"])).max()
   tol = (1e-6 if w.dtype == jnp.float32 else 2 ** -8) * scale
-  np.testing.assert_allclose(f32(mid["k"]), expect, atol=tol, rtol=0)
+  np.testing.assert_allclose(f32(mid["kernel"]), expect, atol=tol, rtol=0)
 
 
 @props(15)
@@ -344,7 +348,8 @@ def test_gradients_pass_straight_through(w, name, beta):
 
   @jax.jit
   def grad(p, beta):
-    return jax.grad(lambda p: jnp.sum(g * t.apply(p, s, beta, 0, exact=False)["k"]))(p)["k"]
+    return jax.grad(lambda p: jnp.sum(g * t.apply(p, s, beta, 0, exact=False)["kernel"]))(
+        p)["kernel"]
 
   np.testing.assert_array_equal(f32(grad(p, jnp.float32(0.0))), f32(g))
   tol = 1e-6 if w.dtype == jnp.float32 else 2 ** -8
@@ -356,22 +361,22 @@ def test_gradients_pass_straight_through(w, name, beta):
 def test_low_rank_gradient_split(case, beta):
   w, r = case
   w = w.astype(jnp.float32)
-  t = vj.low_rank(rank=r, where="k")
+  t = vj.low_rank(rank=r, **SEL)
   p = params_of(w)
   s = t.init(p)
   g = jnp.asarray(np.random.RandomState(w.size).randn(*w.shape), jnp.float32)
 
   def f(p, trainable):
     out = t.apply(p, vj.TransformState(trainable, s.aux), jnp.float32(beta), 0, exact=False)
-    return jnp.sum(g * out["k"])
+    return jnp.sum(g * out["kernel"])
 
   gw, gf = jax.jit(jax.grad(f, argnums=(0, 1)))(p, s.trainable)
   fan_in, fan_out = _paths.matricize_shape(w.shape)
   gm = np.asarray(g, np.float64).reshape(fan_in, fan_out)
-  a, b = (np.asarray(s.trainable["k"][n], np.float64) for n in "ab")
-  np.testing.assert_allclose(gw["k"], beta * np.asarray(g), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(gf["k"]["a"], (1 - beta) * gm @ b.T, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gf["k"]["b"], (1 - beta) * a.T @ gm, rtol=1e-4, atol=1e-5)
+  a, b = (np.asarray(s.trainable["kernel"][n], np.float64) for n in "ab")
+  np.testing.assert_allclose(gw["kernel"], beta * np.asarray(g), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(gf["kernel"]["a"], (1 - beta) * gm @ b.T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gf["kernel"]["b"], (1 - beta) * a.T @ gm, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------- train step

@@ -53,16 +53,16 @@ def test_prune_keeps_exact_count(granularity, group, expected_per_group):
 
 def test_prune_n_m_pattern():
   t = vj.prune(n=2, m=4)
-  p = {"k": jnp.asarray(np.random.RandomState(0).randn(16, 5), jnp.float32)}
-  c = vj.compress(t, p, t.init(p))["k"]
+  p = {"kernel": jnp.asarray(np.random.RandomState(0).randn(16, 5), jnp.float32)}
+  c = vj.compress(t, p, t.init(p))["kernel"]
   groups = (np.asarray(c) != 0).T.reshape(-1, 4)
   np.testing.assert_array_equal(groups.sum(1), 2)
 
 
 def test_prune_keeps_largest_magnitudes():
   w = jnp.asarray([[0.1, -5.0], [3.0, 0.2], [-0.3, 0.05]], jnp.float32)
-  t = vj.prune(sparsity=0.5, where="k")
-  c = np.asarray(vj.compress(t, {"k": w}, t.init({"k": w}))["k"])
+  t = vj.prune(sparsity=0.5, where="kernel")
+  c = np.asarray(vj.compress(t, {"kernel": w}, t.init({"kernel": w}))["kernel"])
   np.testing.assert_array_equal(c != 0, [[False, True], [True, False], [True, False]])
 
 
@@ -152,18 +152,20 @@ def test_straight_through_gradient(name):
 
 
 def test_low_rank_gradient_split():
-  p = {"k": jnp.asarray(np.random.RandomState(0).randn(6, 5), jnp.float32)}
+  p = {"kernel": jnp.asarray(np.random.RandomState(0).randn(6, 5), jnp.float32)}
   t = vj.low_rank(rank=2)
   s = t.init(p)
   g = jnp.ones((6, 5))
 
   def f(params, trainable):
-    out = t.apply(params, vj.TransformState(trainable, s.aux), jnp.float32(0.25), 0, exact=False)
-    return jnp.sum(out["k"] * g)
+    out = t.apply(params, vj.TransformState(trainable, s.aux), jnp.float32(0.25), 0,
+                  exact=False)
+    return jnp.sum(out["kernel"] * g)
 
   gw, gf = jax.grad(f, argnums=(0, 1))(p, s.trainable)
-  np.testing.assert_allclose(gw["k"], 0.25 * g)
-  np.testing.assert_allclose(gf["k"]["a"], 0.75 * g @ s.trainable["k"]["b"].T, rtol=1e-5)
+  np.testing.assert_allclose(gw["kernel"], 0.25 * g)
+  np.testing.assert_allclose(gf["kernel"]["a"], 0.75 * g @ s.trainable["kernel"]["b"].T,
+                             rtol=1e-5)
 
 
 def test_default_selection_and_regex():
@@ -191,18 +193,18 @@ def test_chain_with_member_schedules():
 
 
 def test_fixed_and_interval_masks_are_state():
-  p = {"k": jnp.asarray(np.random.RandomState(0).randn(10, 10), jnp.float32)}
+  p = {"kernel": jnp.asarray(np.random.RandomState(0).randn(10, 10), jnp.float32)}
   t = vj.prune(sparsity=0.5, update_every=None)
   s = t.init(p)
-  moved = {"k": -p["k"] * jnp.linspace(0, 2, 100).reshape(10, 10)}
+  moved = {"kernel": -p["kernel"] * jnp.linspace(0, 2, 100).reshape(10, 10)}
   same = t.update(moved, s, jnp.int32(4))
-  np.testing.assert_array_equal(same.aux["k"], s.aux["k"])
+  np.testing.assert_array_equal(same.aux["kernel"], s.aux["kernel"])
   t2 = vj.prune(sparsity=0.5, update_every=2)
   s2 = t2.init(p)
   kept = t2.update(moved, s2, jnp.int32(3))
-  np.testing.assert_array_equal(kept.aux["k"], s2.aux["k"])
+  np.testing.assert_array_equal(kept.aux["kernel"], s2.aux["kernel"])
   fresh = t2.update(moved, s2, jnp.int32(4))
-  np.testing.assert_array_equal(fresh.aux["k"], vj.magnitude_mask(moved["k"], 0.5))
+  np.testing.assert_array_equal(fresh.aux["kernel"], vj.magnitude_mask(moved["kernel"], 0.5))
 
 
 BAD = [
@@ -216,6 +218,7 @@ BAD = [
     (lambda: vj.prune(sparsity=0.5, update_every=0), "update_every"),
     (lambda: vj.prune(sparsity=0.5, where="(unclosed"), "not a valid regular expression"),
     (lambda: vj.quantize(bits=0), "bits must be an integer >= 1"),
+    (lambda: vj.quantize(bits=17), "bits must be an integer >= 1 and <= 16"),
     (lambda: vj.quantize(bits=2.5), "bits"),
     (lambda: vj.low_rank(rank=0), "rank must be an integer >= 1"),
     (lambda: vj.chain(), "at least one"),

@@ -16,7 +16,8 @@ from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
 from vcon_jax._spec import LeafSpec
 from vcon_jax._replicate import replicate, unreplicate
-from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
+from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
+                                 polynomial_ramp)
 from vcon_jax._losses import softmax_cross_entropy
 from vcon_jax._train import TrainState, TrainStep, make_train_step
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
@@ -29,6 +30,7 @@ __all__ = [
     "blend_outputs",
     "blend_weights",
     "chain",
+    "check_beta_schedule",
     "compress",
     "compressed_params",
     "dense_params",

@@ -7,19 +7,20 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from vcon_jax import _paths
+from vcon_jax import _paths, _schedules
 from vcon_jax._spec import LeafSpec
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
 
-def svd_factors(w, rank: int):
+def svd_factors(w, rank: int, in_axes: tuple[int, ...] | None = None):
   """``(A, B)`` with ``A @ B`` the best rank-``rank`` approximation of ``w`` as a matrix.
 
-  The singular values are split evenly (``A = U sqrt(S)``, ``B = sqrt(S) V^T``) so the two
-  factors have matching scale, which keeps their gradients balanced.
+  The matrix is ``w``'s ``(fan_in, fan_out)`` view over ``in_axes`` (its input axes;
+  ``None``: every axis but the last). The singular values are split evenly
+  (``A = U sqrt(S)``, ``B = sqrt(S) V^T``) so the two factors have matching scale, which
+  keeps their gradients balanced.
   """
-  fan_in, fan_out = _paths.matricize_shape(w.shape)
-  mat = np.asarray(w, dtype=np.float64).reshape(fan_in, fan_out)
+  mat = _paths.to_matrix(np.asarray(w, dtype=np.float64), in_axes)
   u, s, vt = np.linalg.svd(mat, full_matrices=False)
   root = np.sqrt(s[:rank])
   a = (u[:, :rank] * root).astype(w.dtype)
@@ -28,14 +29,18 @@ def svd_factors(w, rank: int):
 
 
 def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
-             where: str | None = None, exclude: str | None = None) -> Transform:
+             where: str | None = None, exclude: str | None = None,
+             in_axes: _paths.InAxes = None, include_non_kernels: bool = False) -> Transform:
   r"""Low-rank factorisation ``W ~ A B`` with trained factors.
 
-  Each selected kernel, viewed as a ``(fan_in, fan_out)`` matrix (all axes but the last are
-  inputs), gets factors ``A`` (fan_in x r) and ``B`` (r x fan_out) from its truncated SVD.
-  They live in ``TransformState.trainable`` and are optimised with the params. The gradient
-  is the true one: ``W`` receives ``beta`` times the blended weight's gradient, the factors
-  the rest; once beta is 0 ``W`` no longer matters.
+  Each selected kernel, viewed as the ``(fan_in, fan_out)`` matrix of its linear map (input
+  axes first: every axis but the last for Dense and Conv, ``in`` for an attention
+  ``(in, heads, head_dim)`` kernel, ``(heads, head_dim)`` for its ``out`` kernel), gets
+  factors ``A`` (fan_in x r) and ``B`` (r x fan_out) from its truncated SVD; ``A @ B`` is
+  reshaped back to the kernel's layout. The factors live in ``TransformState.trainable``
+  and are optimised with the params. The gradient is the true one: ``W`` receives ``beta``
+  times the blended weight's gradient, the factors the rest; once beta is 0 ``W`` no
+  longer matters.
 
   .. math:: \bar W = \beta W + (1 - \beta) A B
 
@@ -43,21 +48,27 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
     rank: the rank ``r >= 1`` (at most ``min(fan_in, fan_out)`` of every selected leaf), or
       a schedule ``count -> rank`` for the gradual-rank baseline: factors are then sized
       ``max_rank`` (default: full rank of each leaf) and columns beyond the current rank
-      are masked out (the SVD orders them by importance).
+      are masked out (the SVD orders them by importance). A schedule is checked at a few
+      counts when ``low_rank`` is called (its rounded values must be >= 1).
     max_rank: factor size when ``rank`` is a schedule.
-    where, exclude: leaf selection regexes (default: kernels with ``ndim >= 2``).
+    where, exclude: regexes narrowing the default selection (every ``kernel`` with
+      ``ndim >= 2`` outside lookup tables).
+    in_axes: ``{path regex: n or (axis, ...)}``: input axes of multi-axis kernels whose
+      layout Flax's names do not tell (an ambiguous kernel raises at ``init``).
+    include_non_kernels: also select other leaves with ``ndim >= 1``.
 
   >>> import vcon_jax as vj
   >>> t = vj.low_rank(rank=16)
   """
   scheduled = callable(rank)
-  if not scheduled and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-    raise ValueError(f"rank must be an integer >= 1 or a schedule, got {rank!r}.")
-  if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
-    raise ValueError(f"max_rank must be an integer >= 1 or None, got {max_rank!r}.")
+  if scheduled:
+    _schedules.check_schedule(rank, "rank", lambda v: round(v) >= 1, ">= 1 once rounded")
+  else:
+    rank = _schedules.as_int("rank", rank, 1)
+  max_rank = _schedules.as_int("max_rank", max_rank, 1, allow_none=True)
 
-  def init(path, w):
-    fan_in, fan_out = _paths.matricize_shape(w.shape)
+  def init(path, w, axes):
+    fan_in, fan_out = _paths.matricize_shape(w.shape, axes)
     allowed = min(fan_in, fan_out)
     r = (max_rank or allowed) if scheduled else rank
     if r > allowed:
@@ -65,19 +76,20 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
       raise ValueError(f"{name}={r} is larger than leaf {path} of shape {tuple(w.shape)} "
                        f"allows (at most min(fan_in, fan_out) = {allowed}); choose a "
                        f"smaller rank or exclude the leaf.")
-    a, b = svd_factors(w, r)
+    a, b = svd_factors(w, r, axes)
     return {"a": a, "b": b}, None
 
-  def compress(w, factors, aux, count, exact):
+  def compress(w, axes, factors, aux, count, exact):
     a, b = factors["a"], factors["b"]
     if scheduled:
       keep = jnp.arange(a.shape[1]) < jnp.round(jnp.asarray(rank(count), jnp.float32))
       a = a * keep.astype(a.dtype)
-    return (a @ b).reshape(w.shape)
+    return _paths.from_matrix(a @ b, w.shape, axes)
 
-  def describe(w, factors, count):
+  def describe(w, axes, factors, count):
     return LeafSpec("low_rank", rank=int(jnp.round(rank(count))) if scheduled else rank,
                     factors=(factors["a"], factors["b"]))
 
-  return leafwise(LeafRule(init, compress, None, describe), where=where, exclude=exclude,
-                  name="low_rank")
+  return leafwise(LeafRule(init, compress, None, describe, needs_axes=True), where=where,
+                  exclude=exclude, name="low_rank", in_axes=in_axes,
+                  include_non_kernels=include_non_kernels)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vcon_jax import _paths
+from vcon_jax import _paths, _schedules
 from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
 from vcon_jax._transform import LeafRule, Transform, leafwise
@@ -22,19 +22,23 @@ from vcon_jax._transform import LeafRule, Transform, leafwise
 GRANULARITIES = ("layer", "neuron", "group")
 
 
-def _groups(shape, granularity, group_size):
-  """Returns (to_rows, from_rows) reshaping a kernel into (groups, group_len) rows."""
-  fan_in, fan_out = _paths.matricize_shape(shape)
+def _groups(shape, granularity, group_size, in_axes=None):
+  """Returns (to_rows, from_rows) reshaping a kernel into (groups, group_len) rows.
 
+  Rows are output units (``neuron``) or blocks of ``group_size`` consecutive inputs of an
+  output unit (``group``), with the kernel viewed as its ``(fan_in, fan_out)`` matrix over
+  ``in_axes`` (``None``: all axes but the last).
+  """
   if granularity == "layer":
     return (lambda x: x.reshape(1, -1)), (lambda r: r.reshape(shape))
 
   def to_rows(x):
-    cols = x.reshape(fan_in, fan_out).T  # (fan_out, fan_in): one row per output unit
+    cols = _paths.to_matrix(x, in_axes).T  # (fan_out, fan_in): one row per output unit
     return cols if granularity == "neuron" else cols.reshape(-1, group_size)
 
   def from_rows(r):
-    return r.reshape(fan_out, fan_in).T.reshape(shape)
+    fan_in, fan_out = _paths.matricize_shape(shape, in_axes)
+    return _paths.from_matrix(r.reshape(fan_out, fan_in).T, shape, in_axes)
 
   return to_rows, from_rows
 
@@ -49,47 +53,50 @@ def _keep_count(group_len: int, sparsity: Any, n: int | None) -> Any:
 
 
 def magnitude_mask(w: jax.Array, sparsity: Any, granularity: str = "layer",
-                   group_size: int | None = None, n: int | None = None) -> jax.Array:
+                   group_size: int | None = None, n: int | None = None,
+                   in_axes: tuple[int, ...] | None = None) -> jax.Array:
   """Boolean mask keeping the largest ``|w|``: ``L - round(sparsity * L)`` per group of ``L``.
 
   ``round`` is Python's (half to even): ``sparsity`` is the fraction zeroed, rounded.
+  ``in_axes``: the input axes of ``w`` for ``"neuron"`` and ``"group"`` (``None``: every
+  axis but the last, Flax's Dense / Conv layout).
   """
-  to_rows, from_rows = _groups(w.shape, granularity, group_size)
+  to_rows, from_rows = _groups(w.shape, granularity, group_size, in_axes)
   rows = to_rows(jnp.abs(w))
   k = _keep_count(rows.shape[1], sparsity, n)
   return from_rows(topk_mask(rows, k))
 
 
-def _check_int(name, value, low, allow_none=False):
-  if allow_none and value is None:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{name} must be an integer >= {low}"
-                     f"{' or None' if allow_none else ''}, got {value!r}.")
-
-
 def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer",
           group_size: int | None = None, n: int | None = None, m: int | None = None,
           update_every: int | None = 1, where: str | None = None,
-          exclude: str | None = None) -> Transform:
+          exclude: str | None = None, in_axes: _paths.InAxes = None,
+          include_non_kernels: bool = False) -> Transform:
   r"""Magnitude pruning with a straight-through gradient.
 
   .. math:: C(W) = W \odot M(|W|), \quad \partial C / \partial W := I
 
   Args:
-    sparsity: fraction of weights zeroed per group, in ``[0, 1)``; or a schedule
-      ``count -> sparsity`` (e.g. :func:`vcon_jax.polynomial_ramp`) for gradual pruning.
-    granularity: ``"layer"`` (one threshold per tensor), ``"neuron"`` (per output unit, i.e.
-      per last-axis slice) or ``"group"`` (blocks of ``group_size`` consecutive inputs of
-      each output unit).
+    sparsity: fraction of weights zeroed per group, a number in ``[0, 1)`` (numpy scalars
+      included); or a schedule ``count -> sparsity`` (e.g.
+      :func:`vcon_jax.polynomial_ramp`) for gradual pruning, evaluated at a few counts
+      when ``prune`` is called and refused if it leaves ``[0, 1)``.
+    granularity: ``"layer"`` (one threshold per tensor), ``"neuron"`` (per output unit:
+      for a ``(in, heads, head_dim)`` attention kernel one per ``(head, head_dim)`` pair)
+      or ``"group"`` (blocks of ``group_size`` consecutive inputs of each output unit).
     group_size: block length for ``granularity="group"``.
     n, m: n:m structured sparsity: keep ``n`` of every ``m`` consecutive inputs of each
-      output unit (e.g. ``n=2, m=4``). Exclusive with ``sparsity``.
+      output unit (e.g. ``n=2, m=4``; ``1 <= n <= m``). Exclusive with ``sparsity``.
     update_every: recompute the mask every this many optimiser steps (1: online, as in the
       paper); ``None``: a fixed mask computed once from the initial weights. With values
       above 1 the mask is stored in the transform state and refreshed in ``update``.
-    where, exclude: regexes selecting leaves by path (default: all kernels with
-      ``ndim >= 2`` except embeddings).
+    where, exclude: regexes narrowing the selection by path (default: every ``kernel``
+      with ``ndim >= 2`` outside lookup tables, see the README's Selection paragraph).
+    in_axes: ``{path regex: n or (axis, ...)}`` declaring the input axes of multi-axis
+      kernels whose layout Flax's names do not tell (needed by ``"neuron"``, ``"group"``
+      and n:m only; an ambiguous kernel raises at ``init`` saying so).
+    include_non_kernels: also select biases, norm scales and tables (every floating leaf
+      with ``ndim >= 1``), narrowed by ``where``/``exclude``.
 
   Returns:
     A :class:`Transform`.
@@ -104,8 +111,8 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
     if sparsity is not None:
       raise ValueError(f"Pass either sparsity or n and m, not both (got sparsity="
                        f"{sparsity!r}, n={n!r}, m={m!r}).")
-    _check_int("n", n, 0)
-    _check_int("m", m, 1)
+    n = _schedules.as_int("n", n, 1)
+    m = _schedules.as_int("m", m, 1)
     if n > m:
       raise ValueError(f"n:m pruning keeps n of every m weights, so n <= m is required; "
                        f"got n={n}, m={m}.")
@@ -113,50 +120,56 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
   else:
     if sparsity is None:
       raise ValueError("prune() needs sparsity in [0, 1) (or a schedule), or n and m.")
-    if not callable(sparsity):
-      if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-          0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity must be a number in [0, 1) or a schedule, got "
-                         f"{sparsity!r}.")
+    if callable(sparsity):
+      _schedules.check_schedule(sparsity, "sparsity", lambda v: 0.0 <= v < 1.0,
+                                "in [0, 1)")
+    elif not _schedules.is_number(sparsity) or not 0.0 <= sparsity < 1.0:
+      raise ValueError(f"sparsity must be a number in [0, 1) or a schedule, got "
+                       f"{sparsity!r}.")
+    else:
+      sparsity = float(sparsity)
     if granularity not in GRANULARITIES:
       raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if granularity == "group":
-      _check_int("group_size", group_size, 1)
-  _check_int("update_every", update_every, 1, allow_none=True)
+      group_size = _schedules.as_int("group_size", group_size, 1)
+  update_every = _schedules.as_int("update_every", update_every, 1, allow_none=True)
 
   def sparsity_at(count):
     return sparsity(count) if callable(sparsity) else sparsity
 
-  def mask_of(w, count):
+  def mask_of(w, axes, count):
     return magnitude_mask(lax.stop_gradient(w), sparsity_at(count), granularity,
-                          group_size, n)
+                          group_size, n, axes)
 
   stored = update_every != 1
 
-  def init(path, w):
+  def init(path, w, axes):
     if granularity == "group":
-      fan_in, _ = _paths.matricize_shape(w.shape)
+      fan_in, _ = _paths.matricize_shape(w.shape, axes)
       if fan_in % group_size:
         what = f"m={m}" if n is not None else f"group_size={group_size}"
         raise ValueError(f"{what} must divide the input size of every selected leaf; "
                          f"{path} has shape {tuple(w.shape)} (input size {fan_in}).")
-    return None, (mask_of(w, 0) if stored else None)
+    return None, (mask_of(w, axes, 0) if stored else None)
 
-  def compress(w, trainable, mask, count, exact):
+  def compress(w, axes, trainable, mask, count, exact):
     if mask is None:
-      mask = mask_of(w, count)
+      mask = mask_of(w, axes, count)
     c = jnp.where(mask, w, jnp.zeros_like(w))
     return c if exact else w + lax.stop_gradient(c - w)
 
-  def update(w, trainable, mask, count):
+  def update(w, axes, trainable, mask, count):
     if update_every is None:
       return mask
-    return lax.cond(count % update_every == 0, lambda: mask_of(w, count), lambda: mask)
+    return lax.cond(count % update_every == 0, lambda: mask_of(w, axes, count),
+                    lambda: mask)
 
-  def describe(w, trainable, count):
+  def describe(w, axes, trainable, count):
     if n is not None:
       return LeafSpec("prune", sparsity=1.0 - n / m, granularity="group", pattern=(n, m))
     return LeafSpec("prune", sparsity=float(sparsity_at(count)), granularity=granularity)
 
-  return leafwise(LeafRule(init, compress, update if stored else None, describe),
-                  where=where, exclude=exclude, name="prune")
+  return leafwise(LeafRule(init, compress, update if stored else None, describe,
+                           needs_axes=granularity != "layer"),
+                  where=where, exclude=exclude, name="prune", in_axes=in_axes,
+                  include_non_kernels=include_non_kernels)

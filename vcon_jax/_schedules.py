@@ -7,16 +7,120 @@ factory is called.
 
 from __future__ import annotations
 
-from typing import Callable
+import numbers
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 Schedule = Callable
 
+#: Counts at which schedules are evaluated in Python when a factory receives one.
+CHECK_COUNTS = (0, 1, 2, 3, 5, 10, 30, 100, 300, 1_000, 3_000, 10_000, 100_000, 1_000_000,
+                10_000_000)
 
-def _check_steps(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-    raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+
+def as_int(name: str, value: Any, low: int, high: int | None = None,
+           allow_none: bool = False) -> int | None:
+  """``value`` as a Python int in ``[low, high]`` (numpy integers are integers too)."""
+  if allow_none and value is None:
+    return None
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+      or value < low or (high is not None and value > high)):
+    span = f">= {low}" if high is None else f">= {low} and <= {high}"
+    raise ValueError(f"{name} must be an integer {span}{' or None' if allow_none else ''}, "
+                     f"got {value!r}.")
+  return int(value)
+
+
+def is_number(value: Any) -> bool:
+  """A real number that is not a bool (Python or numpy scalar)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def schedule_values(schedule: Callable, name: str,
+                    counts: Sequence[int] = CHECK_COUNTS) -> list[tuple[int, float]]:
+  """``[(count, float(schedule(count)))]``, evaluated eagerly at int32 counts (as optax
+  passes them); a failure or a non-scalar, non-finite value is a ``ValueError``."""
+  out = []
+  for count in counts:
+    try:
+      value = np.asarray(schedule(jnp.asarray(count, jnp.int32)))
+    except Exception as err:  # pylint: disable=broad-except
+      raise ValueError(f"{name} could not be evaluated at count {count}: "
+                       f"{type(err).__name__}: {err}") from err
+    if value.shape != () or not np.issubdtype(value.dtype, np.number):
+      raise ValueError(f"{name} must return a scalar number, {name}({count}) is "
+                       f"{value!r}.")
+    value = float(value)
+    if not np.isfinite(value):
+      raise ValueError(f"{name}({count}) = {value} is not finite.")
+    out.append((count, value))
+  return out
+
+
+def check_schedule(schedule: Callable, name: str, ok: Callable[[float], bool],
+                   allowed: str) -> None:
+  """Evaluates ``schedule`` at :data:`CHECK_COUNTS`; ``ValueError`` where ``ok`` fails."""
+  if not callable(schedule):
+    raise ValueError(f"{name} must be a schedule (count -> value), got {schedule!r}.")
+  for count, value in schedule_values(schedule, name):
+    if not ok(value):
+      raise ValueError(f"{name} must stay {allowed}, but {name}({count}) = {value:g}.")
+
+
+def check_beta_schedule(schedule: Any, name: str = "beta", *,
+                        start: Sequence[float] | None = (1.0, 0.0)) -> Any:
+  """Checks a beta schedule in Python, before any jit; returns it unchanged.
+
+  A beta schedule gives the weight of the dense weights, so every value must lie in
+  ``[0, 1]``, and the transition must begin at an end point: ``beta(0) = 1`` (VCON: the
+  dense model first) or ``0`` (post-shot, :func:`linear_vanish` ``(0)``, and the gradual
+  baselines' ``constant(0.0)``). A schedule starting elsewhere is almost always another
+  schedule passed by mistake (e.g. a learning-rate schedule). The schedule is evaluated
+  at :data:`CHECK_COUNTS`; a plain number is checked as a constant schedule.
+
+  Args:
+    schedule: ``count -> beta`` (any optax schedule) or a number.
+    name: what to call it in the error message.
+    start: the allowed values of ``beta(0)`` (to within 1e-6); ``None``: any in [0, 1].
+
+  Returns:
+    ``schedule``.
+
+  Raises:
+    ValueError: it is not callable, fails, returns a non-scalar, leaves ``[0, 1]`` or does
+      not start at an allowed value.
+
+  >>> import vcon_jax as vj
+  >>> s = vj.check_beta_schedule(vj.linear_vanish(100))
+  >>> vj.check_beta_schedule(vj.constant(5.0))
+  Traceback (most recent call last):
+  ...
+  ValueError: beta must stay in [0, 1] (it weighs the dense weights), but beta(0) = 5.
+  """
+  if is_number(schedule):
+    values = [(0, float(schedule))]
+  elif callable(schedule):
+    values = schedule_values(schedule, name)
+  else:
+    raise ValueError(f"{name} must be a schedule count -> beta in [0, 1] (e.g. "
+                     f"vj.linear_vanish(Q)) or a number, got {schedule!r}.")
+  for count, value in values:
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"{name} must stay in [0, 1] (it weighs the dense weights), but "
+                       f"{name}({count}) = {value:g}.")
+  first = values[0][1]
+  if start is not None and not any(abs(first - s) <= 1e-6 for s in start):
+    allowed = " or ".join(f"{s:g}" for s in start)
+    raise ValueError(f"{name} must start at {allowed} (1: VCON, dense first; 0: post-shot "
+                     f"or gradual baselines), but {name}(0) = {first:g}; is it a learning-"
+                     f"rate schedule? Use e.g. vj.linear_vanish(transition_steps).")
+  return schedule
+
+
+def _check_steps(name: str, value) -> int:
+  return as_int(name, value, 0)
 
 
 def linear_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
@@ -35,8 +139,8 @@ def linear_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
   >>> float(vj.linear_vanish(transition_steps=10)(5))
   0.5
   """
-  _check_steps("transition_steps", transition_steps)
-  _check_steps("begin_step", begin_step)
+  transition_steps = _check_steps("transition_steps", transition_steps)
+  begin_step = _check_steps("begin_step", begin_step)
 
   def schedule(count):
     t = jnp.asarray(count, jnp.float32) - begin_step
@@ -59,8 +163,8 @@ def cosine_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
   >>> float(vj.cosine_vanish(transition_steps=10)(10))
   0.0
   """
-  _check_steps("transition_steps", transition_steps)
-  _check_steps("begin_step", begin_step)
+  transition_steps = _check_steps("transition_steps", transition_steps)
+  begin_step = _check_steps("begin_step", begin_step)
 
   def schedule(count):
     t = jnp.asarray(count, jnp.float32) - begin_step
@@ -86,8 +190,12 @@ def polynomial_ramp(final: float, begin_step: int, end_step: int, initial: float
   >>> round(float(vj.polynomial_ramp(0.9, 0, 100)(100)), 6)
   0.9
   """
-  _check_steps("begin_step", begin_step)
-  _check_steps("end_step", end_step)
+  begin_step = _check_steps("begin_step", begin_step)
+  end_step = _check_steps("end_step", end_step)
+  if not (is_number(final) and is_number(initial) and is_number(power)):
+    raise ValueError(f"final, initial and power must be numbers, got final={final!r}, "
+                     f"initial={initial!r}, power={power!r}.")
+  final, initial, power = float(final), float(initial), float(power)
   if end_step < begin_step:
     raise ValueError(f"end_step must be >= begin_step, got begin_step={begin_step}, "
                      f"end_step={end_step}.")
@@ -105,5 +213,12 @@ def polynomial_ramp(final: float, begin_step: int, end_step: int, initial: float
 
 
 def constant(value: float) -> Schedule:
-  """A constant schedule (``constant(0.0)`` is the gradual baselines' beta)."""
+  """A constant schedule (``constant(0.0)`` is the gradual baselines' beta).
+
+  Any finite number is accepted (it may be a bit width or a rank); where it is used as a
+  beta, :func:`check_beta_schedule` refuses values outside ``[0, 1]``.
+  """
+  if not is_number(value) or not np.isfinite(value):
+    raise ValueError(f"constant() needs a finite number, got {value!r}.")
+  value = float(value)
   return lambda count: jnp.asarray(value, jnp.float32)

@@ -26,6 +26,9 @@ class LeafSpec:
     granularity: pruning granularity (``"layer"``, ``"neuron"``, ``"group"``).
     pattern: ``(n, m)`` for n:m sparsity (``n`` kept of every ``m`` inputs).
     rank: the rank of a low-rank factorisation.
+    in_axes: the leaf's input axes when they are not every axis but the last (e.g.
+      ``(0,)`` for an ``(in, heads, head_dim)`` attention kernel); ``None``: Flax's default.
+      The leaf's ``(fan_in, fan_out)`` matrix is taken over these axes.
     factors: ``(A, B)`` with ``A @ B`` the leaf as a ``(fan_in, fan_out)`` matrix (``A``
       may have more than ``rank`` columns; the first ``rank`` count). A leaf whose last
       spec has factors is exported as them when their product matches its values.
@@ -41,6 +44,7 @@ class LeafSpec:
   granularity: str | None = None
   pattern: tuple[int, int] | None = None
   rank: int | None = None
+  in_axes: tuple[int, ...] | None = None
   factors: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False,
                                                       repr=False)
 

@@ -8,12 +8,13 @@ Both are dicts keyed by leaf path.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from vcon_jax import _paths
+from vcon_jax import _paths, _schedules
 from vcon_jax._spec import LeafSpec
 
 Params = Any
@@ -67,17 +68,21 @@ class Transform(NamedTuple):
 class LeafRule(NamedTuple):
   """How one kind of compression acts on a single selected leaf.
 
-  ``init(path, w) -> (trainable, aux)`` (either may be ``None``);
-  ``compress(w, trainable, aux, count, exact) -> c`` where, for ``exact=False``, ``c``
-  carries the gradient the method wants (``w + stop_gradient(C(w) - w)`` for
-  straight-through); ``update(w, trainable, aux, count) -> aux`` or ``None``;
-  ``describe(w, trainable, count) -> LeafSpec``.
+  ``axes`` below is the leaf's tuple of input axes (:func:`vcon_jax._paths.input_axes`)
+  when ``needs_axes`` is true, else ``None``. ``init(path, w, axes) -> (trainable, aux)``
+  (either may be ``None``); ``compress(w, axes, trainable, aux, count, exact) -> c`` where,
+  for ``exact=False``, ``c`` carries the gradient the method wants
+  (``w + stop_gradient(C(w) - w)`` for straight-through);
+  ``update(w, axes, trainable, aux, count) -> aux`` or ``None``;
+  ``describe(w, axes, trainable, count) -> LeafSpec`` (``leafwise`` sets its ``in_axes``
+  when they are not Flax's default, every axis but the last).
   """
 
   init: Callable
   compress: Callable
   update: Callable | None
   describe: Callable
+  needs_axes: bool = False
 
 
 def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
@@ -92,32 +97,46 @@ def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
   return out.astype(w.dtype)
 
 
-def _no_match_error(where_desc: str, params: Params) -> ValueError:
+def _no_match_error(where_desc: str, params: Params, include_non_kernels: bool) -> ValueError:
   paths = [f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in _paths.leaf_paths(params)]
   shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
   return ValueError(
-      f"{where_desc} selects no parameter to compress. Selection matches `re.search` "
-      f"against leaf paths; the params have: {shown}.")
+      f"{where_desc} selects no parameter to compress. "
+      f"{_paths.selection_help(include_non_kernels)} Patterns match (`re.search`) "
+      f"/-joined leaf paths; the params have: {shown}.")
 
 
-def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
-             name: str) -> Transform:
-  """Builds a :class:`Transform` applying ``rule`` to every selected leaf."""
-  select = _paths.make_selector(where, exclude)
-  where_desc = (f"{name}(where={where!r}, exclude={exclude!r})")
+def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: str,
+             in_axes: _paths.InAxes = None, include_non_kernels: bool = False) -> Transform:
+  """Builds a :class:`Transform` applying ``rule`` to every selected leaf.
+
+  Selection: :func:`vcon_jax._paths.make_selector`; the input axes of each leaf (when the
+  rule needs them): :func:`vcon_jax._paths.input_axes` with the ``in_axes`` declarations,
+  resolved (or refused) at ``init``, before any jit.
+  """
+  select = _paths.make_selector(where, exclude, include_non_kernels)
+  declared = _paths.compile_in_axes(in_axes)
+  where_desc = f"{name}(where={where!r}, exclude={exclude!r})"
+
+  def axes_of(path, leaf):
+    if not rule.needs_axes:
+      return None
+    try:
+      return _paths.input_axes(path, getattr(leaf, "shape", ()), declared)
+    except ValueError as err:
+      raise ValueError(f"{name}: {err}") from None
 
   def init(params: Params) -> TransformState:
     trainable, aux = {}, {}
-    for path, leaf in _paths.leaf_paths(params):
-      if not select(path, leaf):
-        continue
-      tr, ax = rule.init(path, leaf)
+    chosen = [(p, l) for p, l in _paths.leaf_paths(params) if select(p, l)]
+    if not chosen:
+      raise _no_match_error(where_desc, params, include_non_kernels)
+    for path, leaf in chosen:
+      tr, ax = rule.init(path, leaf, axes_of(path, leaf))
       if tr is not None:
         trainable[path] = tr
       if ax is not None:
         aux[path] = ax
-    if not any(select(p, l) for p, l in _paths.leaf_paths(params)):
-      raise _no_match_error(where_desc, params)
     return TransformState(trainable, aux)
 
   def apply(params, state, beta, count=0, *, exact=False):
@@ -125,7 +144,8 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
       p = _paths.path_str(path)
       if not select(p, leaf):
         return leaf
-      c = rule.compress(leaf, state.trainable.get(p), state.aux.get(p), count, exact)
+      c = rule.compress(leaf, axes_of(p, leaf), state.trainable.get(p), state.aux.get(p),
+                        count, exact)
       return blend(leaf, c, beta)
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -133,22 +153,32 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None,
     if rule.update is None:
       return state
     flat = dict(_paths.leaf_paths(params))
-    aux = {p: rule.update(flat[p], state.trainable.get(p), a, count)
+    aux = {p: rule.update(flat[p], axes_of(p, flat[p]), state.trainable.get(p), a, count)
            for p, a in state.aux.items()}
     return TransformState(state.trainable, aux)
 
   def describe(path, leaf, state, count=0):
     if not select(path, leaf):
       return ()
-    return (rule.describe(leaf, state.trainable.get(path), count),)
+    axes = axes_of(path, leaf)
+    trainable = None if state is None else state.trainable.get(path)
+    spec = rule.describe(leaf, axes, trainable, count)
+    if axes is not None and tuple(axes) != tuple(range(leaf.ndim - 1)):
+      spec = dataclasses.replace(spec, in_axes=tuple(axes))
+    return (spec,)
 
   return Transform(init, apply, update, select, describe)
 
 
 def _validate_schedule(name: str, schedule: Any) -> None:
-  if schedule is not None and not callable(schedule):
+  if schedule is None:
+    return
+  if not callable(schedule):
     raise ValueError(f"{name} must be a callable schedule (count -> beta) or None, got "
                      f"{schedule!r}.")
+  # A member's own beta may hold a partial blend (e.g. constant(0.5)) on purpose, so only
+  # the range is checked; the train step's beta must also start at 1 or 0.
+  _schedules.check_beta_schedule(schedule, name, start=None)
 
 
 def chain(*transforms: Transform, schedules: Any = None) -> Transform:
@@ -158,6 +188,8 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
   ``beta * w + (1 - beta) * C_n(...C_1(w))``. With ``schedules`` (one per member, ``None``
   meaning "use the train step's beta"), member ``i`` blends its own input with its output
   using ``schedules[i](count)``, so each compression vanishes in on its own timetable.
+  Member schedules are checked when ``chain`` is called: every value must lie in
+  ``[0, 1]`` (:func:`vcon_jax.check_beta_schedule` with ``start=None``).
 
   >>> import vcon_jax as vj
   >>> t = vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=8))

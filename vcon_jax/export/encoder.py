@@ -210,10 +210,11 @@ def _bits_options(specs: tuple[LeafSpec, ...], values: np.ndarray, fan_out: int
   return []
 
 
-def _encode_low_rank(c: np.ndarray, a: np.ndarray, b: np.ndarray, rank: int | None):
+def _encode_low_rank(c: np.ndarray, a: np.ndarray, b: np.ndarray, rank: int | None,
+                     in_axes: tuple[int, ...] | None):
   if rank is not None and 0 < rank < a.shape[1]:
     a, b = a[:, :rank], b[:rank]
-  fan_in, fan_out = _paths.matricize_shape(c.shape)
+  fan_in, fan_out = _paths.matricize_shape(c.shape, in_axes)
   if a.shape[0] != fan_in or b.shape[1] != fan_out:
     return None
   if not jnp.issubdtype(c.dtype, jnp.floating):
@@ -224,11 +225,17 @@ def _encode_low_rank(c: np.ndarray, a: np.ndarray, b: np.ndarray, rank: int | No
   prod = a.astype(np.float64) @ b.astype(np.float64)
   bound = np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))
   tol = max(4e-3, 2 * float(jnp.finfo(c.dtype).eps))
-  err = np.abs(prod - c.reshape(fan_in, fan_out).astype(np.float64))
+  err = np.abs(prod - _paths.to_matrix(c, in_axes).astype(np.float64))
   if not np.all(err <= tol * (bound.max(initial=0.0) + 1e-30)):
     return None
-  return ({"kind": "low_rank", "rank": int(a.shape[1])},
+  return ({"kind": "low_rank", "rank": int(a.shape[1]), **_axes_field(in_axes)},
           {"a": np.ascontiguousarray(a), "b": np.ascontiguousarray(b)})
+
+
+def _axes_field(in_axes: tuple[int, ...] | None) -> dict:
+  """The format's ``in_axes`` entry: present only when the matrix view is not Flax's
+  default (every axis but the last), so ordinary kernels' manifests are unchanged."""
+  return {} if in_axes is None else {"in_axes": [int(a) for a in in_axes]}
 
 
 def encode_selected(c: np.ndarray, specs: tuple[LeafSpec, ...]):
@@ -238,16 +245,17 @@ def encode_selected(c: np.ndarray, specs: tuple[LeafSpec, ...]):
     c: the leaf's compressed values.
     specs: what the transform did to it (``Transform.describe``), ``()`` if unknown.
   """
+  in_axes = _spec.last(specs, "in_axes")
   if specs and specs[-1].factors is not None:
     a, b = (np.asarray(jax.device_get(f)) for f in specs[-1].factors)
-    enc = _encode_low_rank(c, a, b, specs[-1].rank)
+    enc = _encode_low_rank(c, a, b, specs[-1].rank, specs[-1].in_axes)
     if enc is not None:
       return enc
   best = ({"kind": "raw"}, {"value": c})
   if c.ndim == 0 or c.size == 0:
     return best
-  fan_in, fan_out = _paths.matricize_shape(c.shape)
-  mat = c.reshape(fan_in, fan_out)
+  fan_in, fan_out = _paths.matricize_shape(c.shape, in_axes)
+  mat = _paths.to_matrix(c, in_axes)
   best_bytes = c.nbytes
   bits_options = _bits_options(specs, mat, fan_out)
   layer_first = not _spec.last(specs, "per_channel")
@@ -258,9 +266,10 @@ def encode_selected(c: np.ndarray, specs: tuple[LeafSpec, ...]):
       arrays = {**layout_arrays, **codec_arrays}
       size = codec.nbytes(arrays)
       if size < best_bytes:
-        fmt = {"kind": "coded", **layout, **cdc, "count": int(vals.size)}
+        fmt = {"kind": "coded", **layout, **cdc, "count": int(vals.size),
+               **_axes_field(in_axes)}
         decoded = codec.decode_coded(np, fmt, arrays, fan_in, fan_out, c.dtype)
-        if _same(decoded.reshape(c.shape), c):
+        if _same(_paths.from_matrix(decoded, c.shape, in_axes), c):
           best, best_bytes = (fmt, arrays), size
   return best
 

@@ -2,7 +2,7 @@
 
 Manifest (the ``__manifest__`` entry, UTF-8 JSON bytes)::
 
-  {"format": "vcon_jax.compact", "version": 1, "kind": "linen" | "nnx", "step": int,
+  {"format": "vcon_jax.compact", "version": 2, "kind": "linen" | "nnx", "step": int,
    "leaves": [{"path", "keys", "shape", "dtype", "selected", "settings", "format",
                "arrays": {role: array name}, "dense_bytes", "compressed_bytes",
                "sparsity"}, ...],
@@ -10,7 +10,10 @@ Manifest (the ``__manifest__`` entry, UTF-8 JSON bytes)::
    "views": {array name: dtype name}}
 
 ``format`` of a leaf is ``{"kind": "raw"}``, ``{"kind": "low_rank", "rank": r}`` (arrays
-``a`` and ``b``) or a ``coded`` format (see :mod:`vcon_jax.export.codec`). ``settings`` of a
+``a`` and ``b``) or a ``coded`` format (see :mod:`vcon_jax.export.codec`); either may
+carry ``"in_axes"`` (version 2): the leaf's input axes when its ``(fan_in, fan_out)``
+matrix is not taken over every axis but the last (attention kernels); the stored matrix
+is that view, transposed back on decoding. ``settings`` of a
 selected leaf is ``{"transform": "prune+quantize", "specs": [LeafSpec.settings(), ...]}``
 (plus ``describe_error`` if the transform's ``describe`` failed); it is informative only
 (the summary's ``transform`` column), decoding never reads it. Arrays of
@@ -31,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "vcon_jax.compact"
-VERSION = 1
+#: 1: the first format; 2: leaf formats may carry ``in_axes`` (version 1 readers would
+#: reshape such a leaf wrongly, so they must refuse it).
+VERSION = 2
 MANIFEST_KEY = "__manifest__"
 
 

@@ -111,8 +111,14 @@ class CompressedModel:
     return {role: self.arrays[name] for role, name in leaf["arrays"].items()}
 
   def _decode(self, xp, fmt, arrays, leaf):
-    return codec.decode_leaf(xp, fmt, arrays, leaf["shape"], jnp.dtype(leaf["dtype"]),
-                             _paths.matricize_shape(tuple(leaf["shape"])))
+    # A leaf whose matrix view is not every-axis-but-the-last (``in_axes`` in its format,
+    # e.g. an attention kernel) is decoded as its matrix, then put back in its layout.
+    shape, in_axes = tuple(leaf["shape"]), fmt.get("in_axes")
+    matrix = _paths.matricize_shape(shape, in_axes)
+    out = codec.decode_leaf(xp, fmt, arrays, shape if in_axes is None else matrix,
+                            jnp.dtype(leaf["dtype"]), matrix)
+    return out if in_axes is None or fmt["kind"] == "raw" else _paths.from_matrix(
+        out, shape, in_axes)
 
   def _dense_leaf(self, i: int) -> jax.Array:
     """Leaf ``i`` decoded on the host (numpy: no compile) and put on the device, cached."""
@@ -125,8 +131,9 @@ class CompressedModel:
     """Leaf ``i`` as decoded inside a jitted call (:func:`codec.runtime_coded`), cached."""
     if i not in self._runtime:
       leaf = self._leaves[i]
-      fmt, arrays = codec.runtime_coded(leaf["format"], self._stored(leaf),
-                                        *_paths.matricize_shape(tuple(leaf["shape"])))
+      fmt, arrays = codec.runtime_coded(
+          leaf["format"], self._stored(leaf),
+          *_paths.matricize_shape(tuple(leaf["shape"]), leaf["format"].get("in_axes")))
       self._runtime[i] = (fmt, {k: jnp.asarray(v) for k, v in arrays.items()})
     return self._runtime[i]
 
