@@ -87,6 +87,8 @@ def summarize(runs, reference="plain"):
 def machine_meta(**extra):
   """Where and with what the numbers were measured."""
   return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+          # 1/5/15-minute load averages when the run started: near 0 on a quiet machine
+          "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
           "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
           "jax": jax.__version__, **extra}
 

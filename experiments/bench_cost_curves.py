@@ -131,7 +131,8 @@ def plot(results, out_prefix):
 
 
 def to_markdown(results, meta):
-  lines = [f"Measured on {meta['machine']} ({meta['platform']}), jax {meta['jax']}. "
+  lines = [f"Measured on {meta['machine']} ({meta['platform']}), jax {meta['jax']}; load "
+           f"average at start {meta['load_average_at_start']}. "
            f"{meta['note']}", "",
            "Ratio = VCON step / plain step time (median over interleaved rounds, min..max); "
            "memory = compiled peak bytes of the VCON step / the plain step's.", ""]

@@ -28,8 +28,9 @@ from bench_common import (RESULTS, machine_meta, make_batch, prepare, summarize,
 
 #: name -> (model kwargs for get_model, input shape without batch, is_text, batch size)
 MODELS = {
+    # the issue's reference case: 3 x 1024 MLP at batch 256
     "mlp1024": (dict(name="mlp", in_features=784, hidden=(1024, 1024, 1024),
-                     num_classes=10), (784,), False, 128),
+                     num_classes=10), (784,), False, 256),
     "mlp": (dict(name="mlp"), (784,), False, 128),
     # the experiments' models (vcon_experiments/config.py DATASET_DEFAULTS)
     "cnn": (dict(name="cnn", features=(16, 32), hidden=64), (28, 28, 1), False, 128),
@@ -76,7 +77,8 @@ def bench_model(key, repeats, steps, devices, low_rank):
 def to_markdown(results, meta):
   lines = [f"Measured on {meta['machine']} ({meta['devices']} {meta['platform']} device(s)), "
            f"jax {meta['jax']}, {meta['repeats']} interleaved rounds x {meta['steps']} "
-           f"steps; ratio = variant / plain step time (median, min..max over rounds).", ""]
+           f"steps; ratio = variant / plain step time (median, min..max over rounds). "
+           f"Load average at start: {meta['load_average_at_start']}. {meta['note']}", ""]
   for model, rows in results.items():
     lines += [f"### {model}", "", "| variant | ms/step | ratio | spread | memory ratio |",
               "|---|---|---|---|---|"]
@@ -99,13 +101,15 @@ def main(argv=None):
                       help="data-parallel device counts to measure (forced CPU devices: set "
                            "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
   parser.add_argument("--low-rank", type=int, default=32, help="rank of the low-rank variant")
+  parser.add_argument("--note", default="",
+                      help="how the machine was, e.g. 'quiet machine: no other process running'")
   parser.add_argument("--out", default=str(RESULTS / "bench_train_step"),
                       help="output path without extension (.md and .json are written)")
   args = parser.parse_args(argv)
   for d in args.devices:
     if d > jax.device_count():
       parser.error(f"--devices {d}: only {jax.device_count()} device(s) visible.")
-  meta = machine_meta(repeats=args.repeats, steps=args.steps)
+  meta = machine_meta(repeats=args.repeats, steps=args.steps, note=args.note)
   results = {}
   for d in args.devices:
     for key in args.models:
