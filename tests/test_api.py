@@ -10,12 +10,12 @@ import vcon_jax as vj
                                   lambda: vj.chain(vj.prune(sparsity=0.5), vj.binarize())])
 def test_exact_is_keyword_only(make):
   t = make()
-  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  params = {"kernel": jnp.arange(6.0).reshape(2, 3)}
   state = t.init(params)
   with pytest.raises(TypeError):
     t.apply(params, state, 0.0, 0, True)  # a bare positional flag
   out = t.apply(params, state, 0.0, 0, exact=True)
-  assert out["w"].shape == (2, 3)
+  assert out["kernel"].shape == (2, 3)
 
 
 def test_public_names():

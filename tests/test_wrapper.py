@@ -259,7 +259,8 @@ def test_params_split_over_explicit_mesh_axes_are_refused():
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   mesh = jax.make_mesh((1, 2), ("data", "model"), devices=jax.devices()[:2],
                        axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  params = {"w": jax.device_put(jnp.ones((4, 4)), NamedSharding(mesh, P(None, "model")))}
+  params = {"kernel": jax.device_put(jnp.ones((4, 4)),
+                                     NamedSharding(mesh, P(None, "model")))}
   tx = vj.wrap_optax(optax.sgd(0.1), vj.binarize(), vj.linear_vanish(2))
   with pytest.raises(ValueError, match="needs Auto axes"):
     tx.init(params)

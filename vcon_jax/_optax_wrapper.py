@@ -244,14 +244,14 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
     An ``optax.GradientTransformationExtraArgs`` (extra arguments go to ``optimizer``).
 
   >>> import jax, jax.numpy as jnp, optax, vcon_jax as vj
-  >>> params = {"w": jnp.arange(8.0).reshape(2, 4) - 4.0}
+  >>> params = {"kernel": jnp.arange(8.0).reshape(2, 4) - 4.0}
   >>> tx = vj.wrap_optax(optax.sgd(0.1), vj.prune(sparsity=0.5), vj.linear_vanish(2))
   >>> opt_state = tx.init(params)
   >>> for _ in range(2):
-  ...   grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+  ...   grads = jax.grad(lambda p: jnp.sum(p["kernel"] ** 2))(params)
   ...   updates, opt_state = tx.update(grads, opt_state, params)
   ...   params = optax.apply_updates(params, updates)
-  >>> int((vj.compressed_params(opt_state)["w"] != 0).sum())
+  >>> int((vj.compressed_params(opt_state)["kernel"] != 0).sum())
   4
   """
   check_optimizer(optimizer)
@@ -316,7 +316,7 @@ def compressed_params(opt_state: Any) -> Any:
 
   >>> import jax.numpy as jnp, optax, vcon_jax as vj
   >>> tx = vj.wrap_optax(optax.sgd(0.1), vj.binarize(), vj.linear_vanish(10))
-  >>> vj.compressed_params(tx.init({"w": jnp.array([[1.0, -3.0]])}))["w"].tolist()
+  >>> vj.compressed_params(tx.init({"kernel": jnp.array([[1.0, -3.0]])}))["kernel"].tolist()
   [[2.0, -2.0]]
   """
   state = _unwrap(vcon_state(opt_state))
