@@ -105,8 +105,21 @@ def test_unknown_presets_and_keys_fail_naming_what_is_allowed():
   with pytest.raises(ValueError, match="preset 'nope' is not allowed; choose one of "
                                        "default, full, map, quick, single"):
     presets.load("nope")
-  with pytest.raises(ValueError, match="unknown key 'seed'; allowed: __doc__, seeds"):
+  with pytest.raises(ValueError, match=r"unknown key 'seed' \(did you mean 'seeds'\?\); "
+                                       r"allowed: __doc__, seeds"):
     presets.check("mine", {"seed": 3, "suites": []})
+  with pytest.raises(ValueError, match="a suite of preset 'mine' has no 'name'"):
+    presets.check("mine", {"seeds": 1, "suites": [{"config": {}}]})
+  with pytest.raises(ValueError, match=r"the config of suite 'x' has the unknown key 'sparsty' "
+                                       r"\(did you mean 'sparsity'\?\)"):
+    presets.check("mine", {"seeds": 1, "suites": [{"name": "x", "config": {"sparsty": 0.5}}]})
+  grid = json.loads(json.dumps(presets.load("map")["grid"]))
+  grid["severities"]["rank4"]["rnk"] = 4
+  with pytest.raises(ValueError, match="grid severity 'rank4' has the unknown key 'rnk'"):
+    presets.check("mine", {"seeds": 1, "grid": grid})
+  del grid["severities"]
+  with pytest.raises(ValueError, match="the grid of preset 'mine' has no 'severities'"):
+    presets.check("mine", {"seeds": 1, "grid": grid})
   with pytest.raises(ValueError, match="a suite of preset 'mine' has the unknown key 'method'"):
     presets.check("mine", {"seeds": 1, "suites": [{"name": "x", "method": ["vcon"]}]})
   with pytest.raises(ValueError, match="preset 'mine' has no 'seeds'"):

@@ -27,7 +27,8 @@ from __future__ import annotations
 import importlib.resources
 import json
 
-from vcon_experiments.config import METHODS, Config, severity_name
+from vcon_experiments.config import FIELDS, METHODS, Config, severity_name
+from vcon_experiments.config import _did_you_mean  # pylint: disable=protected-access
 
 _KEYS = ("__doc__", "seeds", "fixed_data", "suites", "grid")
 _SUITE_KEYS = ("name", "config", "methods")
@@ -50,23 +51,32 @@ def load(name: str) -> dict:
 
 
 def check(name: str, preset: dict) -> dict:
-  """Raises ``ValueError`` for a key the format does not have, or no ``seeds``."""
-  _check_keys(f"preset {name!r}", preset, _KEYS)
+  """Raises ``ValueError`` for a key the format does not have (config keys included) or
+  one it needs."""
+  _check_keys(f"preset {name!r}", preset, _KEYS, ("seeds",))
   for suite in preset.get("suites", ()):
-    _check_keys(f"a suite of preset {name!r}", suite, _SUITE_KEYS)
+    _check_keys(f"a suite of preset {name!r}", suite, _SUITE_KEYS, ("name",))
+    _check_keys(f"the config of suite {suite['name']!r}", suite.get("config", {}), FIELDS)
   if "grid" in preset:
-    _check_keys(f"the grid of preset {name!r}", preset["grid"], _GRID_KEYS)
-  if "seeds" not in preset:
-    raise ValueError(f"preset {name!r} has no 'seeds' (the number of seeds when --seeds "
-                     f"is not given).")
+    grid = preset["grid"]
+    _check_keys(f"the grid of preset {name!r}", grid, _GRID_KEYS, _GRID_KEYS)
+    for data, spec in grid["datasets"].items():
+      _check_keys(f"grid data set {data!r}", spec, ("config", "budgets"), ("config", "budgets"))
+      _check_keys(f"the config of grid data set {data!r}", spec["config"], FIELDS)
+    for severity, changes in grid["severities"].items():
+      _check_keys(f"grid severity {severity!r}", changes, FIELDS)
   return preset
 
 
-def _check_keys(what: str, d: dict, allowed) -> None:
+def _check_keys(what: str, d: dict, allowed, required=()) -> None:
   unknown = [k for k in d if k not in allowed]
   if unknown:
-    raise ValueError(f"{what} has the unknown key {unknown[0]!r}; allowed: "
-                     f"{', '.join(allowed)}.")
+    hint = _did_you_mean(unknown[0], allowed)
+    raise ValueError(f"{what} has the unknown key {unknown[0]!r}"
+                     f"{f' ({hint})' if hint else ''}; allowed: {', '.join(allowed)}.")
+  missing = [k for k in required if k not in d]
+  if missing:
+    raise ValueError(f"{what} has no {missing[0]!r}; it needs {', '.join(required)}.")
 
 
 def suites(name: str, base: Config, seeds: int | None = None
