@@ -44,7 +44,8 @@ def test_jobs_are_the_frozen_jobs_each_run_once(base_name, preset):
   base = Config().replace(**FROZEN["bases"][base_name])
   suites, seeds = presets.suites(preset, base)
   if (base_name, preset) == ("low-rank", "full"):  # see tests/data/capture_presets.py
-    with pytest.raises(ValueError, match=r"share the run directory .* \(differs in: update_every\)"):
+    with pytest.raises(ValueError,
+                       match=r"share the run directory .* \(differs in: update_every\)"):
       compare._jobs(suites, seeds, None)  # pylint: disable=protected-access
     return
   jobs = [[compare.data_key(c), c.run_name(),
@@ -133,8 +134,10 @@ def test_fixed_data_presets_refuse_another_dataset(tmp_path):
 
 
 def test_cli_offers_the_preset_files_and_describes_the_default():
-  compare_parser = cli._parser()._subparsers._group_actions[0].choices["compare"]  # pylint: disable=protected-access
-  action = next(a for a in compare_parser._actions if a.dest == "preset")  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  compare_parser = cli._parser()._subparsers._group_actions[0].choices["compare"]
+  action = next(a for a in compare_parser._actions if a.dest == "preset")
+  # pylint: enable=protected-access
   assert tuple(action.choices) == presets.names() and action.default == "default"
   text = " ".join(compare_parser.format_help().split())
   assert "default: the Fashion-MNIST ViT, same-task, 4 epochs" in text
