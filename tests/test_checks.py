@@ -137,3 +137,15 @@ def test_views_of_a_replicated_state_ask_for_unreplicate():
   for view in (step.compressed_params, step.update_model, step.blended_params):
     with pytest.raises(ValueError, match=r"leading device axis.*vj.unreplicate\(state\)"):
       view(replicated)
+
+
+def test_both_linen_collection_errors_give_the_same_fix_word_for_word():
+  from vcon_jax import _checks  # pylint: disable=import-outside-toplevel
+  fix = "pass step.init(variables) with the whole dict model.init(...) returns"
+  assert str(_checks.missing_collection_error(KeyError("batch_stats"))) == (
+      f"the model needs a variable collection the state lacks ('batch_stats'); {fix} "
+      f"(e.g. 'params' and 'batch_stats'), not variables['params'].")
+  with pytest.raises(ValueError) as err:
+    _checks.check_linen_variables({"BatchNorm_0": {"scale": np.ones(3)}})
+  assert str(err.value) == (f"init got the params alone, but the model has BatchNorm layers "
+                            f"(BatchNorm_0) whose statistics live in 'batch_stats': {fix}.")

@@ -15,7 +15,8 @@ import optax
 import pytest
 from flax import nnx
 
-from vcon_experiments.models import CNN, MLP, MODELS, TextTransformer, ViT, get_model
+from vcon_experiments.models import (CNN, MLP, MODELS, MaskedByteLM, TextTransformer, ViT,
+                                     get_model)
 
 # Same rule as the library's default selection: lookup tables stay dense.
 _TABLE_RE = re.compile(r"(?i)(embed|cls_token|class_token|pos_emb|position)")
@@ -170,6 +171,28 @@ def test_text_model_rejects_sequences_longer_than_max_len():
   model = _small("transformer")
   with pytest.raises(ValueError, match="max_len"):
     model(jnp.ones((1, 33), jnp.int32))
+
+
+def test_masked_byte_lm_runs_the_classifier_encoder_under_the_same_names():
+  """The text transfer regime copies the pretrained encoder into the classifier by name."""
+  lm = MaskedByteLM(vocab_size=259, max_len=32, dim=16, depth=1, heads=2, mlp_dim=16,
+                    rngs=nnx.Rngs(5))
+  clf = _small("transformer")
+  lm_state = nnx.state(lm, nnx.Param).flat_state()
+  clf_state = nnx.state(clf, nnx.Param).flat_state()
+  encoder = {p for p, _ in lm_state if p[0] != "lm_head"}
+  assert encoder == {p for p, _ in clf_state}
+  nnx.update(clf, nnx.State({k: v for k, v in nnx.state(lm).items() if k != "lm_head"}))
+  lm.eval()
+  clf.eval()
+  tokens = jnp.asarray(_token_rows(16))
+  x_lm, mask = lm._encode(tokens)  # pylint: disable=protected-access
+  x_clf, _ = clf._encode(tokens)  # pylint: disable=protected-access
+  np.testing.assert_allclose(x_lm, x_clf, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(mask, tokens != 0)
+  np.testing.assert_allclose(lm(tokens), lm.lm_head(lm.norm(x_lm)), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="max_len"):
+    lm(jnp.ones((1, 33), jnp.int32))
 
 
 def test_invalid_transformer_shapes():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vcon_jax import _paths
-from vcon_experiments import compare, methods, runner, tasks
+from vcon_experiments import compare, methods, presets, runner, tasks
 from vcon_experiments.config import Config
 
 TINY = Config().replace(model="mlp", model_kwargs={"hidden": (32,)}, train_limit=512,
@@ -109,10 +109,12 @@ def test_mixup_and_augmentation_are_deterministic_per_step():
 
 
 def test_map_jobs_run_budget_by_budget():
-  jobs = compare._jobs(compare.map_suites(Config()), 3, None)  # pylint: disable=protected-access
+  suites, _ = presets.suites("map", Config())
+  jobs = compare._jobs(suites, 3, None)  # pylint: disable=protected-access
   budgets = [c.epochs for _, c in jobs]
-  first = budgets.index(compare.MAP_GRID["fashion_mnist/vit"][1][0])
-  assert set(budgets[:first]) == {compare.HEADLINE_EPOCHS}
+  grid = presets.load("map")["grid"]
+  first = budgets.index(grid["datasets"]["fashion_mnist/vit"]["budgets"][1][0])
+  assert set(budgets[:first]) == {grid["headline_epochs"]}
   assert {c.seed for _, c in jobs[:first]} == {0, 1, 2}
 
 

@@ -1,8 +1,9 @@
 """``vcon-jax`` (also ``python -m vcon_experiments``): pretrain, compress and compare.
 
-    vcon-jax compare                      # the main job: Fashion-MNIST CNN, prune 90 %,
-                                          # post-shot / gradual / VCON / VCON+distill, 3 seeds
-    vcon-jax compare --preset full        # every table of experiments/results (~1.5 h, 2 cores)
+    vcon-jax compare                      # the main job: Fashion-MNIST ViT, 4 epochs, prune
+                                          # 90 %: dense and post-shot / gradual / VCON /
+                                          # VCON+distill, 3 seeds
+    vcon-jax compare --preset map         # experiments/results/map (126 min, 2 cores, 4 shards)
     vcon-jax compare --preset quick       # a 1-minute end-to-end check (CI)
     vcon-jax pretrain --dataset wordnet
     vcon-jax compress --method vcon --compression binarize --seed 1
@@ -21,6 +22,7 @@ import pathlib
 import sys
 
 from vcon_experiments import config as config_lib
+from vcon_experiments import presets
 
 DEFAULT_WORKDIR = "workdir"
 
@@ -153,12 +155,14 @@ def _parser() -> argparse.ArgumentParser:
                      description="Dense pretraining, then every method for a compression "
                                  "across seeds; writes table.md, results.json and plots.")
   _add_config_options(p)
-  p.add_argument("--preset", default="default",
-                 choices=("default", "quick", "single", "full", "map"),
-                 help="default: Fashion-MNIST CNN with --compression (< 10 min on 2 cores); "
-                      "quick: a 1-minute end-to-end check; single: the config as given; "
-                      "full: the v0.1 sub-epoch suites; map: budget x severity x regime "
-                      "on Fashion-MNIST ViT and WordNet (experiments/results/map)")
+  p.add_argument("--preset", default="default", choices=presets.names(),
+                 help="default: the Fashion-MNIST ViT, same-task, 4 epochs, with "
+                      "--compression (prune 90 %%), dense and every method; quick: a "
+                      "1-minute end-to-end check; single: the config as given; full: the "
+                      "v0.1 sub-epoch suites; map: budget x severity x regime on "
+                      "Fashion-MNIST ViT and WordNet (experiments/results/map). Each is "
+                      "a file in vcon_experiments/presets/ whose __doc__ gives its "
+                      "command, time and expected result")
   p.add_argument("--shard", default=None, metavar="I/N",
                  help="run only every N-th run starting at the I-th (start N processes, "
                       "I = 0..N-1, to share the cores; then one --collect for the report)")

@@ -1,7 +1,8 @@
 """The main job: dense pretraining, then every method for a compression across seeds.
 
 A *suite* is one (dataset, compression) with every method and seed at the same step
-budget; presets list suites (and the transition-length / beta-shape sweep).
+budget; a preset (a JSON file in :mod:`vcon_experiments.presets`) lists suites, the map
+as a grid of budget x severity x regime.
 """
 
 from __future__ import annotations
@@ -11,119 +12,19 @@ import json
 import pathlib
 import time
 
+from vcon_experiments import presets as presets_lib
 from vcon_experiments import report, runner
-from vcon_experiments.config import DATASET_DEFAULTS, METHODS, Config
+from vcon_experiments.config import Config
 from vcon_experiments.io import RunLockedError
-
-
-def _dataset_cfg(base: Config, dataset: str) -> Config:
-  return base.replace(dataset=dataset, **DATASET_DEFAULTS.get(dataset, {}))
-
-
-#: Presets: name -> (list of (suite name, config changes, methods), seeds). ``default`` is
-#: the README's main job (< 10 min on 2 CPU cores), ``quick`` the CI end-to-end check.
-def presets(base: Config, seeds: int | None = None):
-  fm = _dataset_cfg(base, "fashion_mnist")
-  quick = fm.replace(model="mlp", model_kwargs={"hidden": (64,)}, train_limit=2048,
-                     test_limit=512, pretrain_steps=60, steps=24, eval_every=8,
-                     eval_examples=256, checkpoint_every=8, batch_size=64)
-  wn = _dataset_cfg(base, "wordnet")
-  def suites(cfg, ds):
-    return [(f"{ds} {comp}", cfg.replace(compression=comp, **kw), METHODS)
-            for comp, kw in (("prune", {"sparsity": 0.9}), ("binarize", {}),
-                             ("low-rank", {"rank": base.rank}))]
-  sweep = [(f"fashion_mnist/cnn prune Q={q}%", fm.replace(transition=q / 100), ("vcon",))
-           for q in (10, 25, 50)]
-  sweep.append(("fashion_mnist/cnn prune Q=25% cosine",
-                fm.replace(transition=0.25, beta_schedule="cosine"), ("vcon",)))
-  # what else we tried where VCON did not win: a higher fine-tuning learning rate (for
-  # both), and a mask refreshed every 16 steps instead of every step
-  sweep.append(("fashion_mnist/cnn prune lr=3e-3", fm.replace(lr=3e-3),
-                ("post-shot", "vcon")))
-  sweep.append(("fashion_mnist/cnn prune Q=25% update_every=16", fm.replace(update_every=16),
-                ("vcon",)))
-  suites_full = suites(fm, "fashion_mnist/cnn") + sweep + suites(wn, "wordnet/transformer")
-  return {
-      "map": (map_suites(base), seeds or 3),
-      "quick": ([("fashion_mnist/mlp prune (quick)", quick, METHODS)], seeds or 2),
-      "default": ([default_suite(base)], seeds or 3),
-      "single": ([(f"{base.dataset}/{base.model} {base.compression}", base, METHODS)],
-                 seeds or 3),
-      "full": (suites_full, seeds or 3),
-  }
-
-
-#: The map: budget x severity, both regimes, for the paper's model family on 2 CPU cores:
-#: a small ViT on Fashion-MNIST and the byte-level Transformer on WordNet supersenses,
-#: fine-tuned on the first 15000 / 8000 training examples (epochs are of that set).
-MAP_DATASETS = {
-    "fashion_mnist/vit": dict(
-        dataset="fashion_mnist", model="vit",
-        model_kwargs={"patch_size": 7, "dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
-        train_limit=15000, batch_size=128, pretrain_steps=1500, pretrain_lr=2e-3,
-        eval_every=50, eval_examples=2000, checkpoint_every=500),
-    "wordnet/transformer": dict(
-        dataset="wordnet", model="transformer",
-        model_kwargs={"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128}, max_len=48,
-        train_limit=8000, test_limit=4000, batch_size=64, pretrain_steps=1500,
-        pretrain_lr=2e-3, eval_every=50, eval_examples=2000, checkpoint_every=500),
-}
-_PRUNE90, _PRUNE98 = ("prune", {"sparsity": 0.9}), ("prune", {"sparsity": 0.98})
-_BINARY, _RANK4 = ("binarize", {}), ("low-rank", {"rank": 4})
-#: Budgets in epochs (in the order they run: the headline budget first) and the
-#: severities measured at each, cut to what 2 CPU cores finish in about 1.5 hours.
-MAP_GRID = {
-    "fashion_mnist/vit": ((4, (_PRUNE90, _PRUNE98, _BINARY, _RANK4)),
-                          (1, (_PRUNE90, _BINARY, _RANK4)),
-                          (16, (_PRUNE90, _RANK4))),
-    "wordnet/transformer": ((4, (_PRUNE90, _BINARY, _RANK4)),
-                            (1, (_PRUNE90, _BINARY, _RANK4))),
-}
-HEADLINE_EPOCHS = 4
-
-
-def default_suite(base: Config):
-  """The main job: a cell of the map where VCON helps (README "Results" says why): the
-  Fashion-MNIST ViT, same-task, 4 epochs, ``base``'s compression (prune 90 % unless the
-  command line says otherwise), every method and the dense ceiling."""
-  cfg = base.replace(**MAP_DATASETS["fashion_mnist/vit"], regime="same-task",
-                     epochs=float(HEADLINE_EPOCHS))
-  methods = ("dense",) + METHODS
-  return (f"fashion_mnist/vit same-task {severity_name(cfg)} {HEADLINE_EPOCHS} ep", cfg,
-          methods)
-
-
-def severity_name(cfg: Config) -> str:
-  return {"prune": f"prune {round(cfg.sparsity * 100)}%", "binarize": "binary",
-          "quantize": f"{cfg.bits}-bit", "low-rank": f"rank {cfg.rank}"}[cfg.compression]
-
-
-def map_suites(base: Config):
-  """Suites of the map, in run order: headline budget first, then the others."""
-  out = []
-  order = max(len(b) for b in MAP_GRID.values())
-  for k in range(order):
-    for ds, kw in MAP_DATASETS.items():
-      if k >= len(MAP_GRID[ds]):
-        continue
-      epochs, severities = MAP_GRID[ds][k]
-      for regime in ("same-task", "transfer"):
-        for comp, sev in severities:
-          cfg = base.replace(**kw, regime=regime, epochs=float(epochs), compression=comp,
-                             **sev)
-          methods = ("post-shot", "gradual", "vcon")
-          if epochs == HEADLINE_EPOCHS:
-            methods += ("vcon-distill",)
-          # the ceiling: the same fine-tuning without compression (in the transfer regime
-          # there is no other: the pretrained model has no head for the target task)
-          methods = ("dense",) + methods
-          out.append((f"{ds} {regime} {severity_name(cfg)} {epochs} ep", cfg, methods))
-  return out
 
 
 def _jobs(suites, n_seeds, methods):
   """(suite name, config) of every run: budget by budget (in the order the suites list
-  them), seed-major within a budget, so that a partial run covers whole budgets."""
+  them), seed-major within a budget, so that a partial run covers whole budgets.
+
+  A run that several suites share (the dense fine-tune of a budget serves every
+  severity) is listed once, where it first comes, so that no two shards run it.
+  """
   ranks = {}
   for _, cfg, _ in suites:
     ranks.setdefault((cfg.epochs, cfg.steps), len(ranks))
@@ -134,7 +35,23 @@ def _jobs(suites, n_seeds, methods):
         jobs.append((ranks[(cfg.epochs, cfg.steps)], seed, name,
                      cfg.replace(method=method, seed=seed)))
   jobs.sort(key=lambda j: j[:2])  # stable: suite order kept within (budget, seed)
-  return [(name, cfg) for _, _, name, cfg in jobs]
+  seen = {}
+  unique = []
+  for _, _, name, cfg in jobs:
+    where = (data_key(cfg), cfg.run_name())
+    stored = runner.canonical(cfg).to_dict()
+    if cfg.epochs > 0:  # the data set the steps (runner.resolve)
+      del stored["steps"]
+    if where in seen:
+      if seen[where] != stored:
+        diff = sorted(k for k in stored if stored[k] != seen[where].get(k))
+        raise ValueError(f"two runs of the preset share the run directory "
+                         f"{'/'.join(where)} with different configs (differs in: "
+                         f"{', '.join(diff)}); give them options that change the run name.")
+      continue
+    seen[where] = stored
+    unique.append((name, cfg))
+  return unique
 
 
 def _retry(fn, echo):
@@ -156,13 +73,10 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
   i = 0 .. n-1 to share a machine's cores); ``collect=True``: run nothing and report the
   finished runs (missing ones are left out and counted).
   """
-  table = presets(base, seeds)
-  if preset not in table:
-    raise ValueError(f"preset {preset!r} is not allowed; choose one of {', '.join(table)}.")
-  if preset in ("default", "map") and base.dataset != Config.dataset:
+  if presets_lib.fixed_data(preset) and base.dataset != Config.dataset:
     raise ValueError(f"--preset {preset} runs its own data sets, not --dataset "
                      f"{base.dataset}; use --preset single for the configuration as given.")
-  suites, n_seeds = table[preset]
+  suites, n_seeds = presets_lib.suites(preset, base, seeds)
   root = pathlib.Path(root)
   t_all = time.time()
   i, n = shard

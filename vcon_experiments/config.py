@@ -1,4 +1,4 @@
-"""Experiment configuration: one validated dataclass, presets, and where runs live.
+"""Experiment configuration: one validated dataclass, per-dataset defaults, run names.
 
 Every field is checked before any work starts (:func:`validate`); a config is saved as
 ``config.json`` beside each run's results, and a run directory refuses a different config.
@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
@@ -169,19 +170,31 @@ def _choice(name, value, choices):
                      f"choose one of {', '.join(choices)}.")
 
 
-def _int(name, value, lo, hi=None):
-  if isinstance(value, bool) or not isinstance(value, int):
-    _fail(name, value, "an integer")
-  if value < lo or (hi is not None and value > hi):
-    _fail(name, value, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]")
+_INT, _NUMBER = "an integer", "a number"
 
 
-def _float(name, value, lo, hi, hi_open=False, lo_open=False):
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    _fail(name, value, "a number")
-  if value < lo or value > hi or (hi_open and value == hi) or (lo_open and value == lo):
-    _fail(name, value, f"a number in {'(' if lo_open else '['}{lo}, {hi}"
-                       f"{')' if hi_open else ']'}")
+def _in_range(name, value, kind, lo, hi=None, lo_open=False, hi_open=False):
+  """``kind`` (``an integer`` or ``a number``) in ``[lo, hi]``, ends open as asked."""
+  types = int if kind == _INT else (int, float)
+  if isinstance(value, bool) or not isinstance(value, types):
+    _fail(name, value, kind)
+  if (value < lo or (lo_open and value == lo) or
+      (hi is not None and (value > hi or (hi_open and value == hi)))):
+    _fail(name, value, f"{kind} in {'(' if lo_open else '['}{lo}, "
+                       f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}")
+
+
+#: Numeric fields, checked in this order: (kind, low, high or None, low open, high open).
+_RANGES = {
+    "max_len": (_INT, 2, 4096), "train_limit": (_INT, 0), "test_limit": (_INT, 0),
+    "batch_size": (_INT, 1), "pretrain_steps": (_INT, 1), "steps": (_INT, 1),
+    "epochs": (_NUMBER, 0, 10000), "mixup": (_NUMBER, 0, 100),
+    "pretrain_lr": (_NUMBER, 0, 10, True), "lr": (_NUMBER, 0, 10, True),
+    "sparsity": (_NUMBER, 0, 1, False, True), "bits": (_INT, 1, 16), "rank": (_INT, 1),
+    "transition": (_NUMBER, 0, 1), "distill_weight": (_NUMBER, 0, 1),
+    "update_every": (_INT, 1), "eval_every": (_INT, 1), "eval_examples": (_INT, 1),
+    "checkpoint_every": (_INT, 1), "seed": (_INT, 0),
+}
 
 
 def validate(cfg: Config) -> Config:
@@ -204,28 +217,10 @@ def validate(cfg: Config) -> Config:
       _fail(name, value, "an existing directory")
   if cfg.init_from is not None and not pathlib.Path(cfg.init_from).exists():
     _fail("init_from", cfg.init_from, "an existing .npz file or Orbax checkpoint directory")
-  _int("max_len", cfg.max_len, 2, 4096)
-  _int("train_limit", cfg.train_limit, 0)
-  _int("test_limit", cfg.test_limit, 0)
-  _int("batch_size", cfg.batch_size, 1)
-  _int("pretrain_steps", cfg.pretrain_steps, 1)
-  _int("steps", cfg.steps, 1)
-  _float("epochs", cfg.epochs, 0, 10000)
-  _float("mixup", cfg.mixup, 0, 100)
+  for name, limits in _RANGES.items():
+    _in_range(name, getattr(cfg, name), *limits)
   if not isinstance(cfg.augment, bool):
     _fail("augment", cfg.augment, "true or false")
-  _float("pretrain_lr", cfg.pretrain_lr, 0, 10, lo_open=True)
-  _float("lr", cfg.lr, 0, 10, lo_open=True)
-  _float("sparsity", cfg.sparsity, 0, 1, hi_open=True)
-  _int("bits", cfg.bits, 1, 16)
-  _int("rank", cfg.rank, 1)
-  _float("transition", cfg.transition, 0, 1)
-  _float("distill_weight", cfg.distill_weight, 0, 1)
-  _int("update_every", cfg.update_every, 1)
-  _int("eval_every", cfg.eval_every, 1)
-  _int("eval_examples", cfg.eval_examples, 1)
-  _int("checkpoint_every", cfg.checkpoint_every, 1)
-  _int("seed", cfg.seed, 0)
   return cfg
 
 
@@ -263,3 +258,11 @@ DATASET_DEFAULTS = {
                 "batch_size": 64, "max_len": 48, "pretrain_steps": 1200, "pretrain_lr": 2e-3,
                 "steps": 200, "eval_every": 40},
 }
+
+
+def severity_name(cfg: Config | Mapping) -> str:
+  """How hard a config (or its ``to_dict()``) compresses, as tables and suite names say
+  it: ``prune 90%``, ``binary``, ``4-bit`` or ``rank 4``."""
+  d = cfg.to_dict() if isinstance(cfg, Config) else cfg
+  return {"prune": f"prune {round(d['sparsity'] * 100)}%", "binarize": "binary",
+          "quantize": f"{d['bits']}-bit", "low-rank": f"rank {d['rank']}"}[d["compression"]]

@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 
+from vcon_experiments.config import severity_name
 from vcon_experiments.io import write_text_atomic
 
 
@@ -143,10 +144,10 @@ def write(results: dict, out_dir: str | pathlib.Path) -> dict:
 
 
 # ------------------------------------------------------------------------------- the map
-def _severity(cfg: dict) -> str:
-  return {"prune": f"prune {round(cfg['sparsity'] * 100)}%", "binarize": "binary",
-          "quantize": f"{cfg['bits']}-bit", "low-rank": f"rank {cfg['rank']}"}[
-              cfg["compression"]]
+#: The map's two regimes and its two differences (cell key, title), in table order.
+_REGIMES = ("same-task", "transfer")
+_DIFFERENCES = (("vcon_minus_post_shot", "VCON - post-shot"),
+                ("vcon_minus_gradual", "VCON - gradual"))
 
 
 def paired_difference(suite: dict, method: str, other: str) -> dict | None:
@@ -172,7 +173,7 @@ def map_cells(results: dict) -> list[dict]:
     rows = summarize(suite)
     cells.append({
         "suite": name, "data": f"{cfg['dataset']}/{cfg['model']}", "regime": cfg["regime"],
-        "severity": _severity(cfg), "epochs": cfg["epochs"],
+        "severity": severity_name(cfg), "epochs": cfg["epochs"],
         "dense": suite["dense_accuracy"] * 100,
         "accuracy": {m: {k: r[k] for k in ("mean", "std", "n")} for m, r in rows.items()},
         "vcon_minus_post_shot": paired_difference(suite, "vcon", "post-shot"),
@@ -184,27 +185,40 @@ def _fmt(d):
   return "-" if d is None else f"{d['mean']:+.2f} +- {d['std']:.2f} (n={d['n']})"
 
 
+def _grid(cells: list[dict]) -> tuple[list, list]:
+  """The axes of a map table or figure: budgets (sorted) and severities (first seen)."""
+  return (sorted({c["epochs"] for c in cells}),
+          list(dict.fromkeys(c["severity"] for c in cells)))
+
+
+def _differences(cells: list[dict], regime: str, key: str, budgets: list,
+                 sevs: list) -> dict:
+  """``{(severity row, budget column): difference}`` of the cells of ``regime`` that
+  have one (the first, where several share a place)."""
+  found = {}
+  for c in cells:
+    if c["regime"] == regime and c[key] is not None:
+      found.setdefault((sevs.index(c["severity"]), budgets.index(c["epochs"])), c[key])
+  return found
+
+
 def map_markdown(cells: list[dict]) -> str:
   """Per (data, regime): severity rows x budget columns of VCON - post-shot / - gradual."""
   lines = []
   for data in sorted({c["data"] for c in cells}):
-    for regime in ("same-task", "transfer"):
+    for regime in _REGIMES:
       sub = [c for c in cells if c["data"] == data and c["regime"] == regime]
       if not sub:
         continue
-      budgets = sorted({c["epochs"] for c in sub})
-      sevs = list(dict.fromkeys(c["severity"] for c in sub))
-      for key, title in (("vcon_minus_post_shot", "VCON - post-shot"),
-                         ("vcon_minus_gradual", "VCON - gradual")):
+      budgets, sevs = _grid(sub)
+      for key, title in _DIFFERENCES:
+        found = _differences(sub, regime, key, budgets, sevs)
         lines += [f"### {data}, {regime}: {title} (accuracy points, mean +- std over "
                   f"seeds, paired by seed)", "",
                   "| severity | " + " | ".join(f"{b:g} epochs" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
-        for sev in sevs:
-          row = []
-          for b in budgets:
-            c = next((c for c in sub if c["severity"] == sev and c["epochs"] == b), None)
-            row.append(_fmt(c and c[key]))
+        for i, sev in enumerate(sevs):
+          row = [_fmt(found.get((i, j))) for j in range(len(budgets))]
           lines.append(f"| {sev} | " + " | ".join(row) + " |")
         lines.append("")
   return "\n".join(lines)
@@ -219,26 +233,21 @@ def map_plots(cells: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
   written = []
   for data in sorted({c["data"] for c in cells}):
     sub = [c for c in cells if c["data"] == data]
-    budgets = sorted({c["epochs"] for c in sub})
-    sevs = list(dict.fromkeys(c["severity"] for c in sub))
+    budgets, sevs = _grid(sub)
     fig, axes = plt.subplots(2, 2, figsize=(4 + 1.6 * len(budgets), 2.2 + 1.4 * len(sevs)),
                              squeeze=False)
-    for i, regime in enumerate(("same-task", "transfer")):
-      for j, (key, title) in enumerate((("vcon_minus_post_shot", "VCON - post-shot"),
-                                        ("vcon_minus_gradual", "VCON - gradual"))):
+    for i, regime in enumerate(_REGIMES):
+      for j, (key, title) in enumerate(_DIFFERENCES):
         ax = axes[i][j]
+        found = _differences(sub, regime, key, budgets, sevs)
         grid = np.full((len(sevs), len(budgets)), np.nan)
-        for c in sub:
-          if c["regime"] == regime and c[key] is not None:
-            grid[sevs.index(c["severity"]), budgets.index(c["epochs"])] = c[key]["mean"]
+        for (row, col), d in found.items():
+          grid[row, col] = d["mean"]
         lim = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
         ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        for c in sub:
-          if c["regime"] == regime and c[key] is not None:
-            d = c[key]
-            ax.text(budgets.index(c["epochs"]), sevs.index(c["severity"]),
-                    f"{d['mean']:+.1f}\n±{d['std']:.1f}", ha="center", va="center",
-                    fontsize=8)
+        for (row, col), d in found.items():
+          ax.text(col, row, f"{d['mean']:+.1f}\n±{d['std']:.1f}", ha="center",
+                  va="center", fontsize=8)
         ax.set_xticks(range(len(budgets)), [f"{b:g} ep" for b in budgets])
         ax.set_yticks(range(len(sevs)), sevs)
         ax.set_title(f"{regime}: {title}", fontsize=9)

@@ -267,20 +267,23 @@ def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
   target = build_model(cfg, seed=PRETRAIN_SEED)
   nnx.update(target, nnx.State({k: v for k, v in nnx.state(model).items()
                                 if k not in ("head", "lm_head")}))
-  plain = vj.make_train_step(target, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
-  return target, plain.init().params
+  return target, _plain_step(target).init().params
+
+
+def canonical(cfg: Config) -> Config:
+  """``cfg`` with a dense run's compression fields at their defaults (it compresses
+  nothing, so one run serves every severity); needs no data, unlike :func:`resolve`."""
+  if cfg.method != "dense":
+    return cfg
+  d = Config()
+  return cfg.replace(compression=d.compression, sparsity=d.sparsity, bits=d.bits,
+                     rank=d.rank, transition=d.transition, beta_schedule=d.beta_schedule,
+                     distill_weight=d.distill_weight, update_every=d.update_every)
 
 
 def resolve(cfg: Config) -> Config:
-  """The config a run is stored under: the budget in steps; a dense run's compression
-  fields at their defaults (it compresses nothing, so one run serves every severity)."""
-  cfg = cfg.replace(steps=tasks.steps_for(cfg))
-  if cfg.method == "dense":
-    d = Config()
-    cfg = cfg.replace(compression=d.compression, sparsity=d.sparsity, bits=d.bits,
-                      rank=d.rank, transition=d.transition, beta_schedule=d.beta_schedule,
-                      distill_weight=d.distill_weight, update_every=d.update_every)
-  return cfg
+  """The config a run is stored under: :func:`canonical`, with the budget in steps."""
+  return canonical(cfg).replace(steps=tasks.steps_for(cfg))
 
 
 def result_of(cfg: Config, root) -> dict | None:
@@ -309,11 +312,18 @@ def load_params_file(path: str) -> dict[str, np.ndarray]:
   return {p: np.asarray(v) for p, v in vj_paths.leaf_paths(tree)}
 
 
+def _plain_step(model: nnx.Module) -> vj.TrainStep:
+  """A step of ``model`` that compresses and trains nothing: only its ``init`` (the
+  model's params, in the step's layout) and ``update_model`` (params back into the
+  module) are used."""
+  return vj.make_train_step(model, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
+
+
 def _init_from(cfg: Config) -> tuple[nnx.Module, Any]:
   """The target model with the weights of ``cfg.init_from`` (a fresh head if the class
   count differs); any other missing or misshapen leaf is an error naming it."""
   model = build_model(cfg, seed=PRETRAIN_SEED)
-  plain = vj.make_train_step(model, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
+  plain = _plain_step(model)
   fresh = plain.init().params
   loaded = load_params_file(cfg.init_from)
   used = set()

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The fix for a Linen model given its params without the other collections.
+_PASS_VARIABLES = "pass step.init(variables) with the whole dict model.init(...) returns"
+
 # Second-argument names that say a loss_fn expects labels, where the step passes the batch.
 _LABEL_NAMES = ("labels", "label", "targets", "target", "y", "y_true")
 
@@ -123,15 +126,15 @@ def check_linen_variables(variables: Mapping) -> None:
   norms = sorted(norms)
   if norms:
     raise ValueError(f"init got the params alone, but the model has BatchNorm layers "
-                     f"({', '.join(norms[:3])}) whose statistics live in 'batch_stats': pass "
-                     f"step.init(variables) with the whole dict model.init(...) returns.")
+                     f"({', '.join(norms[:3])}) whose statistics live in 'batch_stats': "
+                     f"{_PASS_VARIABLES}.")
 
 
 def missing_collection_error(err: Exception) -> ValueError:
   """The error for a Linen model applied without a collection it needs."""
-  return ValueError(f"the model needs a variable collection the state lacks ({err}); pass "
-                    f"step.init(variables) with the whole dict model.init(...) returns "
-                    f"(e.g. 'params' and 'batch_stats'), not variables['params'].")
+  return ValueError(f"the model needs a variable collection the state lacks ({err}); "
+                    f"{_PASS_VARIABLES} (e.g. 'params' and 'batch_stats'), not "
+                    f"variables['params'].")
 
 
 def check_nnx_params(pure: Any, template: Any) -> None:

@@ -235,8 +235,10 @@ class TextTransformer(nnx.Module):
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, num_classes, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Returns logits ``(batch, num_classes)`` for integer ``tokens`` ``(batch, length)``.
+  def _encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Token features ``(batch, length, dim)`` after the blocks (before ``norm``) and the
+    padding mask ``(batch, length)``, ``True`` on real tokens; shared with
+    :class:`MaskedByteLM`, so both run the same encoder.
 
     Raises:
       ValueError: If ``length`` exceeds ``max_len``.
@@ -245,10 +247,18 @@ class TextTransformer(nnx.Module):
     if length > self.max_len:
       raise ValueError(f"Sequence length {length} exceeds max_len={self.max_len}.")
     mask = tokens != self.pad_id
-    x = self.embed(tokens) + self.pos_embedding[...][:length]
-    x = self.dropout(x)
+    x = self.dropout(self.embed(tokens) + self.pos_embedding[...][:length])
     for block in self.blocks:
       x = block(x, mask)
+    return x, mask
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Returns logits ``(batch, num_classes)`` for integer ``tokens`` ``(batch, length)``.
+
+    Raises:
+      ValueError: If ``length`` exceeds ``max_len``.
+    """
+    x, mask = self._encode(tokens)
     weights = mask[..., None].astype(x.dtype)
     pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
     return self.head(self.norm(pooled))
@@ -271,9 +281,6 @@ class MaskedByteLM(TextTransformer):
     self.lm_head = nnx.Linear(dim, vocab_size, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    length = tokens.shape[1]
-    mask = tokens != self.pad_id
-    x = self.dropout(self.embed(tokens) + self.pos_embedding[...][:length])
-    for block in self.blocks:
-      x = block(x, mask)
+    """Returns logits ``(batch, length, vocab_size)`` for ``tokens`` ``(batch, length)``."""
+    x, _ = self._encode(tokens)
     return self.lm_head(self.norm(x))
