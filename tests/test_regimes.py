@@ -62,7 +62,7 @@ def test_transfer_keeps_the_pretrained_network_with_a_fresh_head(tmp_path):
   np.testing.assert_array_equal(params["blocks"][0]["attn"]["query"]["kernel"],
                                 pre["blocks"][0]["attn"]["query"]["kernel"])
   assert pre["head"]["kernel"].shape == (16, 5)  # the source head: other classes
-  r = runner.compress(cfg.replace(method="vcon"), tmp_path, progress=False)
+  r = runner.run_compression(cfg.replace(method="vcon"), tmp_path, progress=False)
   assert 0.0 <= r["test_accuracy"] <= 1.0
 
 
@@ -159,7 +159,7 @@ def test_paper_preset_runs_a_few_steps_from_init_weights_on_mock_cifar10(tmp_pat
     np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"],
                                   flat["blocks/0/mlp/fc1/kernel"])
     assert params["head"]["kernel"].shape == (16, 10)
-    r = runner.compress(cfg.replace(method="vcon"), tmp_path / "w", progress=False)
+    r = runner.run_compression(cfg.replace(method="vcon"), tmp_path / "w", progress=False)
   assert r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
   bad = tmp_path / "bad.npz"
   np.savez(bad, **{k: v for k, v in flat.items() if "fc1" not in k})

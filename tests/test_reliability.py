@@ -55,12 +55,12 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, mon
   runner.pretrain(TINY, tmp_path, progress=False)
   monkeypatch.setattr(runner, "batch_at", poisoned)
   with pytest.raises(FloatingPointError, match=r"at step 6 .*checkpoint \(step 4\)"):
-    runner.compress(TINY, tmp_path, progress=False)
+    runner.run_compression(TINY, tmp_path, progress=False)
   run = tmp_path / TINY.run_name()
   assert sorted(os.listdir(run / "checkpoints")) == ["4"]
   assert not (run / "result.json").exists() and not (run / "LOCK").exists()
   # with the skip option the same data finishes and counts the bad step
-  result = runner.compress(TINY.replace(seed=1), tmp_path, progress=False,
+  result = runner.run_compression(TINY.replace(seed=1), tmp_path, progress=False,
                            on_nonfinite="skip")
   rows = \
       [json.loads(l) for l in (tmp_path / TINY.replace(seed=1).run_name() /
@@ -93,12 +93,12 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
   cfg = TINY.replace(steps=8)
   run = tmp_path / cfg.run_name()
   # run the first 8 steps, then pretend the last checkpoint write was torn
-  result = runner.compress(cfg, tmp_path, progress=False)
+  result = runner.run_compression(cfg, tmp_path, progress=False)
   os.remove(run / "result.json")
   for f in (run / "checkpoints" / "8").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
   with pytest.warns(UserWarning, match="checkpoints/8 is unreadable"):
-    again = runner.compress(cfg, tmp_path, progress=False)
+    again = runner.run_compression(cfg, tmp_path, progress=False)
   assert again["test_accuracy"] == result["test_accuracy"]  # redone from step 4, same
   shutil.rmtree(run)

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"dense test accuracy {r['test_accuracy'] * 100:.2f} %")
     elif args.command == "compress":
       root = workdir / compare.data_key(cfg)
-      r = runner.compress(cfg, root, progress=progress, on_nonfinite=args.on_nonfinite)
+      r = runner.run_compression(cfg, root, progress=progress, on_nonfinite=args.on_nonfinite)
       print(f"{cfg.run_name()}: test accuracy of the compressed model "
             f"{r['test_accuracy'] * 100:.2f} % (at step 0: "
             f"{r['compressed_at_start'] * 100:.2f} %)")

@@ -84,8 +84,8 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
     for k, (name, c) in enumerate(_jobs(suites, n_seeds, methods)):
       if k % n != i:
         continue
-      r = _retry(lambda c=c: runner.compress(c, root / data_key(c), progress=progress,
-                                             on_nonfinite=on_nonfinite), echo)
+      r = _retry(lambda c=c: runner.run_compression(
+          c, root / data_key(c), progress=progress, on_nonfinite=on_nonfinite), echo)
       echo(f"{name:44s} {c.method:13s} seed {c.seed}: test accuracy "
            f"{r['test_accuracy'] * 100:.2f} %")
   if n > 1 and not collect:

@@ -347,9 +347,11 @@ def _init_from(cfg: Config) -> tuple[nnx.Module, Any]:
   return model, params
 
 
-def compress(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
-             on_nonfinite: str = "stop") -> dict:
-  """Fine-tunes the dense model into the compressed one with ``cfg.method``.
+def run_compression(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
+                    on_nonfinite: str = "stop") -> dict:
+  """One whole run: fine-tunes the dense model into the compressed one with ``cfg.method``
+  (the ``vcon-jax compress`` command; not to be confused with :func:`vcon_jax.compress`,
+  the compressed view of a params tree).
 
   With ``cfg.epochs > 0`` the step budget is derived from the training-set size first.
   """
