@@ -68,6 +68,23 @@ def test_labels_out_of_range_on_device_are_not_silent():
   assert float(m["invalid_labels"]) == pytest.approx(1 / len(labels))
 
 
+class _Unfetchable:
+  """Labels that cannot be copied to the host, as a global array spanning other
+  processes' devices (the multi-host test)."""
+
+  shape, dtype = (8,), np.dtype(np.int32)
+
+  def __array__(self, *args, **kwargs):
+    raise RuntimeError("labels fetched to the host")
+
+
+def test_device_labels_are_checked_without_fetching_them():
+  from vcon_jax import _checks  # pylint: disable=import-outside-toplevel
+  _checks.check_labels(_Unfetchable(), (8, CLASSES))  # shape and dtype only
+  with pytest.raises(ValueError, match="shape"):
+    _checks.check_labels(_Unfetchable(), (4, CLASSES))
+
+
 def test_loss_fn_taking_labels_is_explained():
   loss = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(
       logits, labels).mean()

@@ -264,3 +264,17 @@ def test_params_split_over_explicit_mesh_axes_are_refused():
   tx = vj.wrap_optax(optax.sgd(0.1), vj.binarize(), vj.linear_vanish(2))
   with pytest.raises(ValueError, match="needs Auto axes"):
     tx.init(params)
+
+
+@pytest.mark.parametrize("transform", [
+    lambda: vj.chain(vj.prune(sparsity=0.5, update_every=2), vj.quantize(bits=4)),
+    lambda: vj.chain(vj.prune(sparsity=0.5), vj.low_rank(rank=2)),  # NumPy SVD: eager
+], ids=["stored_mask_chain", "prune_then_low_rank"])
+def test_init_compiled_or_eager_gives_the_eager_transform_state(transform):
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 6)), "b": jnp.ones(6)}
+  t = transform()
+  got = vj.wrap_optax(optax.sgd(0.1), t, vj.linear_vanish(4)).init(params).transform_state
+  want = t.init(params)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)

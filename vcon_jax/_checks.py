@@ -85,7 +85,10 @@ def check_labels(labels: Any, logits_shape: tuple, label_key: str = "labels") ->
   have to be copied back. On device the default loss gives ``nan`` for a label out of
   range and the step reports ``metrics['invalid_labels']``.
   """
-  shape, dtype = np.shape(labels), getattr(labels, "dtype", np.asarray(labels).dtype)
+  # Only shape and dtype of a device array: fetching it would block every step, and a
+  # global array spanning other processes' devices cannot be fetched at all.
+  dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+  shape = np.shape(labels)
   want = tuple(logits_shape[:-1])
   classes = logits_shape[-1] if logits_shape else None
   if shape == tuple(logits_shape) and classes != 1:

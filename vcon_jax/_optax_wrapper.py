@@ -132,13 +132,33 @@ def _place_transform_state(tstate: TransformState, params: Any) -> TransformStat
   return jax.tree_util.tree_map_with_path(one, tstate)
 
 
+def _init_transform(transform: Transform, params: Any) -> TransformState:
+  """``transform.init(params)``, compiled as one program when it traces.
+
+  Run eagerly, the masks of a chain's members (needed by the next member's init) cost
+  one dispatch and one compilation per operation: seconds per process at start-up on a
+  mesh. An init that does not trace (low-rank's NumPy SVD, or an invalid selection) runs
+  eagerly, which gives its values or raises its own error.
+  """
+  try:
+    return jax.jit(transform.init)(params)
+  except Exception:  # pylint: disable=broad-except
+    return transform.init(params)
+
+
 def init_state(optimizer: optax.GradientTransformation, transform: Transform,
                schedule: Callable, params: Any) -> VconState:
-  """Count 0, a copy of the dense ``params``, the transform's and optimiser's state."""
+  """Count 0, a copy of the dense ``params``, the transform's and optimiser's state.
+
+  Every array is placed like its parameter; the rest (counts, scalars) is replicated on
+  the params' mesh when they have one, so the caller's jitted step sees the same input
+  shardings at every call and compiles once.
+  """
   dense = _copy(params)  # the caller may donate its params; the copy keeps their sharding
-  tstate = _place_transform_state(transform.init(dense), dense)
+  tstate = _place_transform_state(_init_transform(transform, dense), dense)
   inner = optimizer.init(join(dense, tstate.trainable))
-  return VconState(jnp.zeros((), jnp.int32), dense, tstate, inner, transform, schedule)
+  state = VconState(jnp.zeros((), jnp.int32), dense, tstate, inner, transform, schedule)
+  return _sharding.replicate_unplaced(state, _sharding.params_mesh(dense))
 
 
 def blend_fn(transform: Transform, aux: Any, beta: Any, count: Any) -> Callable:

@@ -51,7 +51,8 @@ def like_param(leaf: Any, param: Any, sharding: NamedSharding | None) -> Any:
 
   Same shape: the same sharding (masks). A ``(fan_in, r)`` or ``(r, fan_out)`` low-rank
   factor of a 2-D kernel takes the kernel's input or output axis split. Anything else is
-  replicated over the kernel's mesh.
+  replicated over the kernel's mesh. New specs are spelled without trailing ``None``, as
+  ``jax.jit`` spells its outputs.
   """
   if sharding is None or not hasattr(leaf, "shape"):
     return leaf
@@ -65,7 +66,33 @@ def like_param(leaf: Any, param: Any, sharding: NamedSharding | None) -> Any:
         axes[0] = spec[0]
       if leaf.shape[1] == param.shape[1]:
         axes[1] = spec[1]
+  axes = list(axes)
+  while axes and axes[-1] is None:  # the spelling jit gives its outputs: no recompile
+    axes.pop()
   return jax.device_put(leaf, NamedSharding(sharding.mesh, P(*axes)))
+
+
+def params_mesh(params: Any) -> Mesh | None:
+  """The one mesh the params are placed on with ``NamedSharding`` (``None``: none, or several)."""
+  meshes = {s.mesh for s in shardings_of(params) if s is not None}
+  return next(iter(meshes)) if len(meshes) == 1 else None
+
+
+def replicate_unplaced(tree: Any, mesh: Mesh | None) -> Any:
+  """Concrete leaves without a ``NamedSharding`` (step counts, scalars) replicated on ``mesh``.
+
+  Left on one device they would be placed on the mesh by the first jitted step, whose
+  output the next call would see with a new sharding and compile the step again.
+  """
+  if mesh is None:
+    return tree
+  replicated = NamedSharding(mesh, P())
+
+  def one(x):
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+      return x
+    return x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+  return jax.tree.map(one, tree)
 
 
 def shardings_of(tree: Any) -> tuple:
