@@ -271,7 +271,7 @@ def test_params_split_over_explicit_mesh_axes_are_refused():
     lambda: vj.chain(vj.prune(sparsity=0.5), vj.low_rank(rank=2)),  # NumPy SVD: eager
 ], ids=["stored_mask_chain", "prune_then_low_rank"])
 def test_init_compiled_or_eager_gives_the_eager_transform_state(transform):
-  params = {"w": jax.random.normal(jax.random.key(0), (8, 6)), "b": jnp.ones(6)}
+  params = {"kernel": jax.random.normal(jax.random.key(0), (8, 6)), "bias": jnp.ones(6)}
   t = transform()
   got = vj.wrap_optax(optax.sgd(0.1), t, vj.linear_vanish(4)).init(params).transform_state
   want = t.init(params)
