@@ -197,13 +197,13 @@ def test_fixed_and_interval_masks_are_state():
   t = vj.prune(sparsity=0.5, update_every=None)
   s = t.init(p)
   moved = {"kernel": -p["kernel"] * jnp.linspace(0, 2, 100).reshape(10, 10)}
-  same = t.update(moved, s, jnp.int32(4))
+  same = t.refresh(moved, s, jnp.int32(4))
   np.testing.assert_array_equal(same.aux["kernel"], s.aux["kernel"])
   t2 = vj.prune(sparsity=0.5, update_every=2)
   s2 = t2.init(p)
-  kept = t2.update(moved, s2, jnp.int32(3))
+  kept = t2.refresh(moved, s2, jnp.int32(3))
   np.testing.assert_array_equal(kept.aux["kernel"], s2.aux["kernel"])
-  fresh = t2.update(moved, s2, jnp.int32(4))
+  fresh = t2.refresh(moved, s2, jnp.int32(4))
   np.testing.assert_array_equal(fresh.aux["kernel"], vj.magnitude_mask(moved["kernel"], 0.5))
 
 

@@ -202,7 +202,7 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: VconState,
     dense, trainable = keep(dense, state.params), keep(trainable, tstate.trainable)
     inner = keep(inner, state.inner_state)
   count = state.count + 1
-  tstate = state.transform.update(dense, TransformState(trainable, tstate.aux), count)
+  tstate = state.transform.refresh(dense, TransformState(trainable, tstate.aux), count)
   return dataclasses.replace(state, count=count, params=dense, transform_state=tstate,
                              inner_state=inner)
 

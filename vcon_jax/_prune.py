@@ -89,7 +89,7 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
       output unit (e.g. ``n=2, m=4``; ``1 <= n <= m``). Exclusive with ``sparsity``.
     update_every: recompute the mask every this many optimiser steps (1: online, as in the
       paper); ``None``: a fixed mask computed once from the initial weights. With values
-      above 1 the mask is stored in the transform state and refreshed in ``update``.
+      above 1 the mask is stored in the transform state and refreshed in ``refresh``.
     where, exclude: regexes narrowing the selection by path (default: every ``kernel``
       with ``ndim >= 2`` outside lookup tables, see the README's Selection paragraph).
     in_axes: ``{path regex: n or (axis, ...)}`` declaring the input axes of multi-axis
@@ -158,7 +158,7 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
     c = jnp.where(mask, w, jnp.zeros_like(w))
     return c if exact else w + lax.stop_gradient(c - w)
 
-  def update(w, axes, trainable, mask, count):
+  def refresh(w, axes, trainable, mask, count):
     if update_every is None:
       return mask
     return lax.cond(count % update_every == 0, lambda: mask_of(w, axes, count),
@@ -169,7 +169,7 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
       return LeafSpec("prune", sparsity=1.0 - n / m, granularity="group", pattern=(n, m))
     return LeafSpec("prune", sparsity=float(sparsity_at(count)), granularity=granularity)
 
-  return leafwise(LeafRule(init, compress, update if stored else None, describe,
+  return leafwise(LeafRule(init, compress, refresh if stored else None, describe,
                            needs_axes=granularity != "layer"),
                   where=where, exclude=exclude, name="prune", in_axes=in_axes,
                   include_non_kernels=include_non_kernels)

@@ -37,8 +37,9 @@ class Transform(NamedTuple):
       training gradients (straight-through for prune/quantize); with ``exact=True`` it is
       computed without the straight-through trick, so at ``beta = 0`` it holds exactly the
       compressed values (for export and evaluation).
-    update: ``(params, state, count) -> state``: non-gradient state update after each
-      optimiser step (e.g. recomputing a stored mask every ``update_every`` steps).
+    refresh: ``(params, state, count) -> state``: the non-gradient state change after
+      each optimiser step (e.g. recomputing a stored mask every ``update_every`` steps).
+      Not optax's ``update``: it sees the new params and returns only the state.
     select: ``(path, leaf) -> bool``: which leaves the transform compresses.
     describe: ``(path, leaf, state, count) -> tuple[LeafSpec, ...]``: what was done to the
       leaf, one :class:`~vcon_jax.LeafSpec` per compression in the order applied (``()``
@@ -60,7 +61,7 @@ class Transform(NamedTuple):
 
   init: Callable[[Params], TransformState]
   apply: Callable[..., Params]
-  update: Callable[[Params, TransformState, Any], TransformState]
+  refresh: Callable[[Params, TransformState, Any], TransformState]
   select: Callable[[str, Any], bool]
   describe: Callable[..., tuple[LeafSpec, ...]]
 
@@ -73,14 +74,14 @@ class LeafRule(NamedTuple):
   (either may be ``None``); ``compress(w, axes, trainable, aux, count, exact) -> c`` where,
   for ``exact=False``, ``c`` carries the gradient the method wants
   (``w + stop_gradient(C(w) - w)`` for straight-through);
-  ``update(w, axes, trainable, aux, count) -> aux`` or ``None``;
+  ``refresh(w, axes, trainable, aux, count) -> aux`` or ``None``;
   ``describe(w, axes, trainable, count) -> LeafSpec`` (``leafwise`` sets its ``in_axes``
   when they are not Flax's default, every axis but the last).
   """
 
   init: Callable
   compress: Callable
-  update: Callable | None
+  refresh: Callable | None
   describe: Callable
   needs_axes: bool = False
 
@@ -149,11 +150,11 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
       return blend(leaf, c, beta)
     return jax.tree_util.tree_map_with_path(one, params)
 
-  def update(params, state, count):
-    if rule.update is None:
+  def refresh(params, state, count):
+    if rule.refresh is None:
       return state
     flat = dict(_paths.leaf_paths(params))
-    aux = {p: rule.update(flat[p], axes_of(p, flat[p]), state.trainable.get(p), a, count)
+    aux = {p: rule.refresh(flat[p], axes_of(p, flat[p]), state.trainable.get(p), a, count)
            for p, a in state.aux.items()}
     return TransformState(state.trainable, aux)
 
@@ -167,7 +168,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
       spec = dataclasses.replace(spec, in_axes=tuple(axes))
     return (spec,)
 
-  return Transform(init, apply, update, select, describe)
+  return Transform(init, apply, refresh, select, describe)
 
 
 def _validate_schedule(name: str, schedule: Any) -> None:
@@ -234,10 +235,10 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
       return blend(w, c, beta) if select(_paths.path_str(path), w) else w
     return jax.tree_util.tree_map_with_path(one, params, x)
 
-  def update(params, state, count):
+  def refresh(params, state, count):
     new, x = [], params
     for t, s in zip(transforms, member_states(state)):
-      s = t.update(x, s, count)
+      s = t.refresh(x, s, count)
       new.append(s)
       x = t.apply(x, s, 0.0, count, exact=True)
     return TransformState(tuple(s.trainable for s in new), tuple(s.aux for s in new))
@@ -246,7 +247,7 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     return tuple(spec for t, s in zip(transforms, member_states(state))
                  for spec in t.describe(path, leaf, s, count))
 
-  return Transform(init, apply, update, select, describe)
+  return Transform(init, apply, refresh, select, describe)
 
 
 def compress(transform: Transform, params: Params, state: TransformState,
@@ -265,6 +266,6 @@ def identity() -> Transform:
   return Transform(
       init=lambda params: TransformState({}, {}),
       apply=lambda params, state, beta, count=0, *, exact=False: params,
-      update=lambda params, state, count: state,
+      refresh=lambda params, state, count: state,
       select=lambda path, leaf: False,
       describe=lambda path, leaf, state, count=0: ())
