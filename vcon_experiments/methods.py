@@ -16,7 +16,6 @@ embeddings, position tables, biases and norms (:data:`KEEP_DENSE`).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import vcon_jax as vj
@@ -29,11 +28,13 @@ KEEP_DENSE = r"(^|/)(head|lm_head|patch_proj)(/|$)|(^|/)convs/0(/|$)"
 
 
 def _low_rank_full(params: Any) -> int:
-  """The largest full rank among the leaves low rank selects (the gradual ramp's start)."""
-  skip = (re.compile(KEEP_DENSE), re.compile(vj.DEFAULT_EXCLUDE))
-  sizes = [min(_paths.matricize_shape(leaf.shape))
-           for path, leaf in _paths.leaf_paths(params)
-           if getattr(leaf, "ndim", 0) >= 2 and not any(r.search(path) for r in skip)]
+  """The largest full rank among the leaves low rank selects (the gradual ramp's start):
+  the transform's own selection and each kernel's real input axes."""
+  select = vj.low_rank(1, exclude=KEEP_DENSE).select
+  declared = _paths.compile_in_axes(None)
+  sizes = [min(_paths.matricize_shape(leaf.shape,
+                                      _paths.input_axes(path, leaf.shape, declared)))
+           for path, leaf in _paths.leaf_paths(params) if select(path, leaf)]
   return max(sizes) if sizes else 1
 
 
