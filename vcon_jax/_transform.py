@@ -214,10 +214,11 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
 
   def init(params):
     states, x = [], params
-    for t in transforms:
+    for i, t in enumerate(transforms):
       s = t.init(x)
       states.append(s)
-      x = t.apply(x, s, 0.0, 0, exact=True)
+      if i + 1 < len(transforms):  # the next member starts from this one's output
+        x = t.apply(x, s, 0.0, 0, exact=True)
     return TransformState(tuple(s.trainable for s in states), tuple(s.aux for s in states))
 
   def member_states(state):
