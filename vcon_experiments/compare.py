@@ -40,7 +40,7 @@ def _jobs(suites, n_seeds, methods):
   for _, _, name, cfg in jobs:
     where = (data_key(cfg), cfg.run_name())
     stored = runner.canonical(cfg).to_dict()
-    if cfg.epochs > 0:  # the data set the steps (runner.resolve)
+    if cfg.epochs > 0:  # runner.resolve derives the steps from the data set
       del stored["steps"]
     if where in seen:
       if seen[where] != stored:

@@ -111,14 +111,14 @@ class CompressedModel:
     return {role: self.arrays[name] for role, name in leaf["arrays"].items()}
 
   def _decode(self, xp, fmt, arrays, leaf):
-    # A leaf whose matrix view is not every-axis-but-the-last (``in_axes`` in its format,
-    # e.g. an attention kernel) is decoded as its matrix, then put back in its layout.
-    shape, in_axes = tuple(leaf["shape"]), fmt.get("in_axes")
+    shape, dtype, in_axes = tuple(leaf["shape"]), jnp.dtype(leaf["dtype"]), fmt.get("in_axes")
     matrix = _paths.matricize_shape(shape, in_axes)
-    out = codec.decode_leaf(xp, fmt, arrays, shape if in_axes is None else matrix,
-                            jnp.dtype(leaf["dtype"]), matrix)
-    return out if in_axes is None or fmt["kind"] == "raw" else _paths.from_matrix(
-        out, shape, in_axes)
+    if in_axes is None:
+      return codec.decode_leaf(xp, fmt, arrays, shape, dtype, matrix)
+    # stored as its (fan_in, fan_out) matrix over in_axes (an attention kernel): decoded
+    # as that matrix, then put back in the leaf's layout
+    return _paths.from_matrix(codec.decode_leaf(xp, fmt, arrays, matrix, dtype, matrix),
+                              shape, in_axes)
 
   def _dense_leaf(self, i: int) -> jax.Array:
     """Leaf ``i`` decoded on the host (numpy: no compile) and put on the device, cached."""
