@@ -48,3 +48,36 @@ def test_optax_schedule_is_a_beta_schedule():
 def test_bad_schedule_arguments(build, match):
   with pytest.raises(ValueError, match=match):
     build()
+
+
+# ---- a learning-rate schedule passed as beta is refused by every entry point (issue 19)
+import flax.linen as _nn
+import optax as _optax
+
+LR_SCHEDULES = {
+    "linear_from_1e-3": lambda: _optax.linear_schedule(1e-3, 0, 100),
+    "warmup_cosine": lambda: _optax.warmup_cosine_decay_schedule(0, 1e-3, 10, 100),
+    "constant_1e-3": lambda: _optax.constant_schedule(1e-3),
+    "negative_after_20": lambda: (lambda c: 1 - c / 20),
+}
+ENTRY_POINTS = {
+    "wrap_optax": lambda s: vj.wrap_optax(_optax.adamw(1e-2), vj.prune(0.9), s),
+    "make_train_step": lambda s: vj.make_train_step(_nn.Dense(3), vj.prune(0.9), s),
+    "chain_schedules": lambda s: vj.chain(vj.prune(0.5), vj.quantize(bits=4),
+                                          schedules=[None, s]),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("schedule", list(LR_SCHEDULES))
+def test_learning_rate_schedules_are_refused_as_beta(entry, schedule):
+  with pytest.raises(ValueError, match=r"learning-rate schedule|must stay in \[0, 1\]"):
+    ENTRY_POINTS[entry](LR_SCHEDULES[schedule]())
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_beta_schedules_are_accepted(entry):
+  for s in (vj.linear_vanish(10), vj.linear_vanish(0), vj.cosine_vanish(10),
+            vj.constant(0.0), _optax.linear_schedule(1.0, 0.0, 50)):
+    ENTRY_POINTS[entry](s)
+  vj.chain(vj.prune(0.5), vj.quantize(bits=4), schedules=[None, vj.constant(0.5)])

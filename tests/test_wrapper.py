@@ -113,9 +113,12 @@ def test_nnx_own_loop_matches_make_train_step(name):
     assert len(np.unique(np.asarray(cparams["fc1"]["kernel"][...]))) == 2
 
 
-def test_nnx_optimizer_with_the_wrapper():
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_nnx_optimizer_with_the_wrapper(name):
+  # low rank crashed at the second update: nnx.Optimizer writes its state back through
+  # nnx.state, which turned the WithState nodes of the inner state into nnx.State
   model = NNXMLP(nnx.Rngs(0))
-  tx = vj.wrap_optax(optax.adam(1e-2), vj.binarize(), vj.linear_vanish(3))
+  tx = vj.wrap_optax(optax.adam(1e-2), TRANSFORMS[name](), vj.linear_vanish(3))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -129,9 +132,12 @@ def test_nnx_optimizer_with_the_wrapper():
 
   for batch in _batches(5):
     train_step(model, optimizer, batch)
-  kernel = np.asarray(vj.compressed_params(optimizer.opt_state)["fc2"]["kernel"])
-  assert len(np.unique(kernel)) == 2
-  np.testing.assert_allclose(model.fc2.kernel[...], kernel, atol=1e-6)
+  cparams = vj.compressed_params(optimizer.opt_state)
+  for layer in ("fc1", "fc2"):
+    kernel = np.asarray(cparams[layer]["kernel"])
+    if name == "binarize":
+      assert len(np.unique(kernel)) == 2
+    np.testing.assert_allclose(getattr(model, layer).kernel[...], kernel, atol=1e-6)
 
 
 def _linen_params():

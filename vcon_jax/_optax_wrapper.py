@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vcon_jax import _paths, _sharding
-from vcon_jax._transform import Transform, TransformState, compress
+from vcon_jax import _paths, _schedules, _sharding
+from vcon_jax._transform import Transform, TransformState, compress, low_precision, rounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +221,8 @@ def check_schedule(schedule: Any) -> None:
   if np.shape(beta0) != ():
     raise ValueError(f"schedule must return a scalar beta, schedule(0) has shape "
                      f"{np.shape(beta0)}.")
+  # values in [0, 1], starting at 1 (VCON) or 0 (post-shot): refuses an lr schedule
+  _schedules.check_beta_schedule(schedule, "beta_schedule")
 
 
 def check_transform(transform: Any) -> None:
@@ -233,6 +235,56 @@ def check_optimizer(optimizer: Any) -> None:
   if not isinstance(optimizer, optax.GradientTransformation):
     raise ValueError(f"optimizer must be an optax.GradientTransformation, got "
                      f"{type(optimizer).__name__}.")
+
+
+def _update_to(target: jax.Array, param: jax.Array) -> jax.Array:
+  """The update that ``optax.apply_updates`` turns into exactly ``target``.
+
+  For float32 params ``(target - param)`` in float32 (``param + update`` equals
+  ``target`` to float32 rounding). For bfloat16 / float16 params the update is float32:
+  ``apply_updates`` adds in float32 (``param + update == target`` exactly, the difference
+  of two bfloat16 numbers being exact in float32) and casts back to the param's dtype.
+  An update in the param's dtype would be rounded first and land up to half a bfloat16
+  step of ``|target - param|`` away from ``target`` (a binarised layer would hold more
+  than two values).
+  """
+  param = jnp.asarray(param)
+  if not low_precision(param.dtype):
+    return (target - param).astype(param.dtype)
+  return rounded(target, param.dtype).astype(jnp.float32) - param.astype(jnp.float32)
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _conform_inner(optimizer: optax.GradientTransformation, state: VconState) -> VconState:
+  """The inner optimiser's state in the structure its ``init`` gives.
+
+  ``nnx.Optimizer`` writes the state back through ``nnx.state`` after every update, which
+  turns the :class:`WithState` nodes of the inner state (a low-rank kernel with its
+  factors) into ``nnx.State`` dicts: the next update's ``tree_map`` over gradients and
+  moments then fails. The leaves are matched by key path (``.weight`` and ``['weight']``
+  are one key) and put back into the expected structure; a state that does not match is
+  refused with the paths that differ.
+  """
+  like = jax.eval_shape(optimizer.init, join(state.params, state.transform_state.trainable))
+  treedef = jax.tree.structure(like)
+  if jax.tree.structure(state.inner_state) == treedef:
+    return state
+  norm = lambda path: tuple(_key_name(k) for k in path)
+  have = {norm(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.inner_state)[0]}
+  want = [norm(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+  missing = [w for w in want if w not in have]
+  if missing or len(have) != len(want):
+    raise ValueError(f"opt_state's inner optimiser state does not match its init "
+                     f"structure (missing {missing[:3]}); pass the opt_state that "
+                     f"tx.init / tx.update returned.")
+  inner = jax.tree.unflatten(treedef, [have[w] for w in want])
+  return dataclasses.replace(state, inner_state=inner)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -291,6 +343,7 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
     if not isinstance(state, VconState):
       raise ValueError(f"opt_state must come from this wrapper's init, got "
                        f"{type(state).__name__}.")
+    state = _conform_inner(inner, state)
     beta = jnp.asarray(beta_schedule(state.count), jnp.float32)
     tstate = state.transform_state
     _, pull_back = jax.vjp(blend_fn(transform, tstate.aux, beta, state.count),
@@ -299,7 +352,7 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
     new = apply_gradients(inner, state, trainable_grads, **extra_args)
     new = _sharding.constrain(new, state.shardings)
     target = blended_weights(new)
-    updates = jax.tree.map(lambda t, p: (t - p).astype(p.dtype), target, params)
+    updates = jax.tree.map(_update_to, target, params)
     if state.shardings:
       n = len(jax.tree.leaves(state.params))
       updates = _sharding.constrain(updates, state.shardings[1:1 + n])
@@ -331,6 +384,20 @@ def _params_placed(state: VconState, tree: Any) -> Any:
   return _sharding.place(tree, state.shardings[1:1 + n])
 
 
+# The views run compiled, as the update does: XLA's CPU arithmetic op by op (eager) is
+# not always that of the same operations fused in a program (a reduction's order, a
+# division), and one ulp on a rounding tie is a whole quantisation level. Compiled, a
+# view gives the values the user's jitted loop holds, bit for bit (tests/test_low_precision).
+@jax.jit
+def _compiled_compress(state: VconState) -> Any:
+  return compress(state.transform, state.params, state.transform_state, state.count)
+
+
+@jax.jit
+def _compiled_blend(state: VconState) -> Any:
+  return blended_weights(state)
+
+
 def compressed_params(opt_state: Any) -> Any:
   """The compressed model (``beta = 0``): exact values, same tree as your params.
 
@@ -340,14 +407,13 @@ def compressed_params(opt_state: Any) -> Any:
   [[2.0, -2.0]]
   """
   state = _unwrap(vcon_state(opt_state))
-  out = compress(state.transform, state.params, state.transform_state, state.count)
-  return _params_placed(state, out)
+  return _params_placed(state, _compiled_compress(state))
 
 
 def blended_params(opt_state: Any) -> Any:
   """The weights the model sees now, ``beta * W + (1 - beta) * C(W)`` (exact values)."""
   state = _unwrap(vcon_state(opt_state))
-  return _params_placed(state, blended_weights(state))
+  return _params_placed(state, _compiled_blend(state))
 
 
 def dense_params(opt_state: Any) -> Any:

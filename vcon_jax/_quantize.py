@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from vcon_jax import _paths, _schedules
@@ -23,7 +25,7 @@ def quantize_values(w: jax.Array, bits: Any, per_channel: bool = True,
 
   ``bits == 1`` gives ``sign(w) * mean|w|`` (zero counts as positive, so exactly two
   values); ``bits >= 2`` gives ``scale * clip(round(w / scale), -L, L)`` with
-  ``L = 2**(bits-1) - 1`` and ``scale = max|w| / L``. Scales are per output unit when
+  ``L = 2**(bits-1) - 1`` and ``scale = max|w| * (1 / L)`` (the float32 reciprocal). Scales are per output unit when
   ``per_channel`` (the statistics are taken over ``in_axes``, the input axes; ``None``:
   every axis but the last), else per tensor. ``bits`` may be a traced integer.
   """
@@ -33,13 +35,26 @@ def quantize_values(w: jax.Array, bits: Any, per_channel: bool = True,
   else:
     axes = None
   ax = jnp.abs(x)
-  mean = jnp.mean(ax, axis=axes, keepdims=True)
+  # The same arithmetic in every context. XLA rewrites ``x / constant`` as
+  # ``x * (1 / constant)`` under jit only, and its CPU division is not always correctly
+  # rounded: a scale 1 ulp apart moved weights on a rounding tie (``W / s = 3.5``) to
+  # another level in a jitted step than in an eager view. So constants are divided on
+  # the host (a multiplication by a float32 reciprocal, exact and the same everywhere),
+  # and the one division by a per-unit scale has a full-size divisor behind a barrier.
+  count = ax.size if axes is None else math.prod(ax.shape[a] for a in axes)
+  mean = jnp.sum(ax, axis=axes, keepdims=True) * np.float32(1.0 / count)
   binary = jnp.where(x >= 0, mean, -mean)
   if isinstance(bits, int) and bits == 1:
     return binary.astype(w.dtype)
-  levels = jnp.maximum(2.0 ** (jnp.asarray(bits, jnp.float32) - 1.0) - 1.0, 1.0)
-  scale = jnp.max(ax, axis=axes, keepdims=True) / levels
+  if isinstance(bits, int):
+    levels = float(max(2 ** (bits - 1) - 1, 1))
+    scale = jnp.max(ax, axis=axes, keepdims=True) * np.float32(1.0 / levels)
+  else:  # a traced bit width (the gradual baseline)
+    levels = jnp.maximum(2.0 ** (jnp.asarray(bits, jnp.float32) - 1.0) - 1.0, 1.0)
+    scale = jnp.max(ax, axis=axes, keepdims=True) * (1.0 / levels)
   scale = jnp.where(scale > 0, scale, 1.0)
+  # full-size divisor: XLA rewrites ``x / broadcast(s)`` as ``x * broadcast(1 / s)``
+  scale = lax.optimization_barrier(jnp.broadcast_to(scale, x.shape))
   uniform = jnp.clip(jnp.round(x / scale), -levels, levels) * scale
   if isinstance(bits, int):
     return uniform.astype(w.dtype)

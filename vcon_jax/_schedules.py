@@ -11,11 +11,15 @@ import numbers
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 Schedule = Callable
 
 #: Counts at which schedules are evaluated in Python when a factory receives one.
+#: The smallest constant member beta :func:`vcon_jax.chain` takes as a deliberate blend.
+MIN_PARTIAL_BETA = 0.01
+
 CHECK_COUNTS = (0, 1, 2, 3, 5, 10, 30, 100, 300, 1_000, 3_000, 10_000, 100_000, 1_000_000,
                 10_000_000)
 
@@ -70,7 +74,8 @@ def check_schedule(schedule: Callable, name: str, ok: Callable[[float], bool],
 
 
 def check_beta_schedule(schedule: Any, name: str = "beta", *,
-                        start: Sequence[float] | None = (1.0, 0.0)) -> Any:
+                        start: Sequence[float] | None = (1.0, 0.0),
+                        allow_constant: bool = False) -> Any:
   """Checks a beta schedule in Python, before any jit; returns it unchanged.
 
   A beta schedule gives the weight of the dense weights, so every value must lie in
@@ -84,6 +89,11 @@ def check_beta_schedule(schedule: Any, name: str = "beta", *,
     schedule: ``count -> beta`` (any optax schedule) or a number.
     name: what to call it in the error message.
     start: the allowed values of ``beta(0)`` (to within 1e-6); ``None``: any in [0, 1].
+      A schedule that starts at 0 must stay at 0 (post-shot); one that rises from 0 is
+      a learning-rate warm-up, not a beta.
+    allow_constant: also accept a constant schedule at a value in
+      ``[MIN_PARTIAL_BETA, 1]`` (a chain member held at a partial blend on purpose,
+      ``vj.constant(0.5)``); a constant below 1 % is a learning rate, not a blend.
 
   Returns:
     ``schedule``.
@@ -111,11 +121,19 @@ def check_beta_schedule(schedule: Any, name: str = "beta", *,
       raise ValueError(f"{name} must stay in [0, 1] (it weighs the dense weights), but "
                        f"{name}({count}) = {value:g}.")
   first = values[0][1]
-  if start is not None and not any(abs(first - s) <= 1e-6 for s in start):
+  # a deliberate partial blend is a constant of at least 1 %; learning rates are smaller
+  constant = all(v == first for _, v in values) and first >= MIN_PARTIAL_BETA
+  hint = "is it a learning-rate schedule? Use e.g. vj.linear_vanish(transition_steps)."
+  if start is not None and not (allow_constant and constant) and not any(
+      abs(first - s) <= 1e-6 for s in start):
     allowed = " or ".join(f"{s:g}" for s in start)
     raise ValueError(f"{name} must start at {allowed} (1: VCON, dense first; 0: post-shot "
-                     f"or gradual baselines), but {name}(0) = {first:g}; is it a learning-"
-                     f"rate schedule? Use e.g. vj.linear_vanish(transition_steps).")
+                     f"or gradual baselines), but {name}(0) = {first:g}; {hint}")
+  if abs(first) <= 1e-6:
+    rise = next(((c, v) for c, v in values if v > 1e-6), None)
+    if rise is not None:
+      raise ValueError(f"{name} starts at 0 (the compressed model) and must stay there, "
+                       f"but {name}({rise[0]}) = {rise[1]:g}; {hint}")
   return schedule
 
 
@@ -146,7 +164,10 @@ def linear_vanish(transition_steps: int, begin_step: int = 0) -> Schedule:
     t = jnp.asarray(count, jnp.float32) - begin_step
     if transition_steps == 0:
       return jnp.where(t >= 0, 0.0, 1.0).astype(jnp.float32)
-    return jnp.clip(1.0 - t / transition_steps, 0.0, 1.0)
+    # the barrier keeps a true division under jit (XLA turns ``t / constant`` into
+    # ``t * (1 / constant)``, 1 ulp off): beta is the same in a jitted step and a view
+    q = lax.optimization_barrier(jnp.float32(transition_steps))
+    return jnp.clip(1.0 - t / q, 0.0, 1.0)
 
   return schedule
 

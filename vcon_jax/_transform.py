@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from vcon_jax import _paths, _schedules
 from vcon_jax._spec import LeafSpec
@@ -86,16 +87,46 @@ class LeafRule(NamedTuple):
   needs_axes: bool = False
 
 
+def low_precision(dtype: Any) -> bool:
+  """True for floating dtypes narrower than float32 (bfloat16, float16, fp8)."""
+  dtype = jnp.dtype(dtype)
+  return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+
+
+def rounded(x: Any, dtype: Any = None) -> Any:
+  """``x`` rounded to ``dtype`` (default its own) *for real*, also inside ``jax.jit``.
+
+  XLA may keep a bfloat16 / float16 value that was computed in float32 unrounded when
+  the next operation upcasts it again (``xla_allow_excess_precision``, on by default): a
+  weight the optimiser just wrote then reaches the compression with bits the stored
+  weight does not have, and a value on a rounding tie (``W / scale = -3.5``) lands on
+  another level than in an eager call. An optimisation barrier between the two converts
+  keeps the rounding. A no-op for float32 and wider (and outside ``jit``).
+  """
+  dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+  if not low_precision(dtype):
+    return x.astype(dtype) if x.dtype != dtype else x
+  return lax.optimization_barrier(x.astype(dtype))
+
+
 def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
-  """``beta * w + (1 - beta) * c`` in ``w``'s dtype (a Python 0 or 1 short-circuits)."""
+  """``beta * w + (1 - beta) * c`` in ``w``'s dtype (a Python 0 or 1 short-circuits).
+
+  Both inputs are :func:`rounded` to ``w``'s dtype first, so the result is the same
+  under ``jit`` and eagerly, in every dtype.
+  """
+  c = rounded(c, w.dtype)
   if isinstance(beta, (int, float)):
     if beta == 0:
-      return c.astype(w.dtype)
+      return c
     if beta == 1:
       return w
   beta = jnp.asarray(beta, jnp.float32)
-  out = beta * w.astype(jnp.float32) + (1.0 - beta) * c.astype(jnp.float32)
-  return out.astype(w.dtype)
+  dense = beta * rounded(w).astype(jnp.float32)
+  comp = (1.0 - beta) * c.astype(jnp.float32)
+  if low_precision(w.dtype):  # no fused multiply-add under jit: the eager value
+    dense, comp = lax.optimization_barrier((dense, comp))
+  return (dense + comp).astype(w.dtype)
 
 
 def _no_match_error(where_desc: str, params: Params, include_non_kernels: bool) -> ValueError:
@@ -145,6 +176,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
       p = _paths.path_str(path)
       if not select(p, leaf):
         return leaf
+      leaf = rounded(leaf)
       c = rule.compress(leaf, axes_of(p, leaf), state.trainable.get(p), state.aux.get(p),
                         count, exact)
       return blend(leaf, c, beta)
@@ -154,7 +186,8 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
     if rule.refresh is None:
       return state
     flat = dict(_paths.leaf_paths(params))
-    aux = {p: rule.refresh(flat[p], axes_of(p, flat[p]), state.trainable.get(p), a, count)
+    aux = {p: rule.refresh(rounded(flat[p]), axes_of(p, flat[p]), state.trainable.get(p),
+                           a, count)
            for p, a in state.aux.items()}
     return TransformState(state.trainable, aux)
 
@@ -177,9 +210,9 @@ def _validate_schedule(name: str, schedule: Any) -> None:
   if not callable(schedule):
     raise ValueError(f"{name} must be a callable schedule (count -> beta) or None, got "
                      f"{schedule!r}.")
-  # A member's own beta may hold a partial blend (e.g. constant(0.5)) on purpose, so only
-  # the range is checked; the train step's beta must also start at 1 or 0.
-  _schedules.check_beta_schedule(schedule, name, start=None)
+  # A member's own beta may hold a partial blend (e.g. constant(0.5)) on purpose: a
+  # constant of at least 1 % is accepted; anything else must start at 1 or 0.
+  _schedules.check_beta_schedule(schedule, name, allow_constant=True)
 
 
 def chain(*transforms: Transform, schedules: Any = None) -> Transform:
@@ -189,8 +222,10 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
   ``beta * w + (1 - beta) * C_n(...C_1(w))``. With ``schedules`` (one per member, ``None``
   meaning "use the train step's beta"), member ``i`` blends its own input with its output
   using ``schedules[i](count)``, so each compression vanishes in on its own timetable.
-  Member schedules are checked when ``chain`` is called: every value must lie in
-  ``[0, 1]`` (:func:`vcon_jax.check_beta_schedule` with ``start=None``).
+  Member schedules are checked when ``chain`` is called
+  (:func:`vcon_jax.check_beta_schedule` with ``allow_constant=True``): every value in
+  ``[0, 1]``, starting at 1 or 0 (staying at 0 then) unless constant, so a learning-rate
+  schedule passed by mistake is refused.
 
   >>> import vcon_jax as vj
   >>> t = vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=8))
