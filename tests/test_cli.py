@@ -21,7 +21,7 @@ TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--train-limit",
 
 def _cli(*args, check=True):
   out = subprocess.run([sys.executable, "-m", "vcon_experiments", *args], capture_output=True,
-                       text=True, timeout=600, check=False)
+                       text=True, timeout=1800, check=False)  # hang-only
   if check and out.returncode:
     raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
   return out
@@ -76,11 +76,14 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
   assert list(out.glob("*.png"))
   run = next((tmp_path / "w").glob("*/same-task/s*/prune90/vcon-Q20/seed0"))
   assert (run / "config.json").exists() and list((run / "tensorboard").iterdir())
-  # a second call reuses every finished run
-  t0 = time.time()
+  # a second call reuses every finished run: nothing a run writes is written again
+  written = lambda: {f: f.stat().st_mtime_ns for f in (tmp_path / "w").rglob("*")
+                     if f.is_file() and f.name in ("result.json", "metrics.jsonl")}
+  before = written()
+  assert before
   _cli("compare", "--quick", "--seeds", "1", "--workdir", str(tmp_path / "w"),
        "--out", str(out), "--no-progress")
-  assert time.time() - t0 < 60
+  assert written() == before
 
 
 def _final(workdir):
@@ -97,7 +100,7 @@ def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
   proc = subprocess.Popen([sys.executable, "-m", "vcon_experiments", "compress", "--method", "vcon",
                            *TINY, "--workdir", str(cut_dir)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+  deadline = time.time() + 1200  # only a hang reaches it
   ckpt = None
   while time.time() < deadline and proc.poll() is None:
     found = list(cut_dir.glob("*/same-task/s*/prune90/vcon-Q20/seed0/checkpoints/12"))
@@ -127,7 +130,7 @@ def test_compress_killed_during_a_checkpoint_write_resumes(tmp_path):
   proc = subprocess.Popen([sys.executable, "-m", "vcon_experiments", "compress", "--method", "vcon",
                            *TINY, "--workdir", str(cut_dir)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline, hit = time.time() + 300, None
+  deadline, hit = time.time() + 1200, None  # only a hang reaches the deadline
   while time.time() < deadline and proc.poll() is None and hit is None:
     for ck in cut_dir.glob("*/same-task/s*/prune90/vcon-Q20/seed0/checkpoints/*"):
       if not ck.name.isdigit() and int(ck.name.split(".")[0] or 0) >= 8:

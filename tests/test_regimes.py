@@ -128,7 +128,7 @@ def test_map_jobs_run_budget_by_budget():
 def test_cli_refuses_before_writing_anything(tmp_path, args, msg):
   work = tmp_path / "w"
   p = subprocess.run([sys.executable, "-m", "vcon_experiments", *args, "--workdir", str(work)],
-                     capture_output=True, text=True, timeout=120)
+                     capture_output=True, text=True, timeout=900)
   assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
   assert not work.exists()
 
