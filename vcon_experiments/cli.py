@@ -97,7 +97,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                  help="JSON file of config keys (command-line options override it)")
   p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                  help=f"where runs, checkpoints and logs go (default ./{DEFAULT_WORKDIR})")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--no-progress", action="store_true", help="no progress output (bars on a terminal, a line per tenth of a run in a log file)")
   p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                  help="a step with a non-finite loss: stop the run naming the step, keeping "
                       "the last good checkpoint (default), or skip it and count it in the "

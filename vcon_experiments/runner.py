@@ -27,6 +27,7 @@ from vcon_experiments import data as vdata
 from vcon_experiments import methods, tasks
 from vcon_experiments.config import Config
 from vcon_experiments.io import RunDir
+from vcon_experiments.progress import progress as make_progress
 
 #: The dense model is shared by every method and seed of a comparison (cached once per
 #: dense config); seeds vary the fine-tuning's data order and dropout.
@@ -90,12 +91,6 @@ def evaluate(step: vj.TrainStep, state, arrays, limit: int | None = None,
   return correct / n
 
 
-def _progress(total, initial, desc, enabled):
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False,
-              dynamic_ncols=True)
-
-
 def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
                 train, test, desc: str, progress: bool, eval_compressed: bool, seed: int,
                 make_batch=None):
@@ -114,7 +109,7 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
     state, start = restored
   run.truncate_metrics(start)
   writer = run.tensorboard()
-  bar = _progress(total, start, desc, progress)
+  bar = make_progress(total, start, desc, progress)
   evals = _every(cfg.eval_every, total, 12)
   t0 = time.time()
   first_bad = jnp.zeros((), jnp.int32)  # 0: none yet; else the 1-based step
