@@ -40,6 +40,9 @@ LINEN_CASES = {
     "quantize4": lambda: vj.quantize(bits=4),
     "quantize4_per_layer": lambda: vj.quantize(bits=4, per_channel=False),
     "quantize8": lambda: vj.quantize(bits=8),
+    "quantize4_group4": lambda: vj.quantize(bits=4, group_size=4),
+    "quantize3_group4_asym": lambda: vj.quantize(bits=3, group_size=4, symmetric=False),
+    "quantize2_asym": lambda: vj.quantize(bits=2, symmetric=False),
     "low_rank": lambda: vj.low_rank(rank=4),
     "prune+quantize8": lambda: vj.chain(vj.prune(sparsity=0.9), vj.quantize(bits=8)),
     "quantize8+low_rank": lambda: vj.chain(vj.quantize(bits=8), vj.low_rank(rank=4)),
@@ -89,7 +92,9 @@ def _check_sizes(case, rows):
     bits = int(case[len("quantize"):].split("_")[0])
     for r in sel:
       n, fan_out = math.prod(r["shape"]), r["shape"][-1]
-      assert r["compressed_bytes"] <= math.ceil(n * bits / 8) + 4 * fan_out, r
+      scales = n // 4 if "group4" in case else fan_out  # float32, plus a zero-point byte
+      per_scale = 5 if case.endswith("asym") else 4
+      assert r["compressed_bytes"] <= math.ceil(n * bits / 8) + per_scale * scales, r
   if "low_rank" in case:
     for r in sel:
       m, n = r["shape"]

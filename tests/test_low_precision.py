@@ -24,6 +24,9 @@ TRANSFORMS = {
     "prune_neuron": lambda: vj.prune(sparsity=0.5, granularity="neuron"),
     "low_rank": lambda: vj.low_rank(rank=3),
     "prune+quantize4": lambda: vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=4)),
+    "quantize4_group6": lambda: vj.quantize(bits=4, group_size=6),
+    "quantize3_group6_asym": lambda: vj.quantize(bits=3, group_size=6, symmetric=False),
+    "quantize2_asym": lambda: vj.quantize(bits=2, symmetric=False),
 }
 STEPS, Q = 12, 6
 

@@ -22,6 +22,10 @@ class LeafSpec:
     bits: width of the quantised values (1 for binary), or ``None`` if not quantised.
       Export tries ``bits``-bit codes for ``2 <= bits <= 16``.
     per_channel: quantisation scales per output unit (``True``) or per layer.
+    group_size: quantisation scales per group of this many consecutive inputs of each
+      output unit (``None``: not group-wise).
+    symmetric: ``False`` for asymmetric codes with a zero point per scale (``None``:
+      symmetric).
     sparsity: fraction of zeros the compression aims at.
     granularity: pruning granularity (``"layer"``, ``"neuron"``, ``"group"``).
     pattern: ``(n, m)`` for n:m sparsity (``n`` kept of every ``m`` inputs).
@@ -40,6 +44,8 @@ class LeafSpec:
   kind: str
   bits: int | None = None
   per_channel: bool | None = None
+  group_size: int | None = None
+  symmetric: bool | None = None
   sparsity: float | None = None
   granularity: str | None = None
   pattern: tuple[int, int] | None = None

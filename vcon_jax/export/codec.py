@@ -10,7 +10,12 @@ found on the host); :func:`runtime_coded` turns them into the ``positions`` layo
 A ``coded`` leaf's format (a dict in the manifest) has a ``layout`` (``dense``,
 ``bitmask``, ``indices``, ``nm`` or, at run time only, ``positions``), a ``codec``
 (``float``, ``binary`` or ``int`` with ``bits``), ``count`` (how many values are stored)
-and, for binary and int codecs, ``scale`` (``layer`` or ``channel``).
+and, for binary and int codecs, ``scale``: ``layer`` (a 0-d array), ``channel`` (one per
+output unit, ``(fan_out,)``) or ``group`` (with ``group_size`` g: one per g consecutive
+inputs of each output unit, ``(fan_in // g, fan_out)``; format version 3). An int codec
+with ``zero_point`` stores unsigned codes and a ``zero`` array shaped like ``scale``
+(value ``(code - zero) * scale``); without it the value is ``(code - L) * scale``,
+``L = 2**(bits-1) - 1``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,11 @@ def index_dtype(size: int) -> np.dtype:
 def count_dtype(size: int) -> np.dtype:
   """Smallest unsigned dtype holding counts ``0 .. size``."""
   return index_dtype(size + 1)
+
+
+def zero_dtype(bits: int) -> np.dtype:
+  """Dtype of the zero points of ``bits``-bit asymmetric codes."""
+  return np.dtype(np.uint8 if bits <= 8 else np.uint16)
 
 
 def nm_bits(m: int) -> int:
@@ -135,19 +145,48 @@ def runtime_coded(fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int
     bits = fmt["bits"]
     out["codes"] = pack(unpack(np, np.asarray(arr["codes"]), nv, bits)[order], bits)
     out["scale"] = arr["scale"]
+    if "zero" in arr:
+      out["zero"] = arr["zero"]
   new = {k: v for k, v in fmt.items() if k not in ("n", "m")}
   new.update(layout="positions", sorted=True)
   return new, out
 
 
 def _values(xp, fmt: Mapping, arr: Mapping):
+  """The stored values (floats, or integer levels before their scales)."""
   nv, codec = fmt["count"], fmt["codec"]
   if codec == "float":
     return arr["values"]
   if codec == "binary":
     return 1 - 2 * unpack(xp, arr["codes"], nv, 1)
   bits = fmt["bits"]
-  return unpack(xp, arr["codes"], nv, bits) - (2 ** (bits - 1) - 1)
+  codes = unpack(xp, arr["codes"], nv, bits)
+  return codes if fmt.get("zero_point") else codes - (2 ** (bits - 1) - 1)
+
+
+def _dense_per_entry(xp, fmt: Mapping, a, fan_in: int):
+  """A per-scale array (``scale`` or ``zero``) broadcastable to the ``(fan_in, fan_out)``
+  matrix."""
+  mode = fmt["scale"]
+  if mode == "layer":
+    return a
+  if mode == "channel":
+    return a[None, :]
+  if mode == "group":
+    return xp.repeat(a, fan_in // a.shape[0], axis=0)
+  raise ValueError(f"unknown scale mode {mode!r} in the export manifest.")
+
+
+def _sparse_per_value(fmt: Mapping, a, positions, fan_out: int):
+  """A per-scale array gathered for values at flat ``positions`` of the matrix."""
+  mode = fmt["scale"]
+  if mode == "layer":
+    return a
+  if mode == "channel":
+    return a[positions % fan_out]
+  if mode == "group":
+    return a[(positions // fan_out) // fmt["group_size"], positions % fan_out]
+  raise ValueError(f"unknown scale mode {mode!r} in the export manifest.")
 
 
 def decode_coded(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtype):
@@ -174,12 +213,15 @@ def decode_coded(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtyp
   if layout == "dense":
     mat = vals.reshape(fan_in, fan_out)
     if codec != "float":
-      scale = arr["scale"]
-      mat = mat.astype(xp.float32) * (scale if scale.ndim == 0 else scale[None, :])
+      if fmt.get("zero_point"):
+        mat = mat - _dense_per_entry(xp, fmt, arr["zero"].astype(xp.int32), fan_in)
+      mat = mat.astype(xp.float32) * _dense_per_entry(xp, fmt, arr["scale"], fan_in)
     return mat.astype(dtype)
   if codec != "float":  # scaled per value: the same products as the dense layout's
-    scale = arr["scale"]
-    vals = vals.astype(xp.float32) * (scale if scale.ndim == 0 else scale[positions % fan_out])
+    if fmt.get("zero_point"):
+      vals = vals - _sparse_per_value(fmt, arr["zero"].astype(xp.int32), positions, fan_out)
+    vals = vals.astype(xp.float32) * _sparse_per_value(fmt, arr["scale"], positions,
+                                                       fan_out)
   vals = vals.astype(dtype)
   if xp is np:
     flat = np.zeros((fan_in * fan_out,), vals.dtype)

@@ -10,8 +10,10 @@ before it is chosen; a leaf nothing fits is stored as it is):
   that holds ``fan_in``); ``n:m`` (per group of ``m`` inputs the ``n`` kept values and
   their ``ceil(log2 m)``-bit positions).
 * **codec** of those values: ``float`` (as they are); ``binary`` (one sign bit per value and
-  one scale per layer or per output unit); ``int<k>`` (``k``-bit codes packed into bytes,
-  ``q * scale`` with one float32 scale per output unit or per layer).
+  one scale per layer, per output unit or per group of inputs of each output unit);
+  ``int<k>`` (``k``-bit codes packed into bytes, ``q * scale`` with one float32 scale per
+  output unit, per layer or per group; asymmetric codes also store an integer zero point
+  per scale).
 * **low rank**: a leaf whose last spec carries factors is stored as them, ``A``
   (fan_in x r) and ``B`` (r x fan_out), when their product matches its values.
 
@@ -69,31 +71,59 @@ def _rounding_interval(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return (a64 + prev) / 2, (a64 + nxt) / 2
 
 
-def _fit_int(v, col, ncol, bits, dtype):
+def _fit_int(v, col, ncol, bits, dtype, symmetric=True):
   """``bits``-bit codes and scales reproducing ``v`` as ``q * scale`` exactly, or ``None``.
 
-  Candidate scales per group: its largest magnitude over ``L`` (the quantiser's own
-  ``max|w| / L`` up to rounding), and the middle of the interval of scales that round every
-  ``q * scale`` to its stored value (needed for bfloat16 and other short dtypes); each
-  nudged by up to three float32 ulps, and the first that reproduces the group is kept.
+  ``col`` gives each value's scale (``ncol`` of them). Symmetric codes are ``q + L`` with
+  ``|q| <= L = 2**(bits-1) - 1``; asymmetric ones ``q + zero`` in ``[0, 2**bits - 1]``
+  with an integer ``zero`` per scale, returned as a third array.
+
+  Candidate scales per group: its largest magnitude over ``L`` (the symmetric quantiser's
+  own ``max|w| / L`` up to rounding), or for asymmetric codes its range over
+  ``2**bits - 1`` and its smallest gap between distinct values; then the middle of the
+  interval of scales that round every ``q * scale`` to its stored value (needed for
+  bfloat16 and other short dtypes); each nudged by up to three float32 ulps, and the first
+  that reproduces the group is kept.
   """
-  levels = 2 ** (bits - 1) - 1
   vf = v.astype(np.float32)
-  base = _column_max(np.abs(vf), col, ncol) / np.float32(levels)
-  base = np.where(base > 0, base, np.float32(1.0)).astype(np.float32)
-  bases = [base]
-  q0 = np.clip(np.rint(vf / base[col]), -levels, levels)
-  nz = q0 != 0
-  if nz.any():
-    lo, hi = _rounding_interval(np.abs(v[nz]))
-    qa = np.abs(q0[nz]).astype(np.float64)
-    s_lo = np.full((ncol,), -np.inf)
-    s_hi = np.full((ncol,), np.inf)
-    np.maximum.at(s_lo, col[nz], lo / qa)
-    np.minimum.at(s_hi, col[nz], hi / qa)
-    mid = np.where(np.isfinite(s_lo) & np.isfinite(s_hi) & (s_lo <= s_hi),
-                   (s_lo + s_hi) / 2, base)
-    bases.append(mid.astype(np.float32))
+  if symmetric:
+    levels = 2 ** (bits - 1) - 1
+    lo_q, hi_q = -levels, levels
+    starts = [_column_max(np.abs(vf), col, ncol) / np.float32(levels)]
+  else:
+    top = 2 ** bits - 1
+    lo_q, hi_q = -top, top  # the span is checked per group below
+    hi = _column_max(np.maximum(vf, 0), col, ncol)
+    lo = -_column_max(np.maximum(-vf, 0), col, ncol)
+    starts = [((hi - lo) / np.float32(top)).astype(np.float32), _min_gap(vf, col, ncol)]
+  bases = []
+  for base in starts:
+    base = np.where(base > 0, base, np.float32(1.0)).astype(np.float32)
+    bases.append(base)
+    q0 = np.clip(np.rint(vf / base[col]), lo_q, hi_q)
+    nz = q0 != 0
+    if nz.any():
+      lo_v, hi_v = _rounding_interval(np.abs(v[nz]))
+      qa = np.abs(q0[nz]).astype(np.float64)
+      s_lo = np.full((ncol,), -np.inf)
+      s_hi = np.full((ncol,), np.inf)
+      np.maximum.at(s_lo, col[nz], lo_v / qa)
+      np.minimum.at(s_hi, col[nz], hi_v / qa)
+      good = np.isfinite(s_lo) & np.isfinite(s_hi) & (s_lo <= s_hi)
+      mid = np.where(good, (np.where(good, s_lo, 0) + np.where(good, s_hi, 0)) / 2, base)
+      bases.append(mid.astype(np.float32))
+
+  def codes_of(sc):
+    q = np.clip(np.rint(vf / sc[col]), lo_q, hi_q)
+    ok = (q.astype(np.float32) * sc[col]).astype(dtype) == v
+    if symmetric:
+      return q, ok, None
+    qmin = np.zeros((ncol,), np.float32)
+    np.minimum.at(qmin, col, q)
+    zero = -qmin  # >= 0: the lowest code of each group is 0 (or above, if all q > 0)
+    ok &= q + zero[col] <= top
+    return q, ok, zero
+
   chosen = np.full((ncol,), np.nan, np.float32)
   for start in bases:
     for shift in _SHIFT_CANDIDATES:
@@ -101,9 +131,7 @@ def _fit_int(v, col, ncol, bits, dtype):
       direction = np.float32(np.inf if shift > 0 else -np.inf)
       for _ in range(abs(shift)):
         s = np.nextafter(s, direction).astype(np.float32)
-      sc = s[col]
-      q = np.clip(np.rint(vf / sc), -levels, levels)
-      ok = (q.astype(np.float32) * sc).astype(dtype) == v
+      _, ok, _ = codes_of(s)
       bad = np.bincount(col[~ok], minlength=ncol) > 0 if not ok.all() else np.zeros(ncol, bool)
       fresh = ~bad & np.isnan(chosen)
       chosen[fresh] = s[fresh]
@@ -113,43 +141,69 @@ def _fit_int(v, col, ncol, bits, dtype):
       break
   if np.isnan(chosen).any():
     return None
-  sc = chosen[col]
-  q = np.clip(np.rint(vf / sc), -levels, levels)
-  if not _same((q.astype(np.float32) * sc).astype(dtype), v):
+  q, ok, zero = codes_of(chosen)
+  if not ok.all():
     return None
-  return codec.pack((q + levels).astype(np.uint32), bits), chosen
+  if symmetric:
+    return codec.pack((q + levels).astype(np.uint32), bits), chosen, None
+  return (codec.pack((q + zero[col]).astype(np.uint32), bits), chosen,
+          zero.astype(codec.zero_dtype(bits)))
 
 
-def _scale_array(scale: np.ndarray, per_layer: bool) -> np.ndarray:
-  return np.asarray(scale[0] if per_layer else scale, np.float32)
+def _min_gap(vf, col, ncol):
+  """Per scale group, the smallest positive gap between its distinct values (0: none)."""
+  order = np.lexsort((vf, col))
+  sv, sc = vf[order], col[order]
+  gap = np.diff(sv)
+  same = (sc[1:] == sc[:-1]) & (gap > 0)
+  out = np.full((ncol,), np.inf, np.float32)
+  np.minimum.at(out, sc[1:][same], gap[same])
+  return np.where(np.isfinite(out), out, 0).astype(np.float32)
 
 
-def _codecs(v, col, fan_out, dtype, bits_options, layer_first):
+def _scale_modes(vrow, vcol, fan_in, fan_out, group_size, layer_first):
+  """``(fmt fields, scale index of each value, number of scales, stored shape)`` of each
+  way of sharing scales: per layer, per output unit (``layer_first`` orders those two),
+  or, given ``group_size``, per group of inputs of each output unit only."""
+  if group_size is not None:
+    if not 0 < group_size <= fan_in or fan_in % group_size:
+      return []
+    groups = fan_in // group_size
+    return [({"scale": "group", "group_size": int(group_size)},
+             (vrow // group_size) * fan_out + vcol, groups * fan_out, (groups, fan_out))]
+  layer = ({"scale": "layer"}, np.zeros_like(vcol), 1, ())
+  channel = ({"scale": "channel"}, vcol, fan_out, (fan_out,))
+  return [layer, channel] if layer_first else [channel, layer]
+
+
+def _codecs(v, modes, dtype, bits_options, symmetric):
   """Yields ``(fmt, arrays)`` for every codec that reproduces ``v`` exactly.
 
-  Binary is always tried; of ``bits_options`` the smallest width that fits is yielded.
-  Scales are tried per layer then per output unit (or the reverse: ``layer_first``).
+  Binary is always tried (symmetric codes only); of ``bits_options`` the smallest width
+  that fits is yielded. ``modes`` (:func:`_scale_modes`) are tried in order.
   """
   yield {"codec": "float"}, {"values": v}
   if not jnp.issubdtype(dtype, jnp.floating) or v.dtype != dtype:
     return
-  zero_col = np.zeros_like(col)
-  modes = (True, False) if layer_first else (False, True)
-  for per_layer in modes:  # binary: one sign bit per value
-    fit = _fit_binary(v, zero_col if per_layer else col, 1 if per_layer else fan_out, dtype)
-    if fit is not None:
-      codes, scale = fit
-      yield ({"codec": "binary", "bits": 1, "scale": "layer" if per_layer else "channel"},
-             {"codes": codes, "scale": _scale_array(scale, per_layer)})
-      break
-  for bits in bits_options:
-    for per_layer in modes:
-      fit = _fit_int(v, zero_col if per_layer else col, 1 if per_layer else fan_out, bits,
-                     dtype)
+  if symmetric:
+    for fields, idx, n, shape in modes:  # binary: one sign bit per value
+      fit = _fit_binary(v, idx, n, dtype)
       if fit is not None:
         codes, scale = fit
-        yield ({"codec": "int", "bits": bits, "scale": "layer" if per_layer else "channel"},
-               {"codes": codes, "scale": _scale_array(scale, per_layer)})
+        yield ({"codec": "binary", "bits": 1, **fields},
+               {"codes": codes, "scale": np.asarray(scale, np.float32).reshape(shape)})
+        break
+  for bits in bits_options:
+    for fields, idx, n, shape in modes:
+      fit = _fit_int(v, idx, n, bits, dtype, symmetric)
+      if fit is not None:
+        codes, scale, zero = fit
+        arrays = {"codes": codes, "scale": np.asarray(scale, np.float32).reshape(shape)}
+        extra = {}
+        if zero is not None:
+          arrays["zero"] = zero.reshape(shape)
+          extra = {"zero_point": True}
+        yield {"codec": "int", "bits": bits, **fields, **extra}, arrays
         break
     else:
       continue
@@ -157,10 +211,12 @@ def _codecs(v, col, fan_out, dtype, bits_options, layer_first):
 
 
 def _layouts(mat: np.ndarray, pattern: tuple[int, int] | None):
-  """Yields ``(fmt, arrays, values, value_columns)`` for each applicable layout."""
+  """Yields ``(fmt, arrays, values, value_rows, value_columns)`` for each applicable
+  layout (rows and columns of the stored values in the ``(fan_in, fan_out)`` matrix)."""
   fan_in, fan_out = mat.shape
   col = np.broadcast_to(np.arange(fan_out, dtype=np.int32), mat.shape).reshape(-1)
-  yield {"layout": "dense"}, {}, mat.reshape(-1), col
+  row = np.repeat(np.arange(fan_in, dtype=np.int32), fan_out)
+  yield {"layout": "dense"}, {}, mat.reshape(-1), row, col
   units = mat.T  # (fan_out, fan_in): one row per output unit
   if pattern is not None:
     n, m = pattern
@@ -172,26 +228,30 @@ def _layouts(mat: np.ndarray, pattern: tuple[int, int] | None):
         order = np.sort(order, axis=-1)
         vals = np.take_along_axis(groups, order, axis=-1).reshape(-1)
         vcol = np.repeat(np.arange(fan_out, dtype=np.int32), (fan_in // m) * n)
+        vrow = (np.arange(fan_in // m, dtype=np.int32)[None, :, None] * m
+                + order).reshape(-1).astype(np.int32)
         yield ({"layout": "nm", "n": n, "m": m},
                {"nm_index": codec.pack(order.reshape(-1).astype(np.uint32),
                                        codec.nm_bits(m))},
-               vals, vcol)
+               vals, vrow, vcol)
   nonzero = units != 0
   nnz = int(nonzero.sum())
   if nnz < mat.size:
     counts = nonzero.sum(axis=1)
     vals = units[nonzero]
     vcol = np.repeat(np.arange(fan_out, dtype=np.int32), counts)
+    vrow = np.nonzero(nonzero)[1].astype(np.int32)
     mask_bytes = (mat.size + 7) // 8
     index_bytes = (fan_out * codec.count_dtype(fan_in).itemsize
                    + nnz * codec.index_dtype(fan_in).itemsize)
     if mask_bytes <= index_bytes:
-      yield ({"layout": "bitmask"}, {"mask": np.packbits(nonzero.reshape(-1))}, vals, vcol)
+      yield ({"layout": "bitmask"}, {"mask": np.packbits(nonzero.reshape(-1))}, vals, vrow,
+             vcol)
     else:
-      indices = np.nonzero(nonzero)[1].astype(codec.index_dtype(fan_in))
       yield ({"layout": "indices"},
-             {"counts": counts.astype(codec.count_dtype(fan_in)), "indices": indices},
-             vals, vcol)
+             {"counts": counts.astype(codec.count_dtype(fan_in)),
+              "indices": vrow.astype(codec.index_dtype(fan_in))},
+             vals, vrow, vcol)
 
 
 def _bits_options(specs: tuple[LeafSpec, ...], values: np.ndarray, fan_out: int
@@ -259,10 +319,12 @@ def encode_selected(c: np.ndarray, specs: tuple[LeafSpec, ...]):
   best_bytes = c.nbytes
   bits_options = _bits_options(specs, mat, fan_out)
   layer_first = not _spec.last(specs, "per_channel")
+  group_size = _spec.last(specs, "group_size")
+  symmetric = _spec.last(specs, "symmetric") is not False
   pattern = _spec.last(specs, "pattern")
-  for layout, layout_arrays, vals, vcol in _layouts(mat, pattern):
-    for cdc, codec_arrays in _codecs(vals, vcol, fan_out, c.dtype, bits_options,
-                                     layer_first):
+  for layout, layout_arrays, vals, vrow, vcol in _layouts(mat, pattern):
+    modes = _scale_modes(vrow, vcol, fan_in, fan_out, group_size, layer_first)
+    for cdc, codec_arrays in _codecs(vals, modes, c.dtype, bits_options, symmetric):
       arrays = {**layout_arrays, **codec_arrays}
       size = codec.nbytes(arrays)
       if size < best_bytes:

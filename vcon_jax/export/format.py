@@ -2,7 +2,7 @@
 
 Manifest (the ``__manifest__`` entry, UTF-8 JSON bytes)::
 
-  {"format": "vcon_jax.compact", "version": 2, "kind": "linen" | "nnx", "step": int,
+  {"format": "vcon_jax.compact", "version": 3, "kind": "linen" | "nnx", "step": int,
    "leaves": [{"path", "keys", "shape", "dtype", "selected", "settings", "format",
                "arrays": {role: array name}, "dense_bytes", "compressed_bytes",
                "sparsity"}, ...],
@@ -35,8 +35,9 @@ import numpy as np
 
 FORMAT = "vcon_jax.compact"
 #: 1: the first format; 2: leaf formats may carry ``in_axes`` (version 1 readers would
-#: reshape such a leaf wrongly, so they must refuse it).
-VERSION = 2
+#: reshape such a leaf wrongly, so they must refuse it); 3: scales per group of inputs
+#: (``"scale": "group"``) and asymmetric codes with zero points (``zero_point``).
+VERSION = 3
 MANIFEST_KEY = "__manifest__"
 
 
@@ -152,5 +153,8 @@ def format_name(fmt: Mapping, dtype) -> str:
   codec = {"float": np.dtype(dtype).name, "binary": "binary"}.get(
       fmt["codec"], f"int{fmt.get('bits')}")
   if fmt["codec"] != "float":
-    codec += "/layer" if fmt["scale"] == "layer" else "/channel"
+    codec += {"layer": "/layer", "channel": "/channel"}.get(
+        fmt["scale"], f"/group{fmt.get('group_size')}")
+    if fmt.get("zero_point"):
+      codec += "+zero"
   return f"{layout}+{codec}"
