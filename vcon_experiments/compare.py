@@ -13,7 +13,7 @@ import pathlib
 import time
 
 from vcon_experiments import presets as presets_lib
-from vcon_experiments import report, runner
+from vcon_experiments import report, runner, tasks
 from vcon_experiments.config import Config
 from vcon_experiments.io import RunLockedError
 
@@ -86,8 +86,9 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
         continue
       r = _retry(lambda c=c: runner.run_compression(
           c, root / data_key(c), progress=progress, on_nonfinite=on_nonfinite), echo)
-      echo(f"{name:44s} {c.method:13s} seed {c.seed}: test accuracy "
-           f"{r['test_accuracy'] * 100:.2f} %")
+      key = tasks.metric_key(c)
+      echo(f"{name:44s} {c.method:13s} seed {c.seed}: test {key[5:]} "
+           f"{tasks.format_metric(c, r[key])}")
   if n > 1 and not collect:
     return {}
   results = {"preset": preset, "suites": {}, "wall_s": {}, "missing": 0}

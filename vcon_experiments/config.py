@@ -19,7 +19,7 @@ METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
 ALL_METHODS = METHODS + ("dense",)
 REGIMES = ("same-task", "transfer")
 COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank")
-MODELS = ("mlp", "cnn", "vit", "transformer")
+MODELS = ("mlp", "cnn", "vit", "transformer", "lm")
 BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -29,7 +29,9 @@ class Config:
 
   Attributes:
     dataset: ``fashion_mnist``, ``wordnet`` or a prepared TFDS name (``tfds:cifar10``).
-    model: ``mlp``, ``cnn``, ``vit`` or ``transformer`` (text).
+    model: ``mlp``, ``cnn``, ``vit``, ``transformer`` (text classifier) or ``lm`` (a
+      Gemma-style causal LM of a text data set's texts, scored in test bits per byte;
+      ``same-task`` only: pretrained on the training texts, compressed on them).
     model_kwargs: constructor arguments of the model (widths, depth, ...).
     data_dir: prepared TFDS data (default ``$VCON_JAX_DATA_DIR`` or ~/.cache/vcon_jax).
     source_dir: raw files of a local dataset (default: the Debian package's directory).
@@ -221,6 +223,13 @@ def validate(cfg: Config) -> Config:
     _in_range(name, getattr(cfg, name), *limits)
   if not isinstance(cfg.augment, bool):
     _fail("augment", cfg.augment, "true or false")
+  if cfg.model == "lm":
+    if cfg.regime != "same-task":
+      _fail("regime", cfg.regime, "same-task with model=lm (the LM is pretrained and "
+            "compressed on the training texts)")
+    if cfg.mixup or cfg.augment:
+      _fail("mixup" if cfg.mixup else "augment", cfg.mixup or cfg.augment,
+            "0 / false with model=lm")
   return cfg
 
 

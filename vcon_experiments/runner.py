@@ -50,6 +50,10 @@ def build_model(cfg: Config, seed: int = 0, role: str = "target") -> nnx.Module:
   kwargs = dict(cfg.model_kwargs)
   from vcon_experiments.models import MaskedByteLM, get_model  # pylint: disable=import-outside-toplevel
   transfer = cfg.regime == "transfer"
+  if tasks.is_lm(cfg):
+    kwargs.setdefault("vocab_size", vdata.ByteTokenizer(cfg.max_len).vocab_size)
+    kwargs.setdefault("max_len", cfg.max_len)
+    return get_model("lm", rngs=nnx.Rngs(seed), **kwargs)
   if info.kind == "text":
     vocab = vdata.ByteTokenizer(cfg.max_len).vocab_size + (1 if transfer else 0)
     kwargs.setdefault("vocab_size", vocab)  # transfer: one more id, the [MASK] token
@@ -71,6 +75,15 @@ def _optimizer(lr: float, steps: int) -> optax.GradientTransformation:
       init_value=lr * 0.1, peak_value=lr, warmup_steps=max(1, steps // 20),
       decay_steps=steps, end_value=lr * 0.01)
   return optax.adamw(schedule, weight_decay=0.0)
+
+
+def score(cfg: Config, step: vj.TrainStep, state, arrays, limit: int | None = None,
+          compressed: bool = True) -> float:
+  """The task's test metric (:func:`tasks.metric_key`): accuracy, or an LM's bits per
+  byte."""
+  if tasks.is_lm(cfg):
+    return tasks.bits_per_byte(step, state, arrays[0], limit, compressed)
+  return evaluate(step, state, arrays, limit, compressed)
 
 
 def evaluate(step: vj.TrainStep, state, arrays, limit: int | None = None,
@@ -142,11 +155,10 @@ def _train_loop(run: RunDir, step: vj.TrainStep, state, cfg: Config, total: int,
         if skip:
           row["nonfinite_total"] = skipped + float(nonfinite)
         if test is not None and (done % evals == 0 or done == total):
-          row["test_accuracy"] = evaluate(step, state, test, cfg.eval_examples,
-                                          eval_compressed)
+          key = tasks.metric_key(cfg)
+          row[key] = score(cfg, step, state, test, cfg.eval_examples, eval_compressed)
           if eval_compressed and row["beta"] > 0:
-            row["test_accuracy_blended"] = evaluate(step, state, test, cfg.eval_examples,
-                                                    False)
+            row[f"{key}_blended"] = score(cfg, step, state, test, cfg.eval_examples, False)
         row["time"] = time.time() - t0
         run.log(row, writer)
         bar.set_postfix(loss=f"{row['loss']:.3f}", beta=f"{row['beta']:.2f}")
@@ -181,7 +193,7 @@ def _dense_step(cfg: Config, skip_nonfinite: bool = False):
   mlm = cfg.regime == "transfer" and not tasks.is_image(cfg)
   step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
                             _optimizer(cfg.pretrain_lr, cfg.pretrain_steps),
-                            loss_fn=tasks.mlm_loss if mlm else None,
+                            loss_fn=tasks.token_loss if mlm or tasks.is_lm(cfg) else None,
                             seed=PRETRAIN_SEED, skip_nonfinite=skip_nonfinite)
   return model, step
 
@@ -211,6 +223,8 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
     state = step.init()
     t0 = time.time()
     make_batch = None
+    if tasks.is_lm(cfg):
+      make_batch = lambda b, s: tasks.lm_batch(b["inputs"])  # noqa: E731
     if mlm:
       mask = tasks.mask_id(cfg)
       make_batch = lambda b, s: tasks.mlm_batch(  # noqa: E731
@@ -221,9 +235,10 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
     if mlm:
       acc = _mlm_accuracy(step, state, test[0], tasks.mask_id(cfg))
     else:
-      acc = evaluate(step, state, test, compressed=False)
-    result = {"test_accuracy": acc, "steps": cfg.pretrain_steps, "wall_s": time.time() - t0,
-              "task": "masked-byte LM" if mlm else
+      acc = score(cfg, step, state, test, compressed=False)
+    result = {tasks.metric_key(cfg): acc, "steps": cfg.pretrain_steps,
+              "wall_s": time.time() - t0,
+              "task": "masked-byte LM" if mlm else "causal LM" if tasks.is_lm(cfg) else
                       ("source classes" if cfg.regime == "transfer" else "target")}
     run.write_result(result)
     return result
@@ -360,17 +375,19 @@ def run_compression(cfg: Config, root: str | os.PathLike, *, progress: bool = Tr
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     model, params = dense_model(cfg, root)
     transform, schedule, distill = methods.build(cfg, params)
+    loss_fn = (tasks.token_loss if tasks.is_lm(cfg) else
+               tasks.mixup_loss if cfg.mixup else None)
     step = vj.make_train_step(model, transform, schedule, _optimizer(cfg.lr, cfg.steps),
-                              loss_fn=tasks.mixup_loss if cfg.mixup else None,
+                              loss_fn=loss_fn,
                               seed=cfg.seed, distill_weight=distill,
                               skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
-    post_shot = evaluate(step, state, test, cfg.eval_examples)
+    post_shot = score(cfg, step, state, test, cfg.eval_examples)
     state = _train_loop(run, step, state, cfg, cfg.steps, train, test,
                         cfg.run_name(), progress, eval_compressed=True, seed=cfg.seed,
                         make_batch=lambda b, s: tasks.finetune_batch(cfg, b, s, cfg.seed))
-    result = {"test_accuracy": evaluate(step, state, test), "steps": cfg.steps,
+    result = {tasks.metric_key(cfg): score(cfg, step, state, test), "steps": cfg.steps,
               "compressed_at_start": post_shot, "wall_s": time.time() - t0}
     if cfg.method != "dense":
       summary = vj.export(step, state, run.path / "model.npz")  # the compact model

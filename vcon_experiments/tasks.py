@@ -143,7 +143,9 @@ def mlm_batch(tokens: np.ndarray, rng: np.random.Generator, mask_token: int) -> 
           "labels": tokens.astype(np.int32), "weights": chosen.astype(np.float32)}
 
 
-def mlm_loss(logits, batch):
+def token_loss(logits, batch):
+  """Mean cross-entropy over the tokens with ``batch["weights"]`` 1 (masked-byte and
+  causal language modelling)."""
   import optax  # pylint: disable=import-outside-toplevel
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype("float32"),
                                                        batch["labels"])
@@ -151,8 +153,57 @@ def mlm_loss(logits, batch):
   return (ce * w).sum() / (w.sum() + 1e-6)
 
 
+def is_lm(cfg) -> bool:
+  return cfg.model == "lm"
+
+
+def metric_key(cfg) -> str:
+  """The result field of the task's test metric: ``test_accuracy`` (higher is better) or,
+  for a language model, ``test_bpb`` (bits per byte, lower is better)."""
+  return "test_bpb" if is_lm(cfg) else "test_accuracy"
+
+
+def format_metric(cfg, value) -> str:
+  """``value`` of the task's metric as tables say it: ``87.25 %`` or ``2.104 bits/byte``."""
+  if value is None:
+    return "-"
+  return f"{value:.3f} bits/byte" if is_lm(cfg) else f"{value * 100:.2f} %"
+
+
+def lm_batch(tokens: np.ndarray) -> dict:
+  """Causal LM on byte ids (0 = padding): position ``i`` reads the bytes before ``i``
+  (id 0 standing for the start) and predicts byte ``i``; padding is not predicted."""
+  tokens = np.asarray(tokens, np.int32)
+  inputs = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+  return {"inputs": inputs, "labels": tokens, "weights": (tokens != 0).astype(np.float32)}
+
+
+def bits_per_byte(step, state, tokens: np.ndarray, limit: int | None = None,
+                  compressed: bool = True, batch_size: int = 250) -> float:
+  """Test bits per byte of the first ``limit`` texts (their first ``max_len`` bytes):
+  the summed next-byte cross-entropy over ``ln 2`` times the bytes predicted."""
+  import jax  # pylint: disable=import-outside-toplevel
+  tokens = tokens[:limit] if limit else tokens
+  d = jax.device_count()
+  nats, count = 0.0, 0.0
+  for s in range(0, len(tokens), batch_size):
+    chunk = tokens[s:s + batch_size]
+    pad = (-len(chunk)) % d
+    if pad:  # every device needs an equal share; all-padding rows predict nothing
+      chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
+    batch = lm_batch(chunk)
+    logits, _ = step.evaluate(state, batch, compressed=compressed)
+    logp = jax.nn.log_softmax(np.asarray(jax.device_get(logits), np.float32), -1)
+    ce = -np.take_along_axis(np.asarray(logp), batch["labels"][..., None], -1)[..., 0]
+    nats += float((ce * batch["weights"]).sum())
+    count += float(batch["weights"].sum())
+  return nats / (np.log(2.0) * max(count, 1.0))
+
+
 def finetune_batch(cfg, batch: dict, step: int, seed: int) -> dict:
   """``batch`` with the config's augmentation and mixup (seeded by (seed, step))."""
+  if is_lm(cfg):
+    return lm_batch(batch["inputs"])
   if not (cfg.augment or cfg.mixup):
     return batch
   rng = np.random.default_rng((seed, step, 1))

@@ -34,11 +34,16 @@ def accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def kl_distillation(student, teacher, temperature):
-  r"""``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch."""
+def kl_distillation(student, teacher, temperature, weights=None):
+  r"""``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch (and
+  positions), or the ``weights``-weighted mean (a sequence model's padding weighs 0)."""
   t = jax.nn.softmax(teacher.astype(jnp.float32) / temperature)
   log_s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature)
-  return jnp.mean(jnp.sum(t * (jnp.log(t + 1e-12) - log_s), -1)) * temperature ** 2
+  kl = jnp.sum(t * (jnp.log(t + 1e-12) - log_s), -1)
+  if weights is None or jnp.shape(weights) != kl.shape:
+    return jnp.mean(kl) * temperature ** 2
+  w = jnp.asarray(weights, jnp.float32)
+  return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1e-6) * temperature ** 2
 
 
 class Distillation(NamedTuple):
@@ -52,7 +57,9 @@ class Distillation(NamedTuple):
   def __call__(self, logits, batch, teacher_logits):
     out = self.loss_fn(logits, batch)
     loss, extra = out if isinstance(out, tuple) else (out, {})
-    kd = kl_distillation(logits, jax.lax.stop_gradient(teacher_logits), self.temperature)
+    weights = batch.get("weights") if isinstance(batch, Mapping) else None
+    kd = kl_distillation(logits, jax.lax.stop_gradient(teacher_logits), self.temperature,
+                         weights)
     total = (1.0 - self.weight) * loss + self.weight * kd
     return total, {**extra, "task_loss": loss, "distill_loss": kd}
 
@@ -62,6 +69,10 @@ def distill(loss_fn: Callable | None = None, *, weight: float, temperature: floa
   r"""Wraps a loss with distillation from the dense model's logits.
 
   .. math:: L = (1 - w) L_{task} + w\, T^2 \mathrm{KL}(p_{teacher}^T \| p_{student}^T)
+
+  The KL term is averaged over the batch (and the positions of a sequence model); when the
+  batch has ``"weights"`` of the KL's shape (per token, e.g. 0 on padding) it is their
+  weighted mean.
 
   The train step runs the teacher (a second forward pass) when its loss is one of these.
 

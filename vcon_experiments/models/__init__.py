@@ -1,4 +1,4 @@
-"""Flax NNX classifiers for the compression experiments, and a name registry.
+"""Flax NNX classifiers and a causal LM for the compression experiments, and a registry.
 
 All models take ``rngs: nnx.Rngs``, return logits, and switch between training and
 evaluation with ``model.train()`` / ``model.eval()`` (Dropout and BatchNorm). Weight maps
@@ -13,6 +13,7 @@ from typing import Any
 from flax import nnx
 
 from vcon_experiments.models.cnn import CNN
+from vcon_experiments.models.lm import CausalLM
 from vcon_experiments.models.mlp import MLP
 from vcon_experiments.models.transformer import (
     FeedForward,
@@ -29,6 +30,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "cnn": CNN,
     "vit": ViT,
     "transformer": TextTransformer,
+    "lm": CausalLM,
 }
 
 
@@ -37,7 +39,7 @@ def get_model(name: str, **kwargs: Any) -> nnx.Module:
 
   Args:
     name: One of the keys of :data:`MODELS` (``"mlp"``, ``"cnn"``, ``"vit"``,
-      ``"transformer"``).
+      ``"transformer"``, ``"lm"``).
     **kwargs: Constructor arguments of the model. ``rngs`` defaults to ``nnx.Rngs(0)``;
       an ``int`` is taken as a seed.
 
@@ -57,6 +59,7 @@ def get_model(name: str, **kwargs: Any) -> nnx.Module:
 
 __all__ = [
     "CNN",
+    "CausalLM",
     "MLP",
     "MODELS",
     "FeedForward",
