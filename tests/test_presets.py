@@ -95,7 +95,7 @@ def test_committed_map_runs_are_the_map_presets_runs():
 
 
 def test_every_preset_file_says_its_command_time_and_result():
-  assert presets.names() == ("default", "full", "map", "quick", "single")
+  assert presets.names() == ("default", "full", "lm_map", "map", "quick", "single")
   for name in presets.names():
     doc = presets.load(name)["__doc__"]
     assert "Command: vcon-jax compare" in doc and "Time:" in doc and "Result" in doc, name
@@ -104,7 +104,7 @@ def test_every_preset_file_says_its_command_time_and_result():
 
 def test_unknown_presets_and_keys_fail_naming_what_is_allowed():
   with pytest.raises(ValueError, match="preset 'nope' is not allowed; choose one of "
-                                       "default, full, map, quick, single"):
+                                       "default, full, lm_map, map, quick, single"):
     presets.load("nope")
   with pytest.raises(ValueError, match=r"unknown key 'seed' \(did you mean 'seeds'\?\); "
                                        r"allowed: __doc__, seeds"):
@@ -128,7 +128,7 @@ def test_unknown_presets_and_keys_fail_naming_what_is_allowed():
 
 
 def test_fixed_data_presets_refuse_another_dataset(tmp_path):
-  assert [n for n in presets.names() if presets.fixed_data(n)] == ["default", "map"]
+  assert [n for n in presets.names() if presets.fixed_data(n)] == ["default", "lm_map", "map"]
   with pytest.raises(ValueError, match="--preset map runs its own data sets"):
     compare.run("map", Config().replace(dataset="wordnet"), tmp_path, tmp_path)
 

@@ -78,7 +78,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                  help=f"what to compress to ({d.compression})")
   g.add_argument("--sparsity", type=float, default=None,
                  help=f"prune: fraction of weights removed, in [0, 1) ({d.sparsity})")
+  g.add_argument("--pattern", default=None, metavar="N:M",
+                 help="prune: n:m sparsity instead of --sparsity, e.g. 2:4")
   g.add_argument("--bits", type=int, default=None, help=f"quantize: bit width ({d.bits})")
+  g.add_argument("--group-size", type=int, default=None,
+                 help="quantize: a scale per this many inputs of each output unit "
+                      "(0: per output unit, the default)")
   g.add_argument("--rank", type=int, default=None, help=f"low-rank: rank ({d.rank})")
   g.add_argument("--transition", type=float, default=None,
                  help=f"VCON transition Q (and gradual ramp) as a fraction of --steps "

@@ -100,7 +100,8 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
     if dense is None:
       results["missing"] += 1
       continue
-    suite = {"dense_accuracy": dense["test_accuracy"], "seeds": n_seeds,
+    key = tasks.metric_key(cfg)
+    suite = {"metric": key, "dense": dense[key], "seeds": n_seeds,
              "config": cfg.to_dict(), "runs": {}, "wall_s": 0.0}
     for method in methods or suite_methods:
       for seed in range(n_seeds):
@@ -115,9 +116,9 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
         suite["runs"].setdefault(_label(c, suite_methods), []).append(
             {**{k: v for k, v in r.items() if k != "summary"}, "seed": seed,
              "curve": [{"step": 0, "beta": 1.0 if c.method.startswith("vcon") else 0.0,
-                        "test_accuracy": r["compressed_at_start"]}] +
-                      [{k: row[k] for k in ("step", "beta", "test_accuracy") if k in row}
-                       for row in curve if "test_accuracy" in row]})
+                        key: r["compressed_at_start"]}] +
+                      [{k: row[k] for k in ("step", "beta", key) if k in row}
+                       for row in curve if key in row]})
     if "post-shot" not in suite["runs"]:
       # a sweep's Q = 0 point is the post-shot run of its suite, reused when it exists
       # (post-shot ignores transition and beta shape; its runs carry the defaults)
@@ -128,8 +129,8 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
         suite["runs"] = {"post-shot": [{**r, "seed": s, "curve": []}
                                        for s, r in enumerate(runs)], **suite["runs"]}
     if "dense" in suite["runs"]:  # transfer: the dense fine-tune at the same budget
-      accs = [r["test_accuracy"] for r in suite["runs"]["dense"]]
-      suite["dense_accuracy"] = sum(accs) / len(accs)
+      accs = [r[key] for r in suite["runs"]["dense"]]
+      suite["dense"] = sum(accs) / len(accs)
     if not suite["runs"]:
       continue
     results["suites"][name] = suite

@@ -53,6 +53,10 @@ class Config:
     lr: peak fine-tuning learning rate (AdamW, 5 % warm-up, cosine decay to 1 %).
     compression: ``prune``, ``binarize``, ``quantize`` or ``low-rank``.
     sparsity, bits, rank: the compression's target (prune / quantize / low-rank).
+    pattern: ``"n:m"`` (e.g. ``"2:4"``) prunes to n:m sparsity instead of ``sparsity``
+      (keep n of every m consecutive inputs; gradual: group pruning ramped to 1 - n/m).
+    group_size: quantisation scales per group of this many inputs of each output unit
+      (0: per output unit).
     method: ``post-shot`` (compress at step 0), ``gradual`` (Zhu-Gupta cubic ramp of
       sparsity, bit width or rank), ``vcon`` (beta 1 -> 0) or ``vcon-distill`` (VCON
       plus distillation from the dense path's logits).
@@ -91,7 +95,9 @@ class Config:
   lr: float = 1e-3
   compression: str = "prune"
   sparsity: float = 0.9
+  pattern: str = ""
   bits: int = 4
+  group_size: int = 0
   rank: int = 4
   method: str = "vcon"
   transition: float = 0.2
@@ -111,8 +117,11 @@ class Config:
     d = dataclasses.asdict(self)
     d["model_kwargs"] = {k: list(v) if isinstance(v, tuple) else v
                          for k, v in self.model_kwargs.items()}
-    if d["init_from"] is None:  # keeps the configs (and run dirs) of earlier runs valid
-      del d["init_from"]
+    # fields at the defaults they had before they existed are left out, which keeps the
+    # configs (and run dirs) of earlier runs valid
+    for name, before in (("init_from", None), ("pattern", ""), ("group_size", 0)):
+      if d[name] == before:
+        del d[name]
     return d
 
   def dense_key(self) -> dict:
@@ -127,8 +136,11 @@ class Config:
     return f"e{self.epochs:g}" if self.epochs > 0 else f"s{self.steps}"
 
   def run_name(self) -> str:
-    target = {"prune": f"prune{round(self.sparsity * 100)}", "binarize": "binarize",
-              "quantize": f"quantize{self.bits}", "low-rank": f"lowrank{self.rank}"}
+    group = f"g{self.group_size}" if self.group_size else ""
+    prune = (f"prune{self.pattern.replace(':', 'of')}" if self.pattern
+             else f"prune{round(self.sparsity * 100)}")
+    target = {"prune": prune, "binarize": "binarize",
+              "quantize": f"quantize{self.bits}{group}", "low-rank": f"lowrank{self.rank}"}
     extra = ""
     if self.method == "dense":
       return f"{self.regime}/{self.budget_name()}/dense{self._train_extra()}/seed{self.seed}"
@@ -193,6 +205,7 @@ _RANGES = {
     "epochs": (_NUMBER, 0, 10000), "mixup": (_NUMBER, 0, 100),
     "pretrain_lr": (_NUMBER, 0, 10, True), "lr": (_NUMBER, 0, 10, True),
     "sparsity": (_NUMBER, 0, 1, False, True), "bits": (_INT, 1, 16), "rank": (_INT, 1),
+    "group_size": (_INT, 0),
     "transition": (_NUMBER, 0, 1), "distill_weight": (_NUMBER, 0, 1),
     "update_every": (_INT, 1), "eval_every": (_INT, 1), "eval_examples": (_INT, 1),
     "checkpoint_every": (_INT, 1), "seed": (_INT, 0),
@@ -223,6 +236,10 @@ def validate(cfg: Config) -> Config:
     _in_range(name, getattr(cfg, name), *limits)
   if not isinstance(cfg.augment, bool):
     _fail("augment", cfg.augment, "true or false")
+  if cfg.pattern:
+    n_m = pattern_of(cfg.pattern)
+    if n_m is None:
+      _fail("pattern", cfg.pattern, "'n:m' with 1 <= n < m, e.g. '2:4' (or '' for none)")
   if cfg.model == "lm":
     if cfg.regime != "same-task":
       _fail("regime", cfg.regime, "same-task with model=lm (the LM is pretrained and "
@@ -231,6 +248,15 @@ def validate(cfg: Config) -> Config:
       _fail("mixup" if cfg.mixup else "augment", cfg.mixup or cfg.augment,
             "0 / false with model=lm")
   return cfg
+
+
+def pattern_of(text: str) -> tuple[int, int] | None:
+  """``(n, m)`` of an ``"n:m"`` pattern, or ``None`` if it is not one."""
+  parts = text.split(":") if isinstance(text, str) else []
+  if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    return None
+  n, m = int(parts[0]), int(parts[1])
+  return (n, m) if 1 <= n < m else None
 
 
 def from_dict(d: dict) -> Config:
@@ -273,5 +299,8 @@ def severity_name(cfg: Config | Mapping) -> str:
   """How hard a config (or its ``to_dict()``) compresses, as tables and suite names say
   it: ``prune 90%``, ``binary``, ``4-bit`` or ``rank 4``."""
   d = cfg.to_dict() if isinstance(cfg, Config) else cfg
-  return {"prune": f"prune {round(d['sparsity'] * 100)}%", "binarize": "binary",
-          "quantize": f"{d['bits']}-bit", "low-rank": f"rank {d['rank']}"}[d["compression"]]
+  group = f" g{d['group_size']}" if d.get("group_size") else ""
+  prune = (f"prune {d['pattern']}" if d.get("pattern")
+           else f"prune {round(d['sparsity'] * 100)}%")
+  return {"prune": prune, "binarize": "binary",
+          "quantize": f"{d['bits']}-bit{group}", "low-rank": f"rank {d['rank']}"}[d["compression"]]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import vcon_jax as vj
 from vcon_jax import _paths
-from vcon_experiments.config import Config
+from vcon_experiments.config import Config, pattern_of
 
 #: The classifier head and the stem (first conv, patch projection) stay dense, as in the
 #: reference; matched on whole path segments.
@@ -44,7 +44,14 @@ def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
   gradual = cfg.method == "gradual"
   if cfg.method == "dense":
     return vj.identity(), vj.constant(1.0), 0.0
-  if cfg.compression == "prune":
+  if cfg.compression == "prune" and cfg.pattern:
+    n, m = pattern_of(cfg.pattern)
+    if gradual:  # keep-the-largest within each group of m, the kept share ramped to n/m
+      transform = vj.prune(sparsity=vj.polynomial_ramp(1 - n / m, 0, q), granularity="group",
+                           group_size=m, update_every=cfg.update_every, exclude=KEEP_DENSE)
+    else:
+      transform = vj.prune(n=n, m=m, update_every=cfg.update_every, exclude=KEEP_DENSE)
+  elif cfg.compression == "prune":
     sparsity = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
     transform = vj.prune(sparsity=sparsity, update_every=cfg.update_every, exclude=KEEP_DENSE)
   elif cfg.compression == "binarize":
@@ -53,7 +60,8 @@ def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
                  if gradual else vj.binarize(exclude=KEEP_DENSE))
   elif cfg.compression == "quantize":
     bits = vj.polynomial_ramp(cfg.bits, 0, q, initial=8) if gradual else cfg.bits
-    transform = vj.quantize(bits=bits, exclude=KEEP_DENSE)
+    transform = vj.quantize(bits=bits, group_size=cfg.group_size or None,
+                            exclude=KEEP_DENSE)
   else:
     if gradual:
       full = _low_rank_full(params)

@@ -1,7 +1,14 @@
-"""Tables and plots of a comparison: mean +- std over seeds, share of the gap closed."""
+"""Tables and plots of a comparison: mean +- std over seeds, share of the gap closed.
+
+A suite carries its metric's result key (``suite["metric"]``: ``test_accuracy`` for the
+classifiers, ``test_bpb`` for the language model) and the dense value (``suite["dense"]``).
+Every table and figure is written so that a positive difference means the first method
+is better: accuracy points ``VCON - post-shot``, or bits per byte ``post-shot - VCON``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -10,46 +17,78 @@ from vcon_experiments.config import severity_name
 from vcon_experiments.io import write_text_atomic
 
 
-#: Below this many accuracy points between dense and post-shot there is no gap to speak
-#: of, and a share of it would be noise divided by noise.
-MIN_GAP = 1.0
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """How a result field is shown: scale (x100 for %), unit, direction, smallest gap."""
+
+  key: str
+  name: str
+  unit: str
+  scale: float
+  higher_is_better: bool
+  #: Below this many units between dense and post-shot there is no gap to speak of, and
+  #: a share of it would be noise divided by noise.
+  min_gap: float
+  digits: int
+
+  def fmt(self, value: float) -> str:
+    return f"{value:.{self.digits}f}"
+
+  def better(self, a: float, b: float) -> float:
+    """How much better ``a`` is than ``b`` (in display units; positive: ``a`` better)."""
+    return (a - b) if self.higher_is_better else (b - a)
 
 
-def gap_closed(method: float, post_shot: float, dense: float) -> float | None:
-  """``(method - post-shot) / (dense - post-shot)`` (accuracies in %); None when the gap
-  is under :data:`MIN_GAP` points."""
-  gap = dense - post_shot
-  return None if gap < MIN_GAP else (method - post_shot) / gap
+METRICS = {
+    "test_accuracy": Metric("test_accuracy", "test accuracy", "%", 100.0, True, 1.0, 2),
+    "test_bpb": Metric("test_bpb", "test bits per byte", "bits/byte", 1.0, False, 0.01, 3),
+}
+
+
+def metric_of(suite: dict) -> Metric:
+  return METRICS[suite.get("metric", "test_accuracy")]
+
+
+def gap_closed(method: float, post_shot: float, dense: float,
+               metric: Metric = METRICS["test_accuracy"]) -> float | None:
+  """The share of the dense - post-shot gap that ``method`` closes (values in display
+  units, e.g. accuracies in %); None when the gap is under the metric's ``min_gap``."""
+  gap = metric.better(dense, post_shot)
+  return None if gap < metric.min_gap else metric.better(method, post_shot) / gap
 
 
 def summarize(suite: dict) -> dict:
-  """Per method: mean, std, n of final test accuracy (in %) and the gap share closed."""
+  """Per method: mean, std, n of the final test metric (display units) and the gap share
+  closed."""
+  metric = metric_of(suite)
   rows = {}
   for method, runs in suite["runs"].items():
-    acc = np.array([r["test_accuracy"] for r in runs]) * 100
+    acc = np.array([r[metric.key] for r in runs]) * metric.scale
     rows[method] = {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1
-                    else 0.0, "n": len(acc), "values": acc.round(2).tolist()}
-  dense = suite["dense_accuracy"] * 100
+                    else 0.0, "n": len(acc), "values": acc.round(4).tolist()}
+  dense = suite["dense"] * metric.scale
   post = rows.get("post-shot", {}).get("mean")
   for method, row in rows.items():
-    row["gap_closed"] = None if post is None else gap_closed(row["mean"], post, dense)
+    row["gap_closed"] = None if post is None else gap_closed(row["mean"], post, dense,
+                                                             metric)
   return rows
 
 
 def markdown(results: dict) -> str:
   lines = []
   for name, suite in results["suites"].items():
-    rows = summarize(suite)
+    rows, m = summarize(suite), metric_of(suite)
     lines += [f"### {name}", "",
-              f"dense (ceiling): {suite['dense_accuracy'] * 100:.2f} %; "
+              f"dense (ceiling): {m.fmt(suite['dense'] * m.scale)} {m.unit}; "
               f"{suite.get('steps', '?')} fine-tuning steps for every method; "
               f"{suite['seeds']} seeds.", "",
-              "| method | test accuracy % (mean +- std) | gap closed | seeds |",
+              f"| method | {m.name} {m.unit} (mean +- std) | gap closed | seeds |",
               "|---|---|---|---|"]
     for method, r in rows.items():
       gap = "-" if r["gap_closed"] is None or method == "post-shot" else \
           f"{r['gap_closed'] * 100:.0f} %"
-      lines.append(f"| {method} | {r['mean']:.2f} +- {r['std']:.2f} | {gap} | {r['n']} |")
+      lines.append(f"| {method} | {m.fmt(r['mean'])} +- {m.fmt(r['std'])} | {gap} | "
+                   f"{r['n']} |")
     lines.append("")
   return "\n".join(lines)
 
@@ -60,7 +99,7 @@ def headline(results: dict) -> str:
   lines = ["| configuration | dense | " + " | ".join(methods) + " |",
            "|---|---|" + "---|" * len(methods)]
   for name, suite in results["suites"].items():
-    rows = summarize(suite)
+    rows, metric = summarize(suite), metric_of(suite)
     if not all(m in rows for m in methods):
       continue
     cells = []
@@ -68,34 +107,37 @@ def headline(results: dict) -> str:
       r = rows[m]
       gap = "" if m == "post-shot" or r["gap_closed"] is None else \
           f" ({r['gap_closed'] * 100:+.0f} %)"
-      cells.append(f"{r['mean']:.2f} +- {r['std']:.2f}{gap}")
-    lines.append(f"| {name} | {suite['dense_accuracy'] * 100:.2f} | " + " | ".join(cells)
-                 + " |")
+      cells.append(f"{metric.fmt(r['mean'])} +- {metric.fmt(r['std'])}{gap}")
+    lines.append(f"| {name} | {metric.fmt(suite['dense'] * metric.scale)} | "
+                 + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def _mean_curves(runs):
+def _mean_curves(runs, metric: Metric):
   by_step = {}
   for r in runs:
     for row in r["curve"]:
-      if "test_accuracy" in row:
-        by_step.setdefault(row["step"], []).append((row["test_accuracy"], row["beta"]))
+      if metric.key in row:
+        by_step.setdefault(row["step"], []).append((row[metric.key], row["beta"]))
   steps = sorted(by_step)
-  acc = np.array([np.mean([a for a, _ in by_step[s]]) for s in steps]) * 100
+  acc = np.array([np.mean([a for a, _ in by_step[s]]) for s in steps]) * metric.scale
   beta = np.array([np.mean([b for _, b in by_step[s]]) for s in steps])
   return np.array(steps), acc, beta
 
 
 def plots(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Accuracy against step (beta beside it) and final accuracy with error bars, per suite."""
+  """The metric against step (beta beside it) and its final value with error bars, per
+  suite."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   written = []
   for name, suite in results["suites"].items():
+    m = metric_of(suite)
+    dense = suite["dense"] * m.scale
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for method, runs in suite["runs"].items():
-      steps, acc, beta = _mean_curves(runs)
+      steps, acc, beta = _mean_curves(runs, m)
       if len(steps):
         line, = ax.plot(steps, acc, label=method)
         if beta.max() > 0:
@@ -104,18 +146,22 @@ def plots(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
           ax2.plot(steps, beta, ls=":", color=line.get_color())
           ax2.set_ylabel("beta (dotted)")
           ax2.set_ylim(-0.02, 1.02)
-    ax.axhline(suite["dense_accuracy"] * 100, color="k", lw=0.8, ls="--", label="dense")
+    ax.axhline(dense, color="k", lw=0.8, ls="--", label="dense")
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("test accuracy of the compressed model (%)")
+    ax.set_ylabel(f"{m.name} of the compressed model ({m.unit})")
     ax.set_title(name, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right" if m.higher_is_better else "upper right")
     rows = summarize(suite)
     bx.bar(list(rows), [r["mean"] for r in rows.values()],
            yerr=[r["std"] for r in rows.values()], capsize=4, color="tab:blue", alpha=0.7)
-    bx.axhline(suite["dense_accuracy"] * 100, color="k", lw=0.8, ls="--")
+    bx.axhline(dense, color="k", lw=0.8, ls="--")
     lo = min(r["mean"] - r["std"] for r in rows.values())
-    bx.set_ylim(max(0, lo - 5), min(100, suite["dense_accuracy"] * 100 + 2))
-    bx.set_ylabel("final test accuracy (%)")
+    hi = max(r["mean"] + r["std"] for r in rows.values())
+    if m.higher_is_better:
+      bx.set_ylim(max(0, lo - 5), min(100, dense + 2))
+    else:
+      bx.set_ylim(max(0, min(lo, dense) * 0.95), hi * 1.02)
+    bx.set_ylabel(f"final {m.name} ({m.unit})")
     bx.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.tight_layout()
     path = out_dir / f"{name.replace('/', '_').replace(' ', '_')}.png"
@@ -151,14 +197,16 @@ _DIFFERENCES = (("vcon_minus_post_shot", "VCON - post-shot"),
 
 
 def paired_difference(suite: dict, method: str, other: str) -> dict | None:
-  """``method - other`` in accuracy points, paired by seed (same data order): mean, std
-  over seeds and the per-seed values; None when either is missing."""
-  a = {r["seed"]: r["test_accuracy"] for r in suite["runs"].get(method, [])}
-  b = {r["seed"]: r["test_accuracy"] for r in suite["runs"].get(other, [])}
+  """How much better ``method`` is than ``other`` (accuracy points, or bits per byte
+  saved), paired by seed (same data order): mean, std over seeds and the per-seed
+  values; None when either is missing."""
+  metric = metric_of(suite)
+  a = {r["seed"]: r[metric.key] for r in suite["runs"].get(method, [])}
+  b = {r["seed"]: r[metric.key] for r in suite["runs"].get(other, [])}
   seeds = sorted(set(a) & set(b))
   if not seeds:
     return None
-  d = np.array([(a[s] - b[s]) * 100 for s in seeds])
+  d = np.array([metric.better(a[s], b[s]) * metric.scale for s in seeds])
   return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
           "n": len(d), "values": d.round(2).tolist()}
 
@@ -170,19 +218,28 @@ def map_cells(results: dict) -> list[dict]:
     cfg = suite["config"]
     if not cfg.get("epochs"):
       continue
-    rows = summarize(suite)
+    rows, metric = summarize(suite), metric_of(suite)
     cells.append({
         "suite": name, "data": f"{cfg['dataset']}/{cfg['model']}", "regime": cfg["regime"],
-        "severity": severity_name(cfg), "epochs": cfg["epochs"],
-        "dense": suite["dense_accuracy"] * 100,
+        "severity": severity_name(cfg), "epochs": cfg["epochs"], "metric": metric.key,
+        "dense": suite["dense"] * metric.scale,
         "accuracy": {m: {k: r[k] for k in ("mean", "std", "n")} for m, r in rows.items()},
         "vcon_minus_post_shot": paired_difference(suite, "vcon", "post-shot"),
         "vcon_minus_gradual": paired_difference(suite, "vcon", "gradual")})
   return cells
 
 
-def _fmt(d):
-  return "-" if d is None else f"{d['mean']:+.2f} +- {d['std']:.2f} (n={d['n']})"
+def _fmt(d, digits=2):
+  return ("-" if d is None else
+          f"{d['mean']:+.{digits}f} +- {d['std']:.{digits}f} (n={d['n']})")
+
+
+def _units(cells: list[dict]) -> tuple[str, int]:
+  """What a map's differences are in, and their digits."""
+  metric = METRICS[cells[0].get("metric", "test_accuracy")]
+  if metric.higher_is_better:
+    return "accuracy points", 2
+  return f"{metric.unit} saved", 3
 
 
 def _grid(cells: list[dict]) -> tuple[list, list]:
@@ -211,14 +268,16 @@ def map_markdown(cells: list[dict]) -> str:
       if not sub:
         continue
       budgets, sevs = _grid(sub)
+      units, digits = _units(sub)
       for key, title in _DIFFERENCES:
         found = _differences(sub, regime, key, budgets, sevs)
-        lines += [f"### {data}, {regime}: {title} (accuracy points, mean +- std over "
+        sign = "," if digits == 2 else ", positive: VCON better;"
+        lines += [f"### {data}, {regime}: {title} ({units}{sign} mean +- std over "
                   f"seeds, paired by seed)", "",
                   "| severity | " + " | ".join(f"{b:g} epochs" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for i, sev in enumerate(sevs):
-          row = [_fmt(found.get((i, j))) for j in range(len(budgets))]
+          row = [_fmt(found.get((i, j)), digits) for j in range(len(budgets))]
           lines.append(f"| {sev} | " + " | ".join(row) + " |")
         lines.append("")
   return "\n".join(lines)
@@ -234,25 +293,28 @@ def map_plots(cells: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
   for data in sorted({c["data"] for c in cells}):
     sub = [c for c in cells if c["data"] == data]
     budgets, sevs = _grid(sub)
-    fig, axes = plt.subplots(2, 2, figsize=(4 + 1.6 * len(budgets), 2.2 + 1.4 * len(sevs)),
+    units, digits = _units(sub)
+    regimes = [r for r in _REGIMES if any(c["regime"] == r for c in sub)]
+    fig, axes = plt.subplots(len(regimes), 2, figsize=(4 + 1.6 * len(budgets), 2.2 + 1.4 * len(sevs)),
                              squeeze=False)
-    for i, regime in enumerate(_REGIMES):
+    for i, regime in enumerate(regimes):
       for j, (key, title) in enumerate(_DIFFERENCES):
         ax = axes[i][j]
         found = _differences(sub, regime, key, budgets, sevs)
         grid = np.full((len(sevs), len(budgets)), np.nan)
         for (row, col), d in found.items():
           grid[row, col] = d["mean"]
-        lim = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
+        floor = 1.0 if digits == 2 else 0.01
+        lim = max(floor, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else floor)
         ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         for (row, col), d in found.items():
-          ax.text(col, row, f"{d['mean']:+.1f}\n±{d['std']:.1f}", ha="center",
+          shown = digits - 1
+          ax.text(col, row, f"{d['mean']:+.{shown}f}\n±{d['std']:.{shown}f}", ha="center",
                   va="center", fontsize=8)
         ax.set_xticks(range(len(budgets)), [f"{b:g} ep" for b in budgets])
         ax.set_yticks(range(len(sevs)), sevs)
         ax.set_title(f"{regime}: {title}", fontsize=9)
-    fig.suptitle(f"{data}: accuracy points (blue: VCON better), mean ± std over seeds",
-                 fontsize=9)
+    fig.suptitle(f"{data}: {units} (blue: VCON better), mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     path = out_dir / f"map_{data.replace('/', '_')}.png"
     fig.savefig(path, dpi=110)

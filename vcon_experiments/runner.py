@@ -287,6 +287,7 @@ def canonical(cfg: Config) -> Config:
     return cfg
   d = Config()
   return cfg.replace(compression=d.compression, sparsity=d.sparsity, bits=d.bits,
+                     pattern=d.pattern, group_size=d.group_size,
                      rank=d.rank, transition=d.transition, beta_schedule=d.beta_schedule,
                      distill_weight=d.distill_weight, update_every=d.update_every)
 
