@@ -126,3 +126,31 @@ def test_the_served_lm_has_the_bits_per_byte_of_the_trained_compressed_lm(transf
 
   trained = tasks.bits_per_byte(step, state, held_out)
   assert tasks.bits_per_byte(_Served(), None, held_out) == pytest.approx(trained, rel=1e-6)
+
+
+def test_greedy_generation_from_the_export_follows_the_trained_compressed_model(tmp_path):
+  from vcon_experiments import generate  # pylint: disable=import-outside-toplevel
+  model = get_model("lm", **SMALL)
+  step = vj.make_train_step(model, vj.quantize(4, group_size=16), vj.linear_vanish(0),
+                            optax.adamw(3e-2), loss_fn=tasks.token_loss)
+  state = step.init()
+  text = np.array([[b + 1 for b in b"a cat is an animal"[:16]]] * 4, np.int32)
+  for _ in range(30):  # learn one text by heart
+    state, _ = step(state, tasks.lm_batch(text))
+  vj.export(step, state, tmp_path / "lm.npz")
+  served = vj.load_compressed(tmp_path / "lm.npz").apply_fn(get_model("lm", **SMALL))
+  out = generate.generate(served, 16, "a cat", 8)
+
+  class _Trained:  # the same loop on the training-time compressed model
+    def __call__(self, x):
+      batch = {"inputs": x, "labels": x, "weights": np.ones(x.shape, np.float32)}
+      return step.evaluate(state, batch, compressed=True)[0]
+
+  assert out == generate.generate(_Trained(), 16, "a cat", 8)
+  assert out == b" is an a"  # what it learned
+
+
+def test_generate_refuses_a_directory_that_is_not_an_lm_run(tmp_path):
+  from vcon_experiments import generate  # pylint: disable=import-outside-toplevel
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    generate.load_served(tmp_path)

@@ -179,7 +179,33 @@ def _parser() -> argparse.ArgumentParser:
                  help="methods to run (default: all four)")
   p.add_argument("--out", default=None,
                  help="where table.md, results.json and plots go (default: WORKDIR/results)")
+  p = sub.add_parser("generate", help="sample text from an exported compressed LM",
+                     description="Runs the compact export (model.npz) of a model=lm run "
+                                 "through load_compressed and prints what it writes after "
+                                 "the prompt.")
+  p.add_argument("run", metavar="RUN_DIR",
+                 help="directory of a finished model=lm compression run")
+  p.add_argument("--prompt", default="", help="text to continue (default: none)")
+  p.add_argument("--bytes", type=int, default=None,
+                 help="bytes to write (default: the model's window minus the prompt)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   return parser
+
+
+def _generate(args) -> int:
+  from vcon_experiments import generate  # pylint: disable=import-outside-toplevel
+  try:
+    cfg, served = generate.load_served(args.run)
+    n = args.bytes if args.bytes is not None else max(
+        0, cfg.max_len - len(args.prompt.encode()) - 1)
+    text = generate.generate(served, cfg.max_len, args.prompt, n,
+                             temperature=args.temperature, seed=args.seed)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"vcon-jax generate: error: {err}", file=sys.stderr)
+    return 1
+  print(args.prompt + text.decode("utf-8", errors="replace"))
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{_option_hint(parser, unknown[0])}; see vcon-jax "
                    f"{args.command} --help.\n")
   _quiet_orbax()
+  if args.command == "generate":
+    return _generate(args)
   try:
     extra = {}
     if args.command == "compress":
