@@ -371,7 +371,8 @@ def vcon_state(opt_state: Any) -> VconState:
   return found[0]
 
 
-def _unwrap(state: VconState) -> VconState:
+def unwrap_state(state: VconState) -> VconState:
+  """``state`` with the values of nnx.Optimizer's OptState variables (plain arrays)."""
   # nnx.Optimizer keeps its state as OptState variables; their values are what we need.
   is_opt = lambda x: isinstance(x, nnx.OptState)
   return jax.tree.map(lambda x: x.get_value() if is_opt(x) else x, state, is_leaf=is_opt)
@@ -406,16 +407,16 @@ def compressed_params(opt_state: Any) -> Any:
   >>> vj.compressed_params(tx.init({"kernel": jnp.array([[1.0, -3.0]])}))["kernel"].tolist()
   [[2.0, -2.0]]
   """
-  state = _unwrap(vcon_state(opt_state))
+  state = unwrap_state(vcon_state(opt_state))
   return _params_placed(state, _compiled_compress(state))
 
 
 def blended_params(opt_state: Any) -> Any:
   """The weights the model sees now, ``beta * W + (1 - beta) * C(W)`` (exact values)."""
-  state = _unwrap(vcon_state(opt_state))
+  state = unwrap_state(vcon_state(opt_state))
   return _params_placed(state, _compiled_blend(state))
 
 
 def dense_params(opt_state: Any) -> Any:
   """The dense weights ``W`` kept in the optimiser state."""
-  return _unwrap(vcon_state(opt_state)).params
+  return unwrap_state(vcon_state(opt_state)).params

@@ -368,10 +368,16 @@ def _to_pure(tree):
   return tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
 
 
+def is_train_step(x: Any) -> bool:
+  """Whether ``x`` is (duck-typed as) a :class:`~vcon_jax.TrainStep`."""
+  return all(hasattr(x, a) for a in ("transform", "compressed_params", "adapter"))
+
+
 def _check_step(step, state):
   needed = ("transform", "compressed_params", "adapter")
   if not all(hasattr(step, a) for a in needed):
-    raise ValueError(f"export/summary need the TrainStep from vj.make_train_step, got "
+    raise ValueError(f"export/summary take (step, state) from vj.make_train_step, or the "
+                     f"opt_state of a vj.wrap_optax loop with model=...; got "
                      f"{type(step).__name__}.")
   if not hasattr(state, "params") or not hasattr(state, "transform_state"):
     raise ValueError(f"export/summary need the TrainState from step.init / step(...), got "
@@ -379,21 +385,61 @@ def _check_step(step, state):
 
 
 def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
-  """``(manifest, arrays)`` of the compact export of ``state`` (see ``format``)."""
+  """``(manifest, arrays)`` of the compact export of a :class:`~vcon_jax.TrainStep`'s
+  ``state`` (see ``format``)."""
   _check_step(step, state)
-  compressed = _to_pure(step.compressed_params(state))
-  dense = dict(_paths.leaf_paths(state.params))
-  count = int(np.asarray(jax.device_get(state.step)))
-  tstate = state.transform_state
+  return encode(step.transform, state.params, step.compressed_params(state),
+                state.transform_state, state.step, state.model_state, step.adapter.kind)
+
+
+def encode_wrapped(opt_state: Any, model: Any, model_state: Any = None
+                   ) -> tuple[dict, dict]:
+  """``(manifest, arrays)`` of the compressed model of a :func:`~vcon_jax.wrap_optax`
+  loop's ``opt_state`` (found inside chains, ``MultiSteps``, ``nnx.Optimizer``).
+
+  ``model`` (the Linen or NNX module) names the kind of model; ``model_state`` is what it
+  needs besides params: Linen's other collections (``{"batch_stats": ...}``, default
+  none), or for NNX the module's non-param state (default: read from ``model``, e.g.
+  the BatchNorm statistics an ``nnx.Optimizer`` loop keeps in it).
+  """
+  from vcon_jax import _model, _optax_wrapper  # pylint: disable=import-outside-toplevel
+  if model is None:
+    raise ValueError("exporting a vj.wrap_optax opt_state needs the model: pass "
+                     "model=your_module (the Linen or NNX module the params belong to).")
+  try:
+    vstate = _optax_wrapper.vcon_state(opt_state)
+  except ValueError as err:
+    raise ValueError(f"export/summary take (step, state) from vj.make_train_step, or the "
+                     f"opt_state of a vj.wrap_optax loop: {err}") from None
+  kind = _model.model_kind(model)
+  vstate = _optax_wrapper.unwrap_state(vstate)
+  if model_state is None:
+    model_state = _model.make_adapter(model, None, None).split(None)[1] if kind == "nnx" \
+        else {}
+  elif kind == "linen":
+    model_state = {k: v for k, v in dict(model_state).items() if k != "params"}
+  return encode(vstate.transform, vstate.params, _optax_wrapper.compressed_params(opt_state),
+                vstate.transform_state, vstate.count, model_state, kind)
+
+
+def encode(transform: Any, params: Any, compressed: Any, transform_state: Any, count: Any,
+           model_state: Any, kind: str) -> tuple[dict, dict]:
+  """``(manifest, arrays)`` of a compact export, from exactly what it needs: the
+  transform, the dense params (selection and description), the compressed params (the
+  values stored), the transform state (factors), the step count (the schedules' point),
+  the model state and the model kind (``"linen"`` or ``"nnx"``)."""
+  compressed = _to_pure(compressed)
+  dense = dict(_paths.leaf_paths(_to_pure(params)))
+  count = int(np.asarray(jax.device_get(count)))
   arrays: dict[str, np.ndarray] = {}
   leaves = []
   for i, (keys, path, leaf) in enumerate(flatten(compressed)):
     c = np.asarray(jax.device_get(leaf))
     template = dense.get(path, leaf)
-    selected = bool(step.transform.select(path, template))
+    selected = bool(transform.select(path, template))
     settings = {}
     if selected:
-      specs, settings = describe(step.transform, path, template, tstate, count)
+      specs, settings = describe(transform, path, template, transform_state, count)
       fmt, leaf_arrays = encode_selected(c, specs)
     else:
       fmt, leaf_arrays = {"kind": "raw"}, {"value": c}
@@ -409,11 +455,11 @@ def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
         "dense_bytes": int(c.nbytes), "compressed_bytes": codec.nbytes(leaf_arrays),
         "sparsity": 1.0 - nonzero / c.size if c.size else 0.0,
     })
-  model_state = []
-  for j, (keys, _, leaf) in enumerate(flatten(state.model_state)):
+  model_state_rows = []
+  for j, (keys, _, leaf) in enumerate(flatten(_to_pure(model_state or {}))):
     name = f"s{j}"
     arrays[name] = np.asarray(jax.device_get(leaf))
-    model_state.append({"keys": keys, "array": name})
-  manifest = {"format": fmt_lib.FORMAT, "version": fmt_lib.VERSION, "kind": step.adapter.kind,
-              "step": count, "leaves": leaves, "model_state": model_state}
+    model_state_rows.append({"keys": keys, "array": name})
+  manifest = {"format": fmt_lib.FORMAT, "version": fmt_lib.VERSION, "kind": kind,
+              "step": count, "leaves": leaves, "model_state": model_state_rows}
   return manifest, arrays

@@ -187,6 +187,20 @@ class CompressedModel:
         return state
     return params
 
+  def update(self, module: Any) -> Any:
+    """Puts the exported weights *and* model state (BatchNorm statistics, ...) into the
+    NNX ``module`` in place, and returns it: after this, ``module`` in eval mode is the
+    compressed model. (``nnx.update(module, self.params(module))`` alone would keep the
+    module's own statistics.) A Linen model takes ``{"params": self.params(),
+    **self.model_state()}`` instead."""
+    if self.kind != "nnx":
+      raise ValueError("update() puts an export into an NNX module; this export is of a "
+                       "Linen model: use {'params': m.params(), **m.model_state()}.")
+    adapter = _model.make_adapter(module, None, None)
+    params, rest = adapter.split(None)
+    self._check_params(params)
+    return adapter.assign(self.params(), self._merged_state(rest))
+
   def model_state(self) -> dict:
     """The exported non-param state (Linen collections such as ``batch_stats``; NNX
     BatchNorm statistics and rng counters) as a nested dict."""

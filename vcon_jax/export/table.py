@@ -103,13 +103,16 @@ def from_manifest(manifest: dict, file_bytes: int | None = None) -> Summary:
   return Summary(rows, totals)
 
 
-def summary(target: Any, state: Any = None, *, print_fn: Callable | None = print) -> Summary:
+def summary(target: Any, state: Any = None, *, model: Any = None, model_state: Any = None,
+            print_fn: Callable | None = print) -> Summary:
   """Per-layer size table of a compressed model; printed, and returned as data.
 
   Args:
-    target: a :class:`~vcon_jax.TrainStep` (with ``state``), a path written by
+    target: a :class:`~vcon_jax.TrainStep` (with ``state``), the ``opt_state`` of a
+      :func:`~vcon_jax.wrap_optax` loop (with ``model=``), a path written by
       :func:`~vcon_jax.export`, or a :class:`~vcon_jax.CompressedModel`.
     state: the train state when ``target`` is a step.
+    model, model_state: with an ``opt_state`` (see :func:`~vcon_jax.export`).
     print_fn: called with the table text (default ``print``); ``None`` to only return it.
 
   Returns:
@@ -122,6 +125,9 @@ def summary(target: Any, state: Any = None, *, print_fn: Callable | None = print
     out = from_manifest(manifest, file_bytes=os.path.getsize(target))
   elif hasattr(target, "manifest"):  # a CompressedModel
     out = from_manifest(target.manifest, file_bytes=_file_bytes(getattr(target, "path", None)))
+  elif not encoder.is_train_step(target):
+    manifest, _ = encoder.encode_wrapped(target, model, model_state)
+    out = from_manifest(manifest)
   else:
     if state is None:
       raise ValueError("summary(step, state) needs the train state (or pass an export "
