@@ -19,6 +19,7 @@ from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
                                  polynomial_ramp)
 from vcon_jax._losses import softmax_cross_entropy
+from vcon_jax._trace import Discovery, discover
 from vcon_jax._train import TrainState, TrainStep, make_train_step
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
 
@@ -34,6 +35,8 @@ __all__ = [
     "compress",
     "compressed_params",
     "dense_params",
+    "discover",
+    "Discovery",
     "distill",
     "constant",
     "cosine_vanish",

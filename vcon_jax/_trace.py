@@ -1,0 +1,285 @@
+"""What a model's computation does with each param leaf, read from one trace.
+
+``vj.discover(apply_fn, params, *example)`` runs ``jax.make_jaxpr`` once (no FLOPs, no
+activation memory) and follows every param leaf through the program: through
+``convert_element_type``, ``transpose``, ``reshape``, ``broadcast_in_dim``, ``squeeze``,
+``expand_dims``, ``copy`` and into nested ``jit`` / ``custom_jvp`` / ``custom_vjp`` /
+``remat`` calls and ``scan`` bodies. A leaf is then
+
+* ``"linear"``: the weight operand of a ``dot_general`` or a convolution, and only
+  that; its input axes are the axes the op contracts (for a convolution, the input
+  feature axis and the spatial axes), taken from the op's dimension numbers. So Gemma's
+  einsum weights named ``w`` and Equinox's ``(out, in)`` ``weight`` are found with their
+  real axes, without naming rules;
+* ``"stacked"``: a linear map applied one slice per iteration of a ``scan`` (MaxText's
+  ``scan_layers``, ``nn.scan``, ``nnx.scan``): a stack of separate layers;
+* ``"lookup"``: gathered or indexed only (an embedding table);
+* ``"tied"``: both gathered and contracted (a tied input / output embedding);
+* ``"elementwise"``: used otherwise (a bias, a norm scale).
+
+:class:`Discovery` turns this into the ``where`` / ``in_axes`` arguments every
+transform takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+
+from vcon_jax import _paths
+
+_IDENTITY = ("convert_element_type", "copy", "copy_p", "reduce_precision",
+             "optimization_barrier")
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+          "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """A value derived from one param leaf: for each of its axes, the leaf axes it comes
+  from (a tuple; empty for a new axis), and the leaf axes consumed by enclosing scans."""
+
+  leaf: int
+  axes: tuple[tuple[int, ...], ...]
+  stacked: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class LeafUse:
+  """What the computation does with one leaf."""
+
+  path: str
+  shape: tuple[int, ...]
+  kind: str = "unused"
+  in_axes: tuple[int, ...] | None = None
+  stack_axes: tuple[int, ...] = ()
+  ops: set = dataclasses.field(default_factory=set)
+
+
+def _reshape_axes(old_shape, new_shape, old_axes):
+  """Leaf axes of each new axis after a reshape (merges and splits of adjacent axes)."""
+  out, i = [], 0
+  j = 0
+  old, new = list(old_shape), list(new_shape)
+  while j < len(new):
+    if new[j] == 1 and (i >= len(old) or old[i] != 1):
+      out.append(())
+      j += 1
+      continue
+    group, size = [], 1
+    while i < len(old) and (size < new[j] or not group):
+      group.append(i)
+      size *= old[i]
+      i += 1
+    if size == new[j]:
+      out.append(tuple(a for g in group for a in old_axes[g]))
+      j += 1
+    else:  # one old axis split into several new ones: each part keeps its origin
+      parts, prod = [], 1
+      while j < len(new) and prod < size:
+        parts.append(j)
+        prod *= new[j]
+        j += 1
+      if prod != size:
+        return None
+      origin = tuple(a for g in group for a in old_axes[g])
+      out.extend(origin for _ in parts)
+  while i < len(old):  # trailing size-1 axes
+    if old[i] != 1:
+      return None
+    i += 1
+  return tuple(out)
+
+
+class _Tracer:
+  def __init__(self, uses: list[LeafUse]):
+    self.uses = uses
+
+  def use(self, view: _View, op: str, **kw):
+    u = self.uses[view.leaf]
+    u.ops.add(op)
+    if op == "linear":
+      u.in_axes = tuple(sorted(set(kw["in_axes"]) | set(u.in_axes or ())))
+    if view.stacked:
+      u.stack_axes = tuple(sorted(set(u.stack_axes) | set(view.stacked)))
+
+  def run(self, jaxpr, env_in: list):
+    env = {}
+    for var, view in zip(jaxpr.invars, env_in):
+      if view is not None:
+        env[var] = view
+    read = lambda v: env.get(v) if not isinstance(v, jex_core.Literal) else None  # noqa: E731
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      if not any(ins):
+        continue
+      outs = self.eqn(eqn, ins)
+      for var, view in zip(eqn.outvars, outs or ()):
+        if view is not None:
+          env[var] = view
+    return [read(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn, ins):  # pylint: disable=too-many-return-statements,too-many-branches
+    name, p = eqn.primitive.name, eqn.params
+    tracked = [(i, v) for i, v in enumerate(ins) if v is not None]
+    if name in _IDENTITY:
+      return ins[:len(eqn.outvars)]
+    if name in _CALLS or any(k in p for k in ("jaxpr", "call_jaxpr")) and name != "scan" \
+        and name not in ("while", "cond"):
+      sub = p.get(_CALLS.get(name, "jaxpr")) or p.get("call_jaxpr") or p.get("fun_jaxpr")
+      sub = getattr(sub, "jaxpr", sub)
+      if sub is not None and len(sub.invars) == len(ins):
+        return self.run(sub, ins)
+      for _, v in tracked:
+        self.use(v, name)
+      return None
+    if name == "scan":
+      sub = p["jaxpr"].jaxpr
+      nc, ncarry = p["num_consts"], p["num_carry"]
+      inner = list(ins)
+      for k in range(nc + ncarry, len(ins)):
+        v = ins[k]
+        if v is not None:  # consumed one slice per iteration along axis 0
+          inner[k] = _View(v.leaf, v.axes[1:], v.stacked + v.axes[0])
+      self.run(sub, inner)
+      return None
+    if len(tracked) != 1:
+      for _, v in tracked:
+        self.use(v, name)
+      return None
+    (i, v), = tracked
+    if name == "transpose":
+      return [_View(v.leaf, tuple(v.axes[a] for a in p["permutation"]), v.stacked)]
+    if name == "reshape":
+      new = _reshape_axes(eqn.invars[0].aval.shape, p["new_sizes"], v.axes)
+      if new is None:
+        self.use(v, name)
+        return None
+      return [_View(v.leaf, new, v.stacked)]
+    if name == "broadcast_in_dim":
+      axes = [()] * len(p["shape"])
+      for src, dst in enumerate(p["broadcast_dimensions"]):
+        axes[dst] = v.axes[src]
+      return [_View(v.leaf, tuple(axes), v.stacked)]
+    if name == "squeeze":
+      drop = set(d % len(v.axes) for d in p["dimensions"])
+      return [_View(v.leaf, tuple(a for k, a in enumerate(v.axes) if k not in drop),
+                    v.stacked)]
+    if name == "expand_dims":
+      axes = list(v.axes)
+      for d in sorted(p["dimensions"]):
+        axes.insert(d, ())
+      return [_View(v.leaf, tuple(axes), v.stacked)]
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = p["dimension_numbers"]
+      contract, batch = (lc, lb) if i == 0 else (rc, rb)
+      if batch:  # a batched matmul over the weight (e.g. per-head einsum with batch)
+        self.use(v, "batched_dot")
+        return None
+      self.use(v, "linear", in_axes=[a for d in contract for a in v.axes[d]])
+      return None
+    if name == "conv_general_dilated" and i == 1:
+      rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+      ins_ = [rhs[1]] + list(rhs[2:])
+      self.use(v, "linear", in_axes=[a for d in ins_ for a in v.axes[d]])
+      return None
+    if name in ("gather", "dynamic_slice", "take", "take_along_axis") and i == 0:
+      self.use(v, "lookup")
+      return None
+    self.use(v, name)
+    return None
+
+
+def _classify(u: LeafUse) -> None:
+  ops = u.ops
+  lin = "linear" in ops
+  if not ops:
+    u.kind = "unused"
+  elif lin and ops <= {"linear"}:
+    u.kind = "stacked" if u.stack_axes else "linear"
+  elif lin and "lookup" in ops and ops <= {"linear", "lookup"}:
+    u.kind = "tied"
+  elif ops == {"lookup"}:
+    u.kind = "lookup"
+  else:
+    u.kind = "elementwise"
+
+
+@dataclasses.dataclass
+class Discovery:
+  """The uses of every param leaf (:func:`discover`), and the selection they give."""
+
+  leaves: dict[str, LeafUse]
+
+  def paths(self, kind: str) -> list[str]:
+    return [p for p, u in self.leaves.items() if u.kind == kind]
+
+  @property
+  def in_axes(self) -> dict[str, tuple[int, ...]]:
+    """``{exact path regex: input axes}`` of every linear map (for ``in_axes=``)."""
+    return {f"^{re.escape(p)}$": self.leaves[p].in_axes for p in self.paths("linear")}
+
+  def selection(self, *, skip_stacked: bool = False) -> dict:
+    """``where=``, ``in_axes=`` and ``include_non_kernels=True`` selecting exactly the
+    linear maps (not lookup tables, tied embeddings, biases or norms), for any
+    transform: ``vj.quantize(4, **found.selection())``.
+
+    Raises:
+      ValueError: the model has stacked layers (a scan over a leading axis), whose
+        per-layer compression is not supported yet, unless ``skip_stacked=True`` (they
+        then stay dense).
+    """
+    stacked = self.paths("stacked")
+    if stacked and not skip_stacked:
+      u = self.leaves[stacked[0]]
+      raise ValueError(f"{stacked[0]!r} {u.shape} is a stack of {u.shape[u.stack_axes[0]]} "
+                       f"layers (a scan over axis {u.stack_axes[0]}; {len(stacked)} such "
+                       f"leaves); compressing each layer on its own is not supported yet: "
+                       f"pass skip_stacked=True to leave them dense.")
+    linear = self.paths("linear")
+    if not linear:
+      raise ValueError("the trace found no linear map (no dot_general or convolution "
+                       "takes a param as its weight).")
+    where = "^(" + "|".join(re.escape(p) for p in linear) + ")$"
+    return {"where": where, "in_axes": self.in_axes, "include_non_kernels": True}
+
+  def table(self) -> str:
+    """One line per leaf: path, shape, kind, input axes."""
+    rows = [f"{p:40s} {str(u.shape):18s} {u.kind:12s} "
+            f"{'' if u.in_axes is None else 'in_axes=' + str(u.in_axes)}"
+            f"{' stacked over ' + str(u.stack_axes) if u.stack_axes else ''}"
+            for p, u in self.leaves.items()]
+    return "\n".join(rows)
+
+
+def discover(apply_fn: Callable, params: Any, *example: Any) -> Discovery:
+  """Traces ``apply_fn(params, *example)`` once and records what it does with each leaf
+  of ``params`` (see the module docstring).
+
+  >>> import jax.numpy as jnp, vcon_jax as vj
+  >>> params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4), "table": jnp.ones((10, 3))}
+  >>> f = lambda p, i: p["table"][i] @ p["w"] + p["b"]
+  >>> found = vj.discover(f, params, jnp.array([1, 2]))
+  >>> {p: u.kind for p, u in found.leaves.items()}
+  {'b': 'elementwise', 'table': 'lookup', 'w': 'linear'}
+  >>> found.leaves["w"].in_axes
+  (0,)
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  uses = [LeafUse(_paths.path_str(p), tuple(np.shape(x))) for p, x in flat]
+  closed = jax.make_jaxpr(apply_fn)(params, *example)
+  n = len(flat)
+  views = [_View(k, tuple((a,) for a in range(len(uses[k].shape)))) for k in range(n)]
+  rest = len(closed.jaxpr.invars) - n
+  _Tracer(uses).run(closed.jaxpr, views + [None] * rest)
+  for u in uses:
+    _classify(u)
+  return Discovery({u.path: u for u in uses})
+
