@@ -112,3 +112,8 @@ def test_a_param_used_in_a_batched_matmul_is_not_taken_for_a_linear_map():
   found = vj.discover(lambda p, x: jnp.einsum("bhi,hio->bho", x, p["w"]), params,
                       jnp.ones((2, 3, 4)))
   assert found.leaves["w"].kind == "elementwise"  # per-head maps: not one linear map
+
+
+def test_an_integer_kernel_is_named_as_skipped_and_why():
+  with pytest.raises(ValueError, match=r"Not floating, so never compressed: d/kernel \(int8\)"):
+    vj.prune(0.5).init({"d": {"kernel": jnp.ones((3, 3), jnp.int8)}})

@@ -96,7 +96,8 @@ def compile_pattern(name: str, pattern: str | None) -> re.Pattern | None:
     raise ValueError(f"{name}={pattern!r} is not a valid regular expression: {err}.") from None
 
 
-def _is_float(leaf: Any) -> bool:
+def is_floating(leaf: Any) -> bool:
+  """Whether ``leaf`` has a floating (or complex) dtype; only those are compressed."""
   dtype = getattr(leaf, "dtype", None)
   # jnp's issubdtype knows bfloat16 and the other ml_dtypes floats; numpy's does not.
   return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
@@ -105,7 +106,7 @@ def _is_float(leaf: Any) -> bool:
 def is_kernel(path: str, leaf: Any) -> bool:
   """Whether ``leaf`` is a linear-map or convolution kernel: named ``kernel``, ndim >= 2."""
   return (path.rsplit("/", 1)[-1] in KERNEL_NAMES and getattr(leaf, "ndim", 0) >= 2
-          and _is_float(leaf))
+          and is_floating(leaf))
 
 
 def make_selector(where: str | None, exclude: str | None,
@@ -127,7 +128,7 @@ def make_selector(where: str | None, exclude: str | None,
 
   def select(path: str, leaf: Any) -> bool:
     if include_non_kernels:
-      chosen = getattr(leaf, "ndim", 0) >= 1 and _is_float(leaf)
+      chosen = getattr(leaf, "ndim", 0) >= 1 and is_floating(leaf)
     else:
       chosen = is_kernel(path, leaf) and not default_exclude.search(path)
     if chosen and where_re is not None and not where_re.search(path):

@@ -130,12 +130,18 @@ def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
 
 
 def _no_match_error(where_desc: str, params: Params, include_non_kernels: bool) -> ValueError:
-  paths = [f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in _paths.leaf_paths(params)]
+  leaves = _paths.leaf_paths(params)
+  paths = [f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in leaves]
   shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
+  not_float = [f"{p} ({getattr(l, 'dtype', type(l).__name__)})" for p, l in leaves
+               if getattr(l, "ndim", 0) >= 1 and not _paths.is_floating(l)]
+  why = (f" Not floating, so never compressed: {', '.join(not_float[:6])}"
+         f"{' ...' if len(not_float) > 6 else ''}." if not_float else "")
   return ValueError(
       f"{where_desc} selects no parameter to compress. "
       f"{_paths.selection_help(include_non_kernels)} Patterns match (`re.search`) "
-      f"/-joined leaf paths; the params have: {shown}.")
+      f"/-joined leaf paths; the params have: {shown}.{why} For weights not named "
+      f"'kernel', vj.discover(apply_fn, params, x).selection() finds the linear maps.")
 
 
 def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: str,
