@@ -30,7 +30,8 @@ def svd_factors(w, rank: int, in_axes: tuple[int, ...] | None = None):
 
 def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
              where: str | None = None, exclude: str | None = None,
-             in_axes: _paths.InAxes = None, include_non_kernels: bool = False) -> Transform:
+             in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
+             stacked: dict | None = None) -> Transform:
   r"""Low-rank factorisation ``W ~ A B`` with trained factors.
 
   Each selected kernel, viewed as the ``(fan_in, fan_out)`` matrix of its linear map (input
@@ -56,6 +57,9 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
     in_axes: ``{path regex: n or (axis, ...)}``: input axes of multi-axis kernels whose
       layout Flax's names do not tell (an ambiguous kernel raises at ``init``).
     include_non_kernels: also select other leaves with ``ndim >= 1``.
+    stacked: ``{path regex: k}``: leaves whose first ``k`` axes index a stack of layers
+      (``nn.scan`` / ``nnx.scan``; :meth:`vcon_jax.Discovery.selection` gives it), each
+      layer compressed on its own.
 
   >>> import vcon_jax as vj
   >>> t = vj.low_rank(rank=16)
@@ -92,4 +96,4 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
 
   return leafwise(LeafRule(init, compress, None, describe, needs_axes=True), where=where,
                   exclude=exclude, name="low_rank", in_axes=in_axes,
-                  include_non_kernels=include_non_kernels)
+                  include_non_kernels=include_non_kernels, stacked=stacked)

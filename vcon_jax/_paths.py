@@ -175,6 +175,27 @@ def compile_in_axes(in_axes: InAxes) -> list[tuple[re.Pattern, Any]]:
   return out
 
 
+def compile_stacked(stacked: Mapping[str, int] | None) -> list[tuple[re.Pattern, int]]:
+  """Validates ``stacked={path regex: number of leading stack axes}``."""
+  if stacked is None:
+    return []
+  if not isinstance(stacked, Mapping):
+    raise ValueError(f"stacked must be a dict {{path regex: number of leading axes that "
+                     f"index the layers of a stack}} or None, got {stacked!r}.")
+  out = []
+  for pattern, k in stacked.items():
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ValueError(f"stacked[{pattern!r}] must be an integer >= 1 (the leading axes "
+                       f"that index the layers), got {k!r}.")
+    out.append((compile_pattern("stacked key", pattern), int(k)))
+  return out
+
+
+def stack_depth(path: str, compiled: list[tuple[re.Pattern, int]]) -> int:
+  """Leading stack axes of ``path`` (the first matching declaration), else 0."""
+  return next((k for pattern, k in compiled if pattern.search(path)), 0)
+
+
 def _declared(path: str, shape: tuple, spec: Any) -> tuple[int, ...]:
   ndim = len(shape)
   axes = tuple(range(spec)) if isinstance(spec, int) else tuple(

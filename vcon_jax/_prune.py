@@ -71,7 +71,7 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
           group_size: int | None = None, n: int | None = None, m: int | None = None,
           update_every: int | None = 1, where: str | None = None,
           exclude: str | None = None, in_axes: _paths.InAxes = None,
-          include_non_kernels: bool = False) -> Transform:
+          include_non_kernels: bool = False, stacked: dict | None = None) -> Transform:
   r"""Magnitude pruning with a straight-through gradient.
 
   .. math:: C(W) = W \odot M(|W|), \quad \partial C / \partial W := I
@@ -97,6 +97,9 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
       and n:m only; an ambiguous kernel raises at ``init`` saying so).
     include_non_kernels: also select biases, norm scales and tables (every floating leaf
       with ``ndim >= 1``), narrowed by ``where``/``exclude``.
+    stacked: ``{path regex: k}``: leaves whose first ``k`` axes index a stack of layers
+      (``nn.scan`` / ``nnx.scan``; :meth:`vcon_jax.Discovery.selection` gives it), each
+      layer compressed on its own.
 
   Returns:
     A :class:`Transform`.
@@ -172,4 +175,4 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
   return leafwise(LeafRule(init, compress, refresh if stored else None, describe,
                            needs_axes=granularity != "layer"),
                   where=where, exclude=exclude, name="prune", in_axes=in_axes,
-                  include_non_kernels=include_non_kernels)
+                  include_non_kernels=include_non_kernels, stacked=stacked)

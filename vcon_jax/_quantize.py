@@ -109,7 +109,8 @@ def _asymmetric(x: jax.Array, bits: Any, axes, traced: bool) -> jax.Array:
 
 
 def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
-               include_non_kernels=False, group_size=None, symmetric=True) -> Transform:
+               include_non_kernels=False, group_size=None, symmetric=True,
+               stacked=None) -> Transform:
   def bits_at(count):
     if callable(bits):
       return jnp.round(jnp.asarray(bits(count), jnp.float32)).astype(jnp.int32)
@@ -139,13 +140,14 @@ def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
   needs_axes = per_channel or group_size is not None
   return leafwise(LeafRule(init, compress, None, describe, needs_axes=needs_axes),
                   where=where, exclude=exclude, name=name, in_axes=in_axes,
-                  include_non_kernels=include_non_kernels)
+                  include_non_kernels=include_non_kernels, stacked=stacked)
 
 
 def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
              group_size: int | None = None, symmetric: bool = True,
              where: str | None = None, exclude: str | None = None,
-             in_axes: _paths.InAxes = None, include_non_kernels: bool = False) -> Transform:
+             in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
+             stacked: dict | None = None) -> Transform:
   r"""k-bit uniform quantisation with per-output-unit or per-group scales (straight-through).
 
   .. math:: C(W) = s \cdot \mathrm{clip}(\mathrm{round}(W / s), -L, L),\;
@@ -174,6 +176,9 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
     in_axes: ``{path regex: n or (axis, ...)}``: input axes of multi-axis kernels whose
       layout Flax's names do not tell (needed with ``per_channel`` only).
     include_non_kernels: also select biases, norm scales and tables.
+    stacked: ``{path regex: k}``: leaves whose first ``k`` axes index a stack of layers
+      (``nn.scan`` / ``nnx.scan``; :meth:`vcon_jax.Discovery.selection` gives it), each
+      layer compressed on its own.
 
   >>> import vcon_jax as vj
   >>> t = vj.quantize(bits=4)
@@ -196,11 +201,12 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
   if not symmetric and (callable(bits) or bits < 2):
     raise ValueError(f"symmetric=False needs a fixed bits >= 2, got bits={bits!r}.")
   return _quantizer(bits, per_channel, where, exclude, "quantize", in_axes,
-                    include_non_kernels, group_size, symmetric)
+                    include_non_kernels, group_size, symmetric, stacked)
 
 
 def binarize(*, where: str | None = None, exclude: str | None = None,
-             include_non_kernels: bool = False) -> Transform:
+             in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
+             stacked: dict | None = None) -> Transform:
   r"""Binary weights as in the paper: ``sign(W) * mean|W|`` per layer (straight-through).
 
   .. math:: C(W) = \mathrm{sign}(W)\,\frac{1}{|W|}\sum |W_{ij}|
@@ -208,5 +214,7 @@ def binarize(*, where: str | None = None, exclude: str | None = None,
   >>> import vcon_jax as vj
   >>> t = vj.binarize()
   """
-  return _quantizer(1, False, where, exclude, "binarize",
-                    include_non_kernels=include_non_kernels)
+  # in_axes: binary weights need none (one scale per layer); accepted so that one
+  # selection (vj.discover(...).selection()) applies to every transform
+  return _quantizer(1, False, where, exclude, "binarize", in_axes=in_axes,
+                    include_non_kernels=include_non_kernels, stacked=stacked)

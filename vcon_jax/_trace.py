@@ -12,7 +12,8 @@ activation memory) and follows every param leaf through the program: through
   einsum weights named ``w`` and Equinox's ``(out, in)`` ``weight`` are found with their
   real axes, without naming rules;
 * ``"stacked"``: a linear map applied one slice per iteration of a ``scan`` (MaxText's
-  ``scan_layers``, ``nn.scan``, ``nnx.scan``): a stack of separate layers;
+  ``scan_layers``, ``nn.scan``, ``nnx.scan``): a stack of separate layers, each
+  compressed on its own (``stacked=`` of every transform);
 * ``"lookup"``: gathered or indexed only (an embedding table);
 * ``"tied"``: both gathered and contracted (a tied input / output embedding);
 * ``"elementwise"``: used otherwise (a bias, a norm scale).
@@ -221,34 +222,34 @@ class Discovery:
   def paths(self, kind: str) -> list[str]:
     return [p for p, u in self.leaves.items() if u.kind == kind]
 
-  @property
-  def in_axes(self) -> dict[str, tuple[int, ...]]:
-    """``{exact path regex: input axes}`` of every linear map (for ``in_axes=``)."""
-    return {f"^{re.escape(p)}$": self.leaves[p].in_axes for p in self.paths("linear")}
-
   def selection(self, *, skip_stacked: bool = False) -> dict:
-    """``where=``, ``in_axes=`` and ``include_non_kernels=True`` selecting exactly the
-    linear maps (not lookup tables, tied embeddings, biases or norms), for any
-    transform: ``vj.quantize(4, **found.selection())``.
+    """``where=``, ``in_axes=``, ``stacked=`` and ``include_non_kernels=True`` selecting
+    exactly the linear maps (not lookup tables, tied embeddings, biases or norms), for
+    any transform: ``vj.quantize(4, **found.selection())``. A stack of layers (a weight
+    consumed one slice per ``scan`` iteration) is compressed layer by layer; with
+    ``skip_stacked=True`` stacks stay dense.
 
     Raises:
-      ValueError: the model has stacked layers (a scan over a leading axis), whose
-        per-layer compression is not supported yet, unless ``skip_stacked=True`` (they
-        then stay dense).
+      ValueError: no linear map was found, or a stack's layer axes are not its leading
+        axes (a scan over a transposed weight).
     """
-    stacked = self.paths("stacked")
-    if stacked and not skip_stacked:
-      u = self.leaves[stacked[0]]
-      raise ValueError(f"{stacked[0]!r} {u.shape} is a stack of {u.shape[u.stack_axes[0]]} "
-                       f"layers (a scan over axis {u.stack_axes[0]}; {len(stacked)} such "
-                       f"leaves); compressing each layer on its own is not supported yet: "
-                       f"pass skip_stacked=True to leave them dense.")
-    linear = self.paths("linear")
+    stacked = [] if skip_stacked else self.paths("stacked")
+    for p in stacked:
+      u = self.leaves[p]
+      if u.stack_axes != tuple(range(len(u.stack_axes))):
+        raise ValueError(f"{p!r} {u.shape} is a stack over axes {u.stack_axes}, not its "
+                         f"leading axes; transpose it so the layer axis comes first.")
+    linear = self.paths("linear") + stacked
     if not linear:
       raise ValueError("the trace found no linear map (no dot_general or convolution "
                        "takes a param as its weight).")
     where = "^(" + "|".join(re.escape(p) for p in linear) + ")$"
-    return {"where": where, "in_axes": self.in_axes, "include_non_kernels": True}
+    in_axes = {f"^{re.escape(p)}$": self.leaves[p].in_axes for p in linear}
+    out = {"where": where, "in_axes": in_axes, "include_non_kernels": True}
+    if stacked:
+      out["stacked"] = {f"^{re.escape(p)}$": len(self.leaves[p].stack_axes)
+                        for p in stacked}
+    return out
 
   def table(self) -> str:
     """One line per leaf: path, shape, kind, input axes."""

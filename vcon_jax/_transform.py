@@ -9,10 +9,12 @@ Both are dicts keyed by leaf path.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from vcon_jax import _paths, _schedules
@@ -145,18 +147,24 @@ def _no_match_error(where_desc: str, params: Params, include_non_kernels: bool) 
 
 
 def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: str,
-             in_axes: _paths.InAxes = None, include_non_kernels: bool = False) -> Transform:
+             in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
+             stacked: Mapping[str, int] | None = None) -> Transform:
   """Builds a :class:`Transform` applying ``rule`` to every selected leaf.
 
   Selection: :func:`vcon_jax._paths.make_selector`; the input axes of each leaf (when the
   rule needs them): :func:`vcon_jax._paths.input_axes` with the ``in_axes`` declarations,
-  resolved (or refused) at ``init``, before any jit.
+  resolved (or refused) at ``init``, before any jit. A leaf declared in ``stacked``
+  (``{path regex: k}``: its first ``k`` axes index the layers of a stack, as ``nn.scan``
+  / ``nnx.scan`` store them) gets the rule once per layer (``jax.vmap`` over those axes):
+  every layer its own threshold, scales, mask and factors; its ``in_axes`` are declared
+  in the whole leaf's axes and may not include the stack axes.
   """
   select = _paths.make_selector(where, exclude, include_non_kernels)
   declared = _paths.compile_in_axes(in_axes)
+  stacks = _paths.compile_stacked(stacked)
   where_desc = f"{name}(where={where!r}, exclude={exclude!r})"
 
-  def axes_of(path, leaf):
+  def full_axes(path, leaf):
     if not rule.needs_axes:
       return None
     try:
@@ -164,13 +172,40 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
     except ValueError as err:
       raise ValueError(f"{name}: {err}") from None
 
+  def axes_of(path, leaf):
+    """The input axes the rule sees: of one layer for a stack."""
+    axes, k = full_axes(path, leaf), _paths.stack_depth(path, stacks)
+    if axes is None or k == 0:
+      return axes
+    if any(a < k for a in axes):
+      raise ValueError(f"{name}: the first {k} axes of {path!r} {tuple(leaf.shape)} index "
+                       f"its stacked layers, so they cannot be input axes {tuple(axes)}; "
+                       f"declare the layer's input axes, e.g. in_axes={{{path!r}: "
+                       f"{tuple(range(k, leaf.ndim - 1))}}}.")
+    return tuple(a - k for a in axes)
+
+  def per_layer(path, fn, *args):
+    for _ in range(_paths.stack_depth(path, stacks)):
+      fn = jax.vmap(fn)
+    return fn(*args)
+
+  def init_per_layer(path, leaf, axes):
+    # a rule's init may run host code (the SVD of low rank): one call per layer, stacked
+    k = _paths.stack_depth(path, stacks)
+    if k == 0:
+      return rule.init(path, leaf, axes)
+    layers = [rule.init(path, leaf[index], axes) for index in np.ndindex(leaf.shape[:k])]
+    shape = leaf.shape[:k]
+    return jax.tree.map(
+        lambda *xs: jnp.stack(xs).reshape(shape + jnp.shape(xs[0])), *layers)
+
   def init(params: Params) -> TransformState:
     trainable, aux = {}, {}
     chosen = [(p, l) for p, l in _paths.leaf_paths(params) if select(p, l)]
     if not chosen:
       raise _no_match_error(where_desc, params, include_non_kernels)
     for path, leaf in chosen:
-      tr, ax = rule.init(path, leaf, axes_of(path, leaf))
+      tr, ax = init_per_layer(path, leaf, axes_of(path, leaf))
       if tr is not None:
         trainable[path] = tr
       if ax is not None:
@@ -183,8 +218,9 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
       if not select(p, leaf):
         return leaf
       leaf = rounded(leaf)
-      c = rule.compress(leaf, axes_of(p, leaf), state.trainable.get(p), state.aux.get(p),
-                        count, exact)
+      axes = axes_of(p, leaf)
+      c = per_layer(p, lambda w, tr, ax: rule.compress(w, axes, tr, ax, count, exact),
+                    leaf, state.trainable.get(p), state.aux.get(p))
       return blend(leaf, c, beta)
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -192,15 +228,18 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
     if rule.refresh is None:
       return state
     flat = dict(_paths.leaf_paths(params))
-    aux = {p: rule.refresh(rounded(flat[p]), axes_of(p, flat[p]), state.trainable.get(p),
-                           a, count)
-           for p, a in state.aux.items()}
+
+    def one(p, a):
+      axes = axes_of(p, flat[p])
+      return per_layer(p, lambda w, tr, ax: rule.refresh(w, axes, tr, ax, count),
+                       rounded(flat[p]), state.trainable.get(p), a)
+    aux = {p: one(p, a) for p, a in state.aux.items()}
     return TransformState(state.trainable, aux)
 
   def describe(path, leaf, state, count=0):
     if not select(path, leaf):
       return ()
-    axes = axes_of(path, leaf)
+    axes = full_axes(path, leaf)  # a stack is described (and exported) as one leaf
     trainable = None if state is None else state.trainable.get(path)
     spec = rule.describe(leaf, axes, trainable, count)
     if axes is not None and tuple(axes) != tuple(range(leaf.ndim - 1)):
