@@ -134,3 +134,33 @@ def test_export_packs_codes_with_a_scale_per_group_exactly(dtype, transform, bit
     # packed codes, one float32 scale (and a one-byte zero point) per group of 32
     layout = n / 8 if "prune" in r["transform"] else 0  # the 1-bit mask
     assert r["compressed_bytes"] <= math.ceil(n * bits / 8) + layout + (4 + zero) * n / 32, r
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [jnp.float16, jnp.bfloat16])
+def test_two_byte_scales_are_trained_and_stored(param_dtype, scale_dtype, tmp_path):
+  x = np.random.RandomState(0).rand(4, 128).astype(np.float32)
+  model = _MLP(param_dtype)
+  params = model.init(jax.random.key(0), x)["params"]
+  t = vj.quantize(4, group_size=32, scale_dtype=scale_dtype)
+  c = vj.compress(t, params, t.init(params))
+  w = _groups(params["Dense_0"]["kernel"], 32)
+  scale = np.abs(w).max(1) * np.float32(1 / 7)
+  stored = np.asarray(jnp.asarray(scale).astype(scale_dtype).astype(jnp.float32))
+  q = _groups(c["Dense_0"]["kernel"], 32) / stored[:, None, :]
+  # on the 2-byte scale's grid (bf16 params: q * scale is then rounded to bf16)
+  np.testing.assert_allclose(q, np.rint(q), atol=1e-4 if param_dtype == jnp.float32 else 0.05)
+  step = vj.make_train_step(model, t, vj.linear_vanish(0), optax.sgd(0.1))
+  state = step.init(params)
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  loaded = vj.load_compressed(tmp_path / "m.npz").params()
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(step.compressed_params(state))):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for r in (r for r in rows if r["transform"]):
+    n = math.prod(r["shape"])
+    assert r["compressed_bytes"] <= n * 4 / 8 + 2 * n / 32, r  # 4.5 bits a weight
+
+
+def test_bad_scale_dtype_is_refused():
+  with pytest.raises(ValueError, match="scale_dtype must be one of float32, bfloat16, float16"):
+    vj.quantize(4, scale_dtype=jnp.int8)

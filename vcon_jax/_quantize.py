@@ -12,7 +12,10 @@ from jax import lax
 
 from vcon_jax import _paths, _schedules
 from vcon_jax._spec import LeafSpec
-from vcon_jax._transform import LeafRule, Transform, leafwise
+from vcon_jax._transform import LeafRule, Transform, leafwise, rounded
+
+#: Dtypes scales may be rounded to (``quantize(scale_dtype=...)``); None is float32.
+SCALE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 #: Widest bit width: codes fit int16 (export's limit); wider gains nothing over floats.
@@ -21,7 +24,8 @@ MAX_BITS = 16
 
 def quantize_values(w: jax.Array, bits: Any, per_channel: bool = True,
                     in_axes: tuple[int, ...] | None = None, *,
-                    group_size: int | None = None, symmetric: bool = True) -> jax.Array:
+                    group_size: int | None = None, symmetric: bool = True,
+                    scale_dtype: Any = None) -> jax.Array:
   r"""Uniform quantisation of ``w`` to ``bits`` bits (values, not integers).
 
   Symmetric (default): ``bits == 1`` gives ``sign(w) * mean|w|`` (zero counts as
@@ -38,7 +42,8 @@ def quantize_values(w: jax.Array, bits: Any, per_channel: bool = True,
   input axes; ``None``: every axis but the last), else per tensor; with ``group_size=g``
   per group of ``g`` consecutive inputs of each output unit (inputs in the order of the
   kernel's ``(fan_in, fan_out)`` matrix view; ``g`` must divide the fan-in). ``bits``
-  may be a traced integer.
+  may be a traced integer. ``scale_dtype`` (``jnp.bfloat16`` or ``jnp.float16``) rounds
+  every scale to that dtype (what the scales are stored in); ``None``: float32.
   """
   if group_size is not None:
     mat = _paths.to_matrix(w, in_axes)
@@ -47,17 +52,25 @@ def quantize_values(w: jax.Array, bits: Any, per_channel: bool = True,
       raise ValueError(f"group_size={group_size} does not divide the fan-in {fan_in} of a "
                        f"{tuple(w.shape)} weight; pass a group_size that divides it.")
     grouped = mat.reshape(fan_in // group_size, group_size, fan_out)
-    out = _uniform(grouped, bits, (1,), symmetric)
+    out = _uniform(grouped, bits, (1,), symmetric, scale_dtype)
     return _paths.from_matrix(out.reshape(fan_in, fan_out), w.shape, in_axes)
   if per_channel and w.ndim > 1:
     axes = tuple(range(w.ndim - 1)) if in_axes is None else tuple(in_axes)
   else:
     axes = None
-  return _uniform(w, bits, axes, symmetric)
+  return _uniform(w, bits, axes, symmetric, scale_dtype)
+
+
+def _positive(scale, scale_dtype):
+  """``scale`` rounded to ``scale_dtype`` (fenced, so XLA keeps the rounding), 1 where it
+  is not positive (an all-zero unit)."""
+  if scale_dtype is not None:
+    scale = rounded(scale, scale_dtype).astype(jnp.float32)
+  return jnp.where(scale > 0, scale, 1.0)
 
 
 def _uniform(w: jax.Array, bits: Any, axes: tuple[int, ...] | None,
-             symmetric: bool) -> jax.Array:
+             symmetric: bool, scale_dtype: Any = None) -> jax.Array:
   """:func:`quantize_values` with the statistics taken over ``axes`` (``None``: all)."""
   x = w.astype(jnp.float32)
   ax = jnp.abs(x)
@@ -70,7 +83,7 @@ def _uniform(w: jax.Array, bits: Any, axes: tuple[int, ...] | None,
   count = ax.size if axes is None else math.prod(ax.shape[a] for a in axes)
   traced = not isinstance(bits, int)
   if not symmetric:
-    return _asymmetric(x, bits, axes, traced).astype(w.dtype)
+    return _asymmetric(x, bits, axes, traced, scale_dtype).astype(w.dtype)
   mean = jnp.sum(ax, axis=axes, keepdims=True) * np.float32(1.0 / count)
   binary = jnp.where(x >= 0, mean, -mean)
   if not traced and bits == 1:
@@ -81,7 +94,7 @@ def _uniform(w: jax.Array, bits: Any, axes: tuple[int, ...] | None,
   else:  # a traced bit width (the gradual baseline)
     levels = jnp.maximum(2.0 ** (jnp.asarray(bits, jnp.float32) - 1.0) - 1.0, 1.0)
     scale = jnp.max(ax, axis=axes, keepdims=True) * (1.0 / levels)
-  scale = jnp.where(scale > 0, scale, 1.0)
+  scale = _positive(scale, scale_dtype)
   # full-size divisor: XLA rewrites ``x / broadcast(s)`` as ``x * broadcast(1 / s)``
   scale = lax.optimization_barrier(jnp.broadcast_to(scale, x.shape))
   uniform = jnp.clip(jnp.round(x / scale), -levels, levels) * scale
@@ -90,7 +103,7 @@ def _uniform(w: jax.Array, bits: Any, axes: tuple[int, ...] | None,
   return jnp.where(jnp.asarray(bits) <= 1, binary, uniform).astype(w.dtype)
 
 
-def _asymmetric(x: jax.Array, bits: Any, axes, traced: bool) -> jax.Array:
+def _asymmetric(x: jax.Array, bits: Any, axes, traced: bool, scale_dtype) -> jax.Array:
   if traced:
     top = jnp.maximum(2.0 ** jnp.asarray(bits, jnp.float32) - 1.0, 1.0)
     inv = 1.0 / top
@@ -99,8 +112,7 @@ def _asymmetric(x: jax.Array, bits: Any, axes, traced: bool) -> jax.Array:
     inv = np.float32(1.0 / top)
   lo = jnp.minimum(jnp.min(x, axis=axes, keepdims=True), 0.0)
   hi = jnp.maximum(jnp.max(x, axis=axes, keepdims=True), 0.0)
-  scale = (hi - lo) * inv
-  scale = jnp.where(scale > 0, scale, 1.0)
+  scale = _positive((hi - lo) * inv, scale_dtype)
   scale, lo = lax.optimization_barrier((jnp.broadcast_to(scale, x.shape),
                                         jnp.broadcast_to(lo, x.shape)))
   zero = jnp.clip(jnp.round(-lo / scale), 0.0, top)
@@ -110,7 +122,7 @@ def _asymmetric(x: jax.Array, bits: Any, axes, traced: bool) -> jax.Array:
 
 def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
                include_non_kernels=False, group_size=None, symmetric=True,
-               stacked=None) -> Transform:
+               stacked=None, scale_dtype=None) -> Transform:
   def bits_at(count):
     if callable(bits):
       return jnp.round(jnp.asarray(bits(count), jnp.float32)).astype(jnp.int32)
@@ -127,7 +139,7 @@ def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
 
   def compress(w, axes, trainable, aux, count, exact):
     c = quantize_values(lax.stop_gradient(w), bits_at(count), per_channel, axes,
-                        group_size=group_size, symmetric=symmetric)
+                        group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
     # Straight-through as c + (w - sg(w)): the forward value is exactly c. The form
     # w + sg(c - w) rounds c - w when |w| is far from |c| (binarize: an outlier weight next
     # to the mean), so the training view at beta = 0 was not the exported one.
@@ -147,7 +159,7 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
              group_size: int | None = None, symmetric: bool = True,
              where: str | None = None, exclude: str | None = None,
              in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
-             stacked: dict | None = None) -> Transform:
+             stacked: dict | None = None, scale_dtype: Any = None) -> Transform:
   r"""k-bit uniform quantisation with per-output-unit or per-group scales (straight-through).
 
   .. math:: C(W) = s \cdot \mathrm{clip}(\mathrm{round}(W / s), -L, L),\;
@@ -171,6 +183,9 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
       (along the kernel's input axes, flattened in order); must divide every selected
       kernel's fan-in (refused at ``init`` otherwise). ``None``: per output unit.
     symmetric: ``False`` for asymmetric codes with a zero point (``bits >= 2``).
+    scale_dtype: ``jnp.bfloat16`` or ``jnp.float16`` rounds every scale to that dtype
+      during training, and the export then stores the scales in it (2 bytes each: int4
+      with ``group_size=32`` takes 4.5 bits per weight instead of 5); ``None``: float32.
     where, exclude: regexes narrowing the default selection (every ``kernel`` with
       ``ndim >= 2`` outside lookup tables).
     in_axes: ``{path regex: n or (axis, ...)}``: input axes of multi-axis kernels whose
@@ -198,10 +213,24 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
     if not per_channel:
       raise ValueError("group_size gives a scale per group of inputs of each output unit; "
                        "it contradicts per_channel=False (one scale per tensor).")
+  if scale_dtype is not None:
+    name = jnp.dtype(scale_dtype).name if _is_dtype(scale_dtype) else None
+    if name not in SCALE_DTYPES:
+      raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)} or None, got "
+                       f"{scale_dtype!r}.")
+    scale_dtype = None if name == "float32" else jnp.dtype(name)
   if not symmetric and (callable(bits) or bits < 2):
     raise ValueError(f"symmetric=False needs a fixed bits >= 2, got bits={bits!r}.")
   return _quantizer(bits, per_channel, where, exclude, "quantize", in_axes,
-                    include_non_kernels, group_size, symmetric, stacked)
+                    include_non_kernels, group_size, symmetric, stacked, scale_dtype)
+
+
+def _is_dtype(x: Any) -> bool:
+  try:
+    jnp.dtype(x)
+    return True
+  except TypeError:
+    return False
 
 
 def binarize(*, where: str | None = None, exclude: str | None = None,

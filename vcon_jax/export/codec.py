@@ -215,13 +215,14 @@ def decode_coded(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtyp
     if codec != "float":
       if fmt.get("zero_point"):
         mat = mat - _dense_per_entry(xp, fmt, arr["zero"].astype(xp.int32), fan_in)
-      mat = mat.astype(xp.float32) * _dense_per_entry(xp, fmt, arr["scale"], fan_in)
+      scale = arr["scale"].astype(xp.float32)  # stored in float32, float16 or bfloat16
+      mat = mat.astype(xp.float32) * _dense_per_entry(xp, fmt, scale, fan_in)
     return mat.astype(dtype)
   if codec != "float":  # scaled per value: the same products as the dense layout's
     if fmt.get("zero_point"):
       vals = vals - _sparse_per_value(fmt, arr["zero"].astype(xp.int32), positions, fan_out)
-    vals = vals.astype(xp.float32) * _sparse_per_value(fmt, arr["scale"], positions,
-                                                       fan_out)
+    vals = vals.astype(xp.float32) * _sparse_per_value(fmt, arr["scale"].astype(xp.float32),
+                                                       positions, fan_out)
   vals = vals.astype(dtype)
   if xp is np:
     flat = np.zeros((fan_in * fan_out,), vals.dtype)

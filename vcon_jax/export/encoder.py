@@ -36,6 +36,8 @@ from vcon_jax._spec import LeafSpec
 from vcon_jax.export import codec, format as fmt_lib
 
 _SHIFT_CANDIDATES = (0, 1, -1, 2, -2, 3, -3)
+#: Narrower dtypes a scale array is stored in when it holds exactly (2 bytes a scale).
+_NARROW_SCALES = (np.float16, jnp.bfloat16)
 _MAX_INT_BITS = 16
 
 
@@ -124,9 +126,13 @@ def _fit_int(v, col, ncol, bits, dtype, symmetric=True):
     ok &= q + zero[col] <= top
     return q, ok, zero
 
+  # Scales that fit in 2 bytes first (a quantiser with scale_dtype rounds to them; the
+  # export then stores them narrow), as they are; then float32 ones, nudged by ulps.
+  with np.errstate(over="ignore"):
+    narrow = [(b.astype(dt).astype(np.float32), (0,)) for b in bases for dt in _NARROW_SCALES]
   chosen = np.full((ncol,), np.nan, np.float32)
-  for start in bases:
-    for shift in _SHIFT_CANDIDATES:
+  for start, shifts in narrow + [(b, _SHIFT_CANDIDATES) for b in bases]:
+    for shift in shifts:
       s = start
       direction = np.float32(np.inf if shift > 0 else -np.inf)
       for _ in range(abs(shift)):
@@ -176,6 +182,16 @@ def _scale_modes(vrow, vcol, fan_in, fan_out, group_size, layer_first):
   return [layer, channel] if layer_first else [channel, layer]
 
 
+def _narrow(scale: np.ndarray) -> np.ndarray:
+  """``scale`` (float32) in float16 or bfloat16 when that holds it exactly."""
+  for dt in _NARROW_SCALES:
+    with np.errstate(over="ignore"):
+      narrow = scale.astype(dt)
+    if np.array_equal(narrow.astype(np.float32), scale):
+      return narrow
+  return scale
+
+
 def _codecs(v, modes, dtype, bits_options, symmetric):
   """Yields ``(fmt, arrays)`` for every codec that reproduces ``v`` exactly.
 
@@ -198,7 +214,8 @@ def _codecs(v, modes, dtype, bits_options, symmetric):
       fit = _fit_int(v, idx, n, bits, dtype, symmetric)
       if fit is not None:
         codes, scale, zero = fit
-        arrays = {"codes": codes, "scale": np.asarray(scale, np.float32).reshape(shape)}
+        arrays = {"codes": codes,
+                  "scale": _narrow(np.asarray(scale, np.float32).reshape(shape))}
         extra = {}
         if zero is not None:
           arrays["zero"] = zero.reshape(shape)
