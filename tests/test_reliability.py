@@ -102,3 +102,15 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
     again = runner.run_compression(cfg, tmp_path, progress=False)
   assert again["test_accuracy"] == result["test_accuracy"]  # redone from step 4, same
   shutil.rmtree(run)
+
+
+def test_a_dense_result_committed_without_its_checkpoint_is_pretrained_again(tmp_path):
+  """Results are committed without checkpoints: a fresh clone must still be able to run
+  the compressions that need the dense model, and get the same dense model."""
+  first = runner.pretrain(TINY, tmp_path, progress=False)
+  run = next(tmp_path.glob("dense"))
+  shutil.rmtree(run / "checkpoints")
+  again = runner.pretrain(TINY, tmp_path, progress=False)
+  assert again["test_accuracy"] == first["test_accuracy"]  # seeded: the same weights
+  r = runner.run_compression(TINY.replace(method="post-shot"), tmp_path, progress=False)
+  assert 0.0 <= r["test_accuracy"] <= 1.0

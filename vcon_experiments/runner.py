@@ -207,8 +207,13 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
   evaluated by masked-byte accuracy on the test glosses).
   """
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
-  if run.result() is not None:
-    return run.result()
+  committed = run.result()
+  if committed is not None and (cfg.init_from is not None or _has_checkpoint(run)):
+    return committed
+  if committed is not None:  # results committed without checkpoints (a fresh clone)
+    print(f"{run.path}: the dense result is here but not its checkpoint (results are "
+          f"committed without checkpoints); pretraining again (seeded: the same weights "
+          f"on the same software).", flush=True)
   if cfg.init_from is not None:  # pretrained weights given: nothing to train here
     with run.lock():
       _, params = dense_model(cfg, root)
@@ -242,6 +247,11 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
                       ("source classes" if cfg.regime == "transfer" else "target")}
     run.write_result(result)
     return result
+
+
+def _has_checkpoint(run: RunDir) -> bool:
+  ckpt = run.path / "checkpoints"
+  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
 def _mlm_accuracy(step, state, tokens, mask: int, n: int = 2000) -> float:
