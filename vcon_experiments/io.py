@@ -10,6 +10,8 @@ import socket
 import warnings
 from typing import Any
 
+import vcon_jax as vj
+
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   """Writes JSON via a temporary file and ``os.replace``: readers never see half a file."""
@@ -138,9 +140,9 @@ class RunDir:
     for step in sorted(mgr.all_steps(), reverse=True):
       try:
         return mgr.restore(target, step), step
+      except vj.CheckpointMismatchError:
+        raise  # a different model/transform: older checkpoints will not fit either
       except ValueError as err:
-        if "does not fit this model" in str(err):
-          raise  # a different model/transform: older checkpoints will not fit either
         warnings.warn(f"checkpoint {mgr.directory}/{step} is unreadable ({err}); trying the "
                       f"previous one")
       except Exception as err:  # pylint: disable=broad-except

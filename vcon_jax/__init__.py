@@ -5,7 +5,7 @@ weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 
 """
 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
-from vcon_jax._checkpoint import CheckpointManager, restore, save
+from vcon_jax._checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from vcon_jax._losses import Distillation, distill
 from vcon_jax.export import CompressedModel, Summary, export, load_compressed, summary
 from vcon_jax._low_rank import low_rank, svd_factors
@@ -64,6 +64,7 @@ __all__ = [
     "wrap_optax",
     "unreplicate",
     "CheckpointManager",
+    "CheckpointMismatchError",
     "CompressedModel",
     "Distillation",
     "LeafSpec",

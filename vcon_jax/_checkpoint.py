@@ -16,6 +16,11 @@ import orbax.checkpoint as ocp
 from vcon_jax import _paths
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that is readable but saved for another model or transform (its leaves'
+  names or shapes differ from the restore target's); older steps will not fit either."""
+
+
 class CheckpointManager:
   """A thin wrapper of ``orbax.checkpoint.CheckpointManager`` for train states.
 
@@ -76,7 +81,7 @@ class CheckpointManager:
              if saved.get(name) != shape]
     if diffs and len(diffs) < len(wanted):  # name schemes differ entirely: let Orbax judge
       name, got, want = diffs[0]
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} does not fit this model/transform: "
           f"{len(diffs)} of {len(wanted)} leaves differ, the first is {name}: saved "
           f"{'nothing' if got is None else f'shape {got}'}, expected shape {want}.")
