@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class Metric:
 
   key: str
   name: str
+  header: str  # the table column's title
   unit: str
   scale: float
   higher_is_better: bool
@@ -40,8 +42,10 @@ class Metric:
 
 
 METRICS = {
-    "test_accuracy": Metric("test_accuracy", "test accuracy", "%", 100.0, True, 1.0, 2),
-    "test_bpb": Metric("test_bpb", "test bits per byte", "bits/byte", 1.0, False, 0.01, 3),
+    "test_accuracy": Metric("test_accuracy", "test accuracy", "test accuracy %", "%", 100.0,
+                            True, 1.0, 2),
+    "test_bpb": Metric("test_bpb", "test bits per byte", "test bits/byte", "bits/byte", 1.0,
+                       False, 0.01, 3),
 }
 
 
@@ -82,7 +86,7 @@ def markdown(results: dict) -> str:
               f"dense (ceiling): {m.fmt(suite['dense'] * m.scale)} {m.unit}; "
               f"{suite.get('steps', '?')} fine-tuning steps for every method; "
               f"{suite['seeds']} seeds.", "",
-              f"| method | {m.name} {m.unit} (mean +- std) | gap closed | seeds |",
+              f"| method | {m.header} (mean +- std) | gap closed | seeds |",
               "|---|---|---|---|"]
     for method, r in rows.items():
       gap = "-" if r["gap_closed"] is None or method == "post-shot" else \
@@ -164,7 +168,7 @@ def plots(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     bx.set_ylabel(f"final {m.name} ({m.unit})")
     bx.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.tight_layout()
-    path = out_dir / f"{name.replace('/', '_').replace(' ', '_')}.png"
+    path = out_dir / f"{re.sub(r'[^\w.%+-]', '_', name)}.png"  # no ':' (2:4) in names
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
