@@ -29,6 +29,8 @@ _SMALL = {
     "vit": dict(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=16),
     "transformer": dict(max_len=32, dim=16, depth=1, heads=2, mlp_dim=16),
 }
+# The classifiers; the causal LM (``"lm"``) has its own tests (tests/test_lm.py).
+CLASSIFIERS = sorted(n for n in MODELS if n != "lm")
 _IMAGES = jnp.asarray(np.random.default_rng(0).random((3, 28, 28, 1)), jnp.float32)
 _LENGTHS = (16, 7, 0)  # a full row, a padded row and a row made only of padding
 
@@ -67,7 +69,7 @@ def _num_classes(name):
   return 45 if name == "transformer" else 10
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_output_shapes_in_train_and_eval_mode(name):
   extra = {} if name == "cnn" else dict(dropout=0.5)
   # Default sizes, traced abstractly.
@@ -123,7 +125,7 @@ def test_cnn_average_pooling_and_non_square_images():
     CNN(features=(4, 4, 4), image_size=4, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_dropout_uses_rng_in_train_mode_only(name):
   x = _input(name)
   model = _small(name, dropout=0.5, rngs=1)
@@ -205,7 +207,7 @@ def test_invalid_transformer_shapes():
 
 
 def test_registry():
-  assert set(MODELS) == {"mlp", "cnn", "vit", "transformer"}
+  assert set(MODELS) == {"mlp", "cnn", "vit", "transformer", "lm"}
   assert isinstance(_small("mlp"), MLP)
   # rngs may be given as a seed or as nnx.Rngs; the same seed gives the same weights.
   a, b = _small("mlp", rngs=5), _small("mlp", rngs=nnx.Rngs(5))
@@ -231,7 +233,7 @@ def _expected_matrices(name, model):
   return block | {"head/kernel", "embed/embedding", "pos_embedding"}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_matrix_params_are_exactly_kernels_and_tables(name):
   model = _abstract_default(name)
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -246,7 +248,7 @@ def test_matrix_params_are_exactly_kernels_and_tables(name):
     assert shapes["blocks/0/mlp/fc2/kernel"] == (128, 64)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_jitted_adam_step_reduces_loss(name):
   model = _small(name, rngs=2)
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)

@@ -168,7 +168,8 @@ def plots(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     bx.set_ylabel(f"final {m.name} ({m.unit})")
     bx.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.tight_layout()
-    path = out_dir / f"{re.sub(r'[^\w.%+-]', '_', name)}.png"  # no ':' (2:4) in names
+    safe = re.sub(r"[^\w.%+-]", "_", name)  # no ':' (2:4) or '/' in file names
+    path = out_dir / f"{safe}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
