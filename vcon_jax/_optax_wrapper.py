@@ -254,13 +254,6 @@ def _update_to(target: jax.Array, param: jax.Array) -> jax.Array:
   return rounded(target, param.dtype).astype(jnp.float32) - param.astype(jnp.float32)
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _conform_inner(optimizer: optax.GradientTransformation, state: VconState) -> VconState:
   """The inner optimiser's state in the structure its ``init`` gives.
 
@@ -275,7 +268,7 @@ def _conform_inner(optimizer: optax.GradientTransformation, state: VconState) ->
   treedef = jax.tree.structure(like)
   if jax.tree.structure(state.inner_state) == treedef:
     return state
-  norm = lambda path: tuple(_key_name(k) for k in path)
+  norm = lambda path: tuple(str(k) for k in _paths.path_keys(path))
   have = {norm(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.inner_state)[0]}
   want = [norm(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
   missing = [w for w in want if w not in have]

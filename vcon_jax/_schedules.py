@@ -16,10 +16,10 @@ import numpy as np
 
 Schedule = Callable
 
-#: Counts at which schedules are evaluated in Python when a factory receives one.
 #: The smallest constant member beta :func:`vcon_jax.chain` takes as a deliberate blend.
 MIN_PARTIAL_BETA = 0.01
 
+#: Counts at which schedules are evaluated in Python when a factory receives one.
 CHECK_COUNTS = (0, 1, 2, 3, 5, 10, 30, 100, 300, 1_000, 3_000, 10_000, 100_000, 1_000_000,
                 10_000_000)
 

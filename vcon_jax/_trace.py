@@ -132,15 +132,6 @@ class _Tracer:
     tracked = [(i, v) for i, v in enumerate(ins) if v is not None]
     if name in _IDENTITY:
       return ins[:len(eqn.outvars)]
-    if name in _CALLS or any(k in p for k in ("jaxpr", "call_jaxpr")) and name != "scan" \
-        and name not in ("while", "cond"):
-      sub = p.get(_CALLS.get(name, "jaxpr")) or p.get("call_jaxpr") or p.get("fun_jaxpr")
-      sub = getattr(sub, "jaxpr", sub)
-      if sub is not None and len(sub.invars) == len(ins):
-        return self.run(sub, ins)
-      for _, v in tracked:
-        self.use(v, name)
-      return None
     if name == "scan":
       sub = p["jaxpr"].jaxpr
       nc, ncarry = p["num_consts"], p["num_carry"]
@@ -150,6 +141,14 @@ class _Tracer:
         if v is not None:  # consumed one slice per iteration along axis 0
           inner[k] = _View(v.leaf, v.axes[1:], v.stacked + v.axes[0])
       self.run(sub, inner)
+      return None
+    if name in _CALLS or "jaxpr" in p or "call_jaxpr" in p:
+      sub = p.get(_CALLS.get(name, "jaxpr")) or p.get("call_jaxpr") or p.get("fun_jaxpr")
+      sub = getattr(sub, "jaxpr", sub)
+      if sub is not None and len(sub.invars) == len(ins):
+        return self.run(sub, ins)
+      for _, v in tracked:
+        self.use(v, name)
       return None
     if len(tracked) != 1:
       for _, v in tracked:
@@ -191,7 +190,7 @@ class _Tracer:
       ins_ = [rhs[1]] + list(rhs[2:])
       self.use(v, "linear", in_axes=[a for d in ins_ for a in v.axes[d]])
       return None
-    if name in ("gather", "dynamic_slice", "take", "take_along_axis") and i == 0:
+    if name in ("gather", "dynamic_slice") and i == 0:
       self.use(v, "lookup")
       return None
     self.use(v, name)

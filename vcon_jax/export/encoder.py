@@ -391,8 +391,7 @@ def is_train_step(x: Any) -> bool:
 
 
 def _check_step(step, state):
-  needed = ("transform", "compressed_params", "adapter")
-  if not all(hasattr(step, a) for a in needed):
+  if not is_train_step(step):
     raise ValueError(f"export/summary take (step, state) from vj.make_train_step, or the "
                      f"opt_state of a vj.wrap_optax loop with model=...; got "
                      f"{type(step).__name__}.")
