@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"--workdir={str(workdir)!r} exists and is not a directory.")
   except (ValueError, FileNotFoundError) as err:
     parser.exit(2, f"vcon-jax {args.command}: error: {err}\n")
-  from vcon_experiments import compare, runner, tasks  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import compare, report, runner, tasks  # pylint: disable=import-outside-toplevel
   from vcon_experiments.io import RunLockedError  # pylint: disable=import-outside-toplevel
   progress = not args.no_progress
   try:
@@ -244,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
       r = runner.pretrain(cfg, workdir / compare.data_key(cfg), progress=progress,
                           on_nonfinite=args.on_nonfinite)
       key = tasks.metric_key(cfg)
-      print(f"dense test {key[5:]} {tasks.format_metric(cfg, r[key])}")
+      print(f"dense test {key[5:]} {report.METRICS[key].show(r[key])}")
     elif args.command == "compress":
       root = workdir / compare.data_key(cfg)
       r = runner.run_compression(cfg, root, progress=progress, on_nonfinite=args.on_nonfinite)
       key = tasks.metric_key(cfg)
       print(f"{cfg.run_name()}: test {key[5:]} of the compressed model "
-            f"{tasks.format_metric(cfg, r[key])} (at step 0: "
-            f"{tasks.format_metric(cfg, r['compressed_at_start'])})")
+            f"{report.METRICS[key].show(r[key])} (at step 0: "
+            f"{report.METRICS[key].show(r['compressed_at_start'])})")
       _print_summary(r)
     else:
       preset = "quick" if args.quick else args.preset

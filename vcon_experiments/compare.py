@@ -88,7 +88,7 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
           c, root / data_key(c), progress=progress, on_nonfinite=on_nonfinite), echo)
       key = tasks.metric_key(c)
       echo(f"{name:44s} {c.method:13s} seed {c.seed}: test {key[5:]} "
-           f"{tasks.format_metric(c, r[key])}")
+           f"{report.METRICS[key].show(r[key])}")
   if n > 1 and not collect:
     return {}
   results = {"preset": preset, "suites": {}, "wall_s": {}, "missing": 0}

@@ -36,6 +36,10 @@ class Metric:
   def fmt(self, value: float) -> str:
     return f"{value:.{self.digits}f}"
 
+  def show(self, value: float | None) -> str:
+    """A result field's raw value as a sentence says it: ``87.25 %``, ``2.104 bits/byte``."""
+    return "-" if value is None else f"{self.fmt(value * self.scale)} {self.unit}"
+
   def better(self, a: float, b: float) -> float:
     """How much better ``a`` is than ``b`` (in display units; positive: ``a`` better)."""
     return (a - b) if self.higher_is_better else (b - a)

@@ -90,14 +90,8 @@ def evaluate(step: vj.TrainStep, state, arrays, limit: int | None = None,
              compressed: bool = True, batch_size: int = 500) -> float:
   x, y = arrays
   n = len(x) if limit is None else min(limit, len(x))
-  d = jax.device_count()
   correct = 0.0
-  for s in range(0, n, batch_size):
-    xb, yb = x[s:s + batch_size][: n - s], y[s:s + batch_size][: n - s]
-    pad = (-len(xb)) % d
-    if pad:  # every device needs an equal share; padded rows are not counted
-      xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-      yb = np.concatenate([yb, np.repeat(yb[-1:], pad, 0)])
+  for (xb, yb), pad in tasks.device_chunks(n, batch_size, x, y):
     logits, _ = step.evaluate(state, {"inputs": xb, "labels": yb}, compressed=compressed)
     pred = np.asarray(jax.device_get(logits)).argmax(-1)
     correct += float((pred[:len(pred) - pad] == yb[:len(yb) - pad]).sum())

@@ -163,13 +163,6 @@ def metric_key(cfg) -> str:
   return "test_bpb" if is_lm(cfg) else "test_accuracy"
 
 
-def format_metric(cfg, value) -> str:
-  """``value`` of the task's metric as tables say it: ``87.25 %`` or ``2.104 bits/byte``."""
-  if value is None:
-    return "-"
-  return f"{value:.3f} bits/byte" if is_lm(cfg) else f"{value * 100:.2f} %"
-
-
 def lm_batch(tokens: np.ndarray) -> dict:
   """Causal LM on byte ids (0 = padding): position ``i`` reads the bytes before ``i``
   (id 0 standing for the start) and predicts byte ``i``; padding is not predicted."""
@@ -178,20 +171,30 @@ def lm_batch(tokens: np.ndarray) -> dict:
   return {"inputs": inputs, "labels": tokens, "weights": (tokens != 0).astype(np.float32)}
 
 
+def device_chunks(n: int, batch_size: int, *arrays: np.ndarray):
+  """Yields ``(chunks, pad)``: the first ``n`` rows of each array, ``batch_size`` at a
+  time, each chunk topped up by repeating its last row to a multiple of the device count
+  (every device needs an equal share); the last ``pad`` rows are not to be counted."""
+  import jax  # pylint: disable=import-outside-toplevel
+  d = jax.device_count()
+  for s in range(0, n, batch_size):
+    chunks = [a[s:min(s + batch_size, n)] for a in arrays]
+    pad = (-len(chunks[0])) % d
+    if pad:
+      chunks = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunks]
+    yield chunks, pad
+
+
 def bits_per_byte(step, state, tokens: np.ndarray, limit: int | None = None,
                   compressed: bool = True, batch_size: int = 250) -> float:
   """Test bits per byte of the first ``limit`` texts (their first ``max_len`` bytes):
   the summed next-byte cross-entropy over ``ln 2`` times the bytes predicted."""
   import jax  # pylint: disable=import-outside-toplevel
-  tokens = tokens[:limit] if limit else tokens
-  d = jax.device_count()
+  n = len(tokens) if not limit else min(limit, len(tokens))
   nats, count = 0.0, 0.0
-  for s in range(0, len(tokens), batch_size):
-    chunk = tokens[s:s + batch_size]
-    pad = (-len(chunk)) % d
-    if pad:  # every device needs an equal share; all-padding rows predict nothing
-      chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
+  for (chunk,), pad in device_chunks(n, batch_size, tokens):
     batch = lm_batch(chunk)
+    batch["weights"][len(chunk) - pad:] = 0.0  # the repeated rows are not counted
     logits, _ = step.evaluate(state, batch, compressed=compressed)
     logp = jax.nn.log_softmax(np.asarray(jax.device_get(logits), np.float32), -1)
     ce = -np.take_along_axis(np.asarray(logp), batch["labels"][..., None], -1)[..., 0]
