@@ -9,6 +9,7 @@ with scripts/install_system_deps.sh).
 from __future__ import annotations
 
 import collections
+import subprocess
 import sys
 from pathlib import Path
 
@@ -387,3 +388,21 @@ def test_catalog_names():
 def test_no_tensorflow_needed(fm_data_dir, wn_data_dir):
   del fm_data_dir, wn_data_dir  # Preparing both must not import TF.
   assert "tensorflow" not in sys.modules
+
+
+@needs_wn
+@pytest.mark.slow
+def test_concurrent_prepare_builds_once(tmp_path, wn_source):
+  """Two processes (two --shard runs on a fresh machine) preparing at once both succeed."""
+  code = ("import sys; from vcon_experiments import data; "
+          "data.prepare('wordnet', data_dir=sys.argv[1], source_dir=sys.argv[2]); "
+          "print('ok')")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(wn_source[0])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  outs = [p.communicate() for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.strip().endswith("ok")
+  assert len(data.prepare("wordnet", data_dir=tmp_path, source_dir=wn_source[0])
+             .as_data_source()["train"]) > 0

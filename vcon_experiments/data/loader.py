@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,24 @@ def prepare(name: str, *, data_dir: str | Path | None = None,
   # Same test as `builder.is_prepared()`, which logs a warning when false.
   if not (Path(builder.data_dir) / "dataset_info.json").exists():
     builder.check_source()  # Clear error before TFDS writes anything.
-    builder.download_and_prepare()
+    # Sharded runs (`--shard i/N`) start N processes that may all find the dataset
+    # missing: one builds it, the others wait on the lock and then find it built.
+    with _build_lock(Path(builder.data_dir).parent):
+      if not (Path(builder.data_dir) / "dataset_info.json").exists():
+        builder.download_and_prepare()
   return builder
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+  """An exclusive lock (``fcntl.flock``) on ``directory/.build.lock``, held while building."""
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / ".build.lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_available(name: str, *, data_dir: str | Path | None = None,
