@@ -114,3 +114,15 @@ def test_a_dense_result_committed_without_its_checkpoint_is_pretrained_again(tmp
   assert again["test_accuracy"] == first["test_accuracy"]  # seeded: the same weights
   r = runner.run_compression(TINY.replace(method="post-shot"), tmp_path, progress=False)
   assert 0.0 <= r["test_accuracy"] <= 1.0
+
+
+def test_an_unfinished_pretraining_is_not_the_dense_model(tmp_path):
+  """While another process pretrains again (a fresh clone, two --shard processes), the
+  committed dense result and that process's earlier checkpoints are on disk: they must not
+  pass for the finished dense model (a run would start from a half-trained one)."""
+  first = runner.pretrain(TINY, tmp_path, progress=False)
+  run = RunDir(tmp_path / "dense", TINY.dense_key())
+  final = run.path / "checkpoints" / str(first["steps"])
+  assert runner._has_checkpoint(run, first["steps"])  # pylint: disable=protected-access
+  final.rename(run.path / "checkpoints" / "1")
+  assert not runner._has_checkpoint(run, first["steps"])  # pylint: disable=protected-access

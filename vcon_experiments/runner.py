@@ -202,7 +202,8 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
   """
   run = RunDir(pathlib.Path(root) / "dense", cfg.dense_key())
   committed = run.result()
-  if committed is not None and (cfg.init_from is not None or _has_checkpoint(run)):
+  if committed is not None and (cfg.init_from is not None or
+                                _has_checkpoint(run, committed.get("steps"))):
     return committed
   if committed is not None:  # results committed without checkpoints (a fresh clone)
     print(f"{run.path}: the dense result is here but not its checkpoint (results are "
@@ -243,9 +244,12 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
     return result
 
 
-def _has_checkpoint(run: RunDir) -> bool:
+def _has_checkpoint(run: RunDir, steps: int | None) -> bool:
+  """Whether the pretraining's *final* checkpoint (step ``steps``) is on disk: while
+  another process pretrains again (a fresh clone, ``--shard``), its earlier checkpoints
+  are there but are not the dense model."""
   ckpt = run.path / "checkpoints"
-  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+  return ckpt.is_dir() and any(p.name == str(steps) for p in ckpt.iterdir())
 
 
 def _mlm_accuracy(step, state, tokens, mask: int, n: int = 2000) -> float:
