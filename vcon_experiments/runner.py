@@ -208,7 +208,8 @@ def pretrain(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
   if committed is not None:  # results committed without checkpoints (a fresh clone)
     print(f"{run.path}: the dense result is here but not its checkpoint (results are "
           f"committed without checkpoints); pretraining again (seeded: the same weights "
-          f"on the same software).", flush=True)
+          f"on the same machine and software; on another CPU XLA's float rounding may "
+          f"differ, and the new dense result replaces the committed one).", flush=True)
   if cfg.init_from is not None:  # pretrained weights given: nothing to train here
     with run.lock():
       _, params = dense_model(cfg, root)

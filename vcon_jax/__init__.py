@@ -15,6 +15,9 @@ from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import magnitude_mask, prune, topk_mask
 from vcon_jax._quantize import binarize, quantize, quantize_values
 from vcon_jax._spec import LeafSpec
+from vcon_jax._coupling import Member, UnitGroup
+from vcon_jax._shrink import Shrunk, shrink
+from vcon_jax._units import Units, find_units, prune_units
 from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
                                  polynomial_ramp)
@@ -41,6 +44,7 @@ __all__ = [
     "constant",
     "cosine_vanish",
     "export",
+    "find_units",
     "DEFAULT_EXCLUDE",
     "identity",
     "linear_vanish",
@@ -51,6 +55,12 @@ __all__ = [
     "output_blend_apply",
     "polynomial_ramp",
     "prune",
+    "prune_units",
+    "Member",
+    "shrink",
+    "Shrunk",
+    "UnitGroup",
+    "Units",
     "quantize",
     "quantize_values",
     "replicate",

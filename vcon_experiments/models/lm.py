@@ -80,17 +80,21 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     b, t, _ = x.shape
-    q = rotary(self.query(x).reshape(b, t, self.heads, self.head_dim), positions)
-    k = rotary(self.key(x).reshape(b, t, self.kv_heads, self.head_dim), positions)
-    v = self.value(x).reshape(b, t, self.kv_heads, self.head_dim)
-    group = self.heads // self.kv_heads
-    q = q.reshape(b, t, self.kv_heads, group, self.head_dim)
+    # head counts from the kernels' shapes, so a model shrunk by vj.shrink (fewer heads)
+    # runs as it is
+    heads = self.query.kernel.shape[1] // self.head_dim
+    kv_heads = self.key.kernel.shape[1] // self.head_dim
+    q = rotary(self.query(x).reshape(b, t, heads, self.head_dim), positions)
+    k = rotary(self.key(x).reshape(b, t, kv_heads, self.head_dim), positions)
+    v = self.value(x).reshape(b, t, kv_heads, self.head_dim)
+    group = heads // kv_heads
+    q = q.reshape(b, t, kv_heads, group, self.head_dim)
     logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
     logits = logits / math.sqrt(self.head_dim)
     causal = jnp.tril(jnp.ones((t, t), bool))
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, t, self.heads * self.head_dim)
+    y = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, t, heads * self.head_dim)
     return self.out(y)
 
 

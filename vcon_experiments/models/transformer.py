@@ -36,7 +36,7 @@ class MultiHeadSelfAttention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, dropout: float = 0.0, *, rngs: nnx.Rngs):
     _check_heads(dim, heads)
-    self.heads = heads
+    self.heads, self.head_dim = heads, dim // heads
     self.query = nnx.Linear(dim, dim, rngs=rngs)
     self.key = nnx.Linear(dim, dim, rngs=rngs)
     self.value = nnx.Linear(dim, dim, rngs=rngs)
@@ -54,14 +54,16 @@ class MultiHeadSelfAttention(nnx.Module):
     Returns:
       Features of the same shape as ``x``.
     """
-    b, t, d = x.shape
-    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    b, t, _ = x.shape
+    hd = self.head_dim  # the head count from the kernel, so a shrunk model (vj.shrink) runs
+    heads = self.query.kernel.shape[1] // hd
+    split = lambda y: y.reshape(b, t, heads, hd)  # noqa: E731
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.heads)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
     if mask is not None:
       logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
     weights = self.dropout(jax.nn.softmax(logits, axis=-1))
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, heads * hd)
     return self.out(y)
 
 
