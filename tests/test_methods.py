@@ -1,5 +1,6 @@
 """Every (method, compression) of the experiments builds and initialises on the models."""
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -13,11 +14,34 @@ from vcon_experiments.models import get_model
 @pytest.mark.parametrize("model", ["cnn"])
 def test_method_builds_on_model(method, compression, model):
   kwargs = {"features": (16, 32), "hidden": 64} if model == "cnn" else {}
-  params = nnx.state(get_model(model, rngs=nnx.Rngs(0), **kwargs), nnx.Param).to_pure_dict()
+  module = get_model(model, rngs=nnx.Rngs(0), **kwargs)
+  params = nnx.state(module, nnx.Param).to_pure_dict()
   cfg = config_lib.Config(model=model, method=method, compression=compression, steps=100)
-  transform, schedule, distill = methods.build(cfg, params)
+  example = np.zeros((2, 28, 28, 1), np.float32)
+  transform, schedule, distill = methods.build(cfg, params, module, example)
   state = transform.init(params)
   assert float(schedule(0)) == (1.0 if method.startswith("vcon") else 0.0)
   assert float(schedule(100)) == 0.0
   assert (distill > 0) == (method == "vcon-distill")
   assert state is not None
+
+
+def test_prune_units_in_the_suite_removes_whole_channels_of_the_cnn():
+  module = get_model("cnn", rngs=nnx.Rngs(0), features=(16, 32), hidden=64)
+  params = nnx.state(module, nnx.Param).to_pure_dict()
+  cfg = config_lib.Config(model="cnn", method="post-shot", compression="prune-units",
+                          sparsity=0.5, steps=100)
+  assert cfg.run_name().startswith("same-task/s100/units50/")
+  assert config_lib.severity_name(cfg) == "units 50%"
+  transform, _, _ = methods.build(cfg, params, module, np.zeros((2, 28, 28, 1), np.float32))
+  import vcon_jax as vj  # pylint: disable=import-outside-toplevel
+  c = vj.compress(transform, params, transform.init(params))
+  # the first convolution's channels (through BatchNorm and max pooling) and the fc units;
+  # the last convolution's channels are flattened innermost into fc: not a unit group
+  conv0 = np.asarray(c["convs"][0]["kernel"])  # (3, 3, 1, 16)
+  assert np.sum(np.any(conv0 != 0, axis=(0, 1, 2))) == 8
+  assert np.sum(np.any(np.asarray(c["convs"][1]["kernel"]) != 0, axis=(0, 1, 3))) == 8
+  assert np.sum(np.any(np.asarray(c["fc"]["kernel"]) != 0, axis=0)) == 32
+  assert np.all(np.any(np.asarray(c["convs"][1]["kernel"]) != 0, axis=(0, 1, 2)))
+  with pytest.raises(ValueError, match="needs the model"):
+    methods.build(cfg, params)

@@ -18,7 +18,7 @@ METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
 #: transfer regime the dense reference, since the pretrained model has no target head).
 ALL_METHODS = METHODS + ("dense",)
 REGIMES = ("same-task", "transfer")
-COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank")
+COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank", "prune-units")
 MODELS = ("mlp", "cnn", "vit", "transformer", "lm")
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -51,8 +51,10 @@ class Config:
     augment: light image augmentation in fine-tuning (random shifts of up to 2 pixels and
       horizontal flips).
     lr: peak fine-tuning learning rate (AdamW, 5 % warm-up, cosine decay to 1 %).
-    compression: ``prune``, ``binarize``, ``quantize`` or ``low-rank``.
-    sparsity, bits, rank: the compression's target (prune / quantize / low-rank).
+    compression: ``prune``, ``binarize``, ``quantize``, ``low-rank`` or ``prune-units``
+      (structured: whole MLP units, heads and channels, ``vj.prune_units``).
+    sparsity, bits, rank: the compression's target (prune / quantize / low-rank); for
+      ``prune-units`` ``sparsity`` is the fraction of each unit group removed.
     pattern: ``"n:m"`` (e.g. ``"2:4"``) prunes to n:m sparsity instead of ``sparsity``
       (keep n of every m consecutive inputs; gradual: group pruning ramped to 1 - n/m).
     group_size: quantisation scales per group of this many inputs of each output unit
@@ -140,7 +142,8 @@ class Config:
     prune = (f"prune{self.pattern.replace(':', 'of')}" if self.pattern
              else f"prune{round(self.sparsity * 100)}")
     target = {"prune": prune, "binarize": "binarize",
-              "quantize": f"quantize{self.bits}{group}", "low-rank": f"lowrank{self.rank}"}
+              "quantize": f"quantize{self.bits}{group}", "low-rank": f"lowrank{self.rank}",
+              "prune-units": f"units{round(self.sparsity * 100)}"}
     extra = ""
     if self.method == "dense":
       return f"{self.regime}/{self.budget_name()}/dense{self._train_extra()}/seed{self.seed}"
@@ -303,4 +306,5 @@ def severity_name(cfg: Config | Mapping) -> str:
   prune = (f"prune {d['pattern']}" if d.get("pattern")
            else f"prune {round(d['sparsity'] * 100)}%")
   return {"prune": prune, "binarize": "binary",
-          "quantize": f"{d['bits']}-bit{group}", "low-rank": f"rank {d['rank']}"}[d["compression"]]
+          "quantize": f"{d['bits']}-bit{group}", "low-rank": f"rank {d['rank']}",
+          "prune-units": f"units {round(d['sparsity'] * 100)}%"}[d["compression"]]

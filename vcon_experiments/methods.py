@@ -38,8 +38,10 @@ def _low_rank_full(params: Any) -> int:
   return max(sizes) if sizes else 1
 
 
-def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
-  """Returns ``(transform, beta_schedule, distill_weight)`` for ``cfg``."""
+def build(cfg: Config, params: Any, model: Any = None,
+          example: Any = None) -> tuple[vj.Transform, Callable, float]:
+  """Returns ``(transform, beta_schedule, distill_weight)`` for ``cfg``; ``prune-units``
+  also needs the model and an example input (its unit groups come from a trace)."""
   q = int(round(cfg.transition * cfg.steps))
   gradual = cfg.method == "gradual"
   if cfg.method == "dense":
@@ -54,6 +56,13 @@ def build(cfg: Config, params: Any) -> tuple[vj.Transform, Callable, float]:
   elif cfg.compression == "prune":
     sparsity = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
     transform = vj.prune(sparsity=sparsity, update_every=cfg.update_every, exclude=KEEP_DENSE)
+  elif cfg.compression == "prune-units":
+    if model is None or example is None:
+      raise ValueError("prune-units needs the model and an example input: "
+                       "methods.build(cfg, params, model, example).")
+    units = vj.find_units(model, None, example)
+    fraction = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
+    transform = vj.prune_units(fraction, units=units)
   elif cfg.compression == "binarize":
     transform = (vj.quantize(bits=vj.polynomial_ramp(1, 0, q, initial=8), per_channel=False,
                              exclude=KEEP_DENSE)

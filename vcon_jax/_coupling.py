@@ -265,7 +265,8 @@ class _Flow:
     if name == "conv_general_dilated":
       return [self.conv(eqn, views, shapes, flags)]
     if name in ("slice", "dynamic_slice", "rev", "pad", "split", "concatenate", "cumsum",
-                "cumprod", "cummax", "cummin", "cumlogsumexp"):
+                "cumprod", "cummax", "cummin", "cumlogsumexp", "reduce_window_max",
+                "reduce_window_min", "reduce_window_sum"):
       return self.along(name, p, views, shapes, outs_shape)
     # anything else (gather, slices, concatenation, scan, cumulative ops): units mix
     self.break_all(views)
@@ -320,6 +321,10 @@ class _Flow:
       axes = {d for d in range(rank) if new[d] != old[d]}
     elif name == "rev":
       axes = set(p["dimensions"])
+    elif name.startswith("reduce_window"):  # pooling: the windowed axes mix, channels not
+      axes = {d for d in range(rank) if p["window_dimensions"][d] != 1
+              or p["window_strides"][d] != 1 or tuple(p["padding"][d]) != (0, 0)
+              or p["base_dilation"][d] != 1 or p["window_dilation"][d] != 1}
     elif name in ("split", "concatenate"):
       axes = {p.get("axis", p.get("dimension"))}
     else:
