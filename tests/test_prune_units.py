@@ -250,3 +250,23 @@ def test_prune_units_exports_exactly_and_wrap_optax_gives_the_same_values(tmp_pa
   vj.export(opt_state, path, model=MLP())
   loaded = vj.load_compressed(path)
   jax.tree.map(np.testing.assert_array_equal, loaded.params(), c)
+
+
+def test_resume_mid_transition_is_bit_identical(tmp_path):
+  params = MLP().init(jax.random.key(0), X)["params"]
+  units = vj.find_units(MLP(), params, X)
+  step = vj.make_train_step(MLP(), vj.prune_units(vj.polynomial_ramp(0.5, 0, 4), units=units),
+                            vj.linear_vanish(4), optimizer=optax.adam(1e-2))
+  batch = {"inputs": X, "labels": jnp.arange(16) % 10}
+  straight = step.init(params)
+  for _ in range(6):
+    straight, _ = step(straight, batch)
+  state = step.init(params)
+  for _ in range(3):
+    state, _ = step(state, batch)
+  vj.save(state, tmp_path / "ck")
+  state = vj.restore(tmp_path / "ck", step.init(params))
+  for _ in range(3):
+    state, _ = step(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, step.compressed_params(state),
+               step.compressed_params(straight))
