@@ -95,7 +95,7 @@ def test_committed_map_runs_are_the_map_presets_runs():
 
 
 def test_every_preset_file_says_its_command_time_and_result():
-  assert presets.names() == ("default", "full", "lm_map", "map", "quick", "single")
+  assert presets.names() == ("default", "full", "lm_map", "map", "quick", "single", "units_map")
   for name in presets.names():
     doc = presets.load(name)["__doc__"]
     assert "Command: vcon-jax compare" in doc and "Time:" in doc and "Result" in doc, name
@@ -128,7 +128,8 @@ def test_unknown_presets_and_keys_fail_naming_what_is_allowed():
 
 
 def test_fixed_data_presets_refuse_another_dataset(tmp_path):
-  assert [n for n in presets.names() if presets.fixed_data(n)] == ["default", "lm_map", "map"]
+  assert [n for n in presets.names() if presets.fixed_data(n)] == ["default", "lm_map", "map",
+                                                                  "units_map"]
   with pytest.raises(ValueError, match="--preset map runs its own data sets"):
     compare.run("map", Config().replace(dataset="wordnet"), tmp_path, tmp_path)
 
