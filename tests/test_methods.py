@@ -36,12 +36,16 @@ def test_prune_units_in_the_suite_removes_whole_channels_of_the_cnn():
   transform, _, _ = methods.build(cfg, params, module, np.zeros((2, 28, 28, 1), np.float32))
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
   c = vj.compress(transform, params, transform.init(params))
-  # the first convolution's channels (through BatchNorm and max pooling) and the fc units;
-  # the last convolution's channels are flattened innermost into fc: not a unit group
+  # every convolution's channels (through BatchNorm, max pooling and the flatten into fc)
+  # and the fc units
   conv0 = np.asarray(c["convs"][0]["kernel"])  # (3, 3, 1, 16)
   assert np.sum(np.any(conv0 != 0, axis=(0, 1, 2))) == 8
-  assert np.sum(np.any(np.asarray(c["convs"][1]["kernel"]) != 0, axis=(0, 1, 3))) == 8
-  assert np.sum(np.any(np.asarray(c["fc"]["kernel"]) != 0, axis=0)) == 32
-  assert np.all(np.any(np.asarray(c["convs"][1]["kernel"]) != 0, axis=(0, 1, 2)))
+  conv1 = np.asarray(c["convs"][1]["kernel"])  # (3, 3, 16, 32)
+  assert np.sum(np.any(conv1 != 0, axis=(0, 1, 3))) == 8
+  assert np.sum(np.any(conv1 != 0, axis=(0, 1, 2))) == 16
+  fc = np.asarray(c["fc"]["kernel"])  # (7 * 7 * 32, 64): channel c is every 32nd row
+  assert np.sum(np.any(fc != 0, axis=0)) == 32
+  rows = np.any(fc != 0, axis=1).reshape(49, 32)
+  assert np.all(rows == rows[0]) and rows[0].sum() == 16
   with pytest.raises(ValueError, match="needs the model"):
     methods.build(cfg, params)

@@ -270,3 +270,17 @@ def test_resume_mid_transition_is_bit_identical(tmp_path):
     state, _ = step(state, batch)
   jax.tree.map(np.testing.assert_array_equal, step.compressed_params(state),
                step.compressed_params(straight))
+
+
+@pytest.mark.slow
+def test_suite_cnn_channels_flattened_into_a_dense_layer_shrink_exactly():
+  """(h, w, channels) flattened into fc: a channel is every C-th row of fc's kernel."""
+  from vcon_experiments.models import get_model  # pylint: disable=import-outside-toplevel
+  model = get_model("cnn", features=(8, 16), hidden=32)
+  x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  units, shrunk, masked, got = _nnx_case(model, x)
+  fc = next(m for g in units.groups for m in g.members if m.path == "fc/kernel" and m.axis == 0)
+  assert (fc.block, fc.repeat) == (1, 49)
+  assert sorted(shrunk.widths) == [(8, 4), (16, 8), (32, 16)]
+  assert model.fc.kernel.shape == (49 * 8, 16) and model.norms[1].mean.shape == (8,)
+  np.testing.assert_allclose(got, masked, atol=1e-4)

@@ -50,12 +50,22 @@ BCAST = "bcast"  # an axis along which the value is constant (a broadcast)
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Member:
-  """One leaf's share of a unit group: unit ``u`` is ``leaf[..., u*block:(u+1)*block, ...]``
-  along ``axis``."""
+  """One leaf's share of a unit group: along ``axis``, unit ``u`` is the entries
+  ``r * units * block + u * block + j`` for ``j < block`` and ``r < repeat`` (``repeat``
+  > 1 where the unit axis was flattened innermost: a dense layer reading
+  ``(h, w, channels)`` features flattened)."""
 
   path: str
   axis: int
   block: int
+  repeat: int = 1
+
+  def entries(self, kept, units: int):
+    """The indices along ``axis`` of the units ``kept`` (an int array), in order."""
+    kept = np.asarray(kept)
+    idx = (np.arange(self.repeat)[:, None, None] * units * self.block
+           + kept[None, :, None] * self.block + np.arange(self.block)[None, None, :])
+    return idx.reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +77,14 @@ class UnitGroup:
   members: tuple[Member, ...]
 
   def describe(self) -> str:
-    parts = ", ".join(f"{m.path}[axis {m.axis}{'' if m.block == 1 else f' x{m.block}'}]"
+    parts = ", ".join(f"{m.path}[axis {m.axis}{'' if m.block == 1 else f' x{m.block}'}"
+                      f"{'' if m.repeat == 1 else f' every {self.units * m.block}'}]"
                       for m in self.members)
     return f"{self.units} units: {parts}"
 
 
 class _Groups:
-  """Union-find over groups; a group holds (leaf, axis, block) nodes."""
+  """Union-find over groups; a group holds (leaf, axis, block, repeat) nodes."""
 
   def __init__(self):
     self.parent: list[int] = []
@@ -121,14 +132,16 @@ class _Groups:
         return roots
       roots |= more
 
-  def coarsen(self, g: int, factor: int) -> int:
-    """The group whose unit is ``factor`` consecutive units of ``g`` (``g`` is then
-    coupled coarsely, so it is no longer removable one unit at a time)."""
+  def coarsen(self, g: int, factor: int, repeat: int = 1) -> int:
+    """The group whose unit is ``factor`` consecutive units of ``g``, repeated
+    ``repeat`` times along the axis (``g`` is then coupled coarsely, so it is no longer
+    removable one unit at a time)."""
     g = self.find(g)
-    key = (g, factor)
+    key = (g, factor, repeat)
     if key not in self.coarse:
-      nodes = {(leaf, axis, block * factor) for leaf, axis, block in self.nodes[g]}
-      self.coarse[key] = self.new(self.units[g] // factor, nodes)
+      nodes = {(leaf, axis, block * factor, rep * repeat)
+               for leaf, axis, block, rep in self.nodes[g]}
+      self.coarse[key] = self.new(self.units[g] // (factor * repeat), nodes)
       self.finer[self.coarse[key]] = g
       if self.broken[g]:
         self.break_(self.coarse[key])
@@ -139,7 +152,11 @@ class _Groups:
 @dataclasses.dataclass(frozen=True)
 class _Tag:
   group: int
-  span: int  # entries of the value's axis per unit
+  span: int  # consecutive entries of the value's axis per unit
+  repeat: int = 1  # the units' pattern repeats this many times along the axis
+
+  def units(self, size: int) -> int:
+    return size // (self.span * self.repeat)
 
 
 class _Flow:
@@ -168,17 +185,21 @@ class _Flow:
     return out
 
   def join(self, a: _Tag, b: _Tag, size: int) -> _Tag:
-    na, nb = size // a.span, size // b.span
-    if na == nb:
-      return _Tag(self.g.union(a.group, b.group), a.span)
+    na, nb = a.units(size), b.units(size)
+    if na == nb and a.span == b.span and a.repeat == b.repeat:
+      return _Tag(self.g.union(a.group, b.group), a.span, a.repeat)
     fine, coarse = (a, b) if na > nb else (b, a)
-    factor = coarse.span // fine.span
-    if coarse.span % fine.span:
+    # the coarse unit in units of the fine axis: `factor` consecutive fine units, the
+    # pattern repeated `repeat` times (possible when the fine tag does not repeat, or
+    # repeats as the coarse one does)
+    repeat = 1 if fine.repeat == coarse.repeat else coarse.repeat
+    if (na == nb or coarse.span % fine.span or (fine.repeat != 1 and repeat != 1)
+        or fine.units(size) != coarse.units(size) * (coarse.span // fine.span) * repeat):
       self.g.break_(a.group)
       self.g.break_(b.group)
       return coarse
-    c = self.g.coarsen(fine.group, factor)
-    return _Tag(self.g.union(coarse.group, c), coarse.span)
+    c = self.g.coarsen(fine.group, coarse.span // fine.span, repeat)
+    return _Tag(self.g.union(coarse.group, c), coarse.span, coarse.repeat)
 
   def break_all(self, views):
     for v in views:
@@ -291,7 +312,10 @@ class _Flow:
         inner = math.prod(new[n] for n in news[1:])
         for n in news[1:]:
           out[n] = None
-        if t.span % inner == 0:
+        if t.repeat != 1:  # a repeated unit pattern split again: not followed
+          self.g.break_(t.group)
+          out[news[0]] = None
+        elif t.span % inner == 0:
           out[news[0]] = _Tag(t.group, t.span // inner)
         elif inner % t.span == 0 and (old[olds[0]] // t.span) % (inner // t.span) == 0:
           factor = inner // t.span
@@ -300,14 +324,18 @@ class _Flow:
           self.g.break_(t.group)
           out[news[0]] = None
         continue
-      # several old axes into one new axis: a unit axis must come first
+      # several old axes into one new axis: at most one of them a unit axis; the axes
+      # after it make each unit a block, the axes before it repeat the pattern
       (n,) = news
-      first, rest = tags[0], tags[1:]
-      if any(isinstance(t, _Tag) for t in rest):
+      where = [k for k, t in enumerate(tags) if isinstance(t, _Tag)]
+      if len(where) > 1:
         self.break_all([tags])
         out[n] = None
-      elif isinstance(first, _Tag):
-        out[n] = _Tag(first.group, first.span * math.prod(old[a] for a in olds[1:]))
+      elif where:
+        (k,) = where
+        t = tags[k]
+        out[n] = _Tag(t.group, t.span * math.prod(old[a] for a in olds[k + 1:]),
+                      t.repeat * math.prod(old[a] for a in olds[:k]))
       else:
         out[n] = BCAST if all(t == BCAST for t in tags) else None
     return tuple(out)
@@ -440,7 +468,7 @@ def unit_groups(apply_fn: Callable, variables: Any, *example: Any) -> list[UnitG
   shapes = [tuple(np.shape(x)) for _, x in flat]
   closed = jax.make_jaxpr(apply_fn)(variables, *example)
   groups = _Groups()
-  ins = [tuple(_Tag(groups.new(n, {(k, a, 1)}), 1) if n > 1 else BCAST
+  ins = [tuple(_Tag(groups.new(n, {(k, a, 1, 1)}), 1) if n > 1 else BCAST
                for a, n in enumerate(shape)) for k, shape in enumerate(shapes)]
   rest = len(closed.jaxpr.invars) - len(flat)
   flow = _Flow(groups)
@@ -458,6 +486,7 @@ def unit_groups(apply_fn: Callable, variables: Any, *example: Any) -> list[UnitG
     if (groups.broken[r] or groups.units[r] < 2 or r not in produced or r not in consumed
         or r in inner):
       continue
-    members = tuple(sorted(Member(paths[leaf], axis, block) for leaf, axis, block in nodes))
+    members = tuple(sorted(Member(paths[leaf], axis, block, rep)
+                           for leaf, axis, block, rep in nodes))
     found.append(UnitGroup(groups.units[r], members))
   return found

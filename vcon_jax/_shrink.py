@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from vcon_jax import _paths
-from vcon_jax._units import Units, _as_units
+from vcon_jax._units import Units, _as_units, unit_rows
 
 _SIZE_ATTRS = ("in_features", "out_features", "num_features")
 
@@ -50,8 +50,7 @@ def _kept(units: Units, flat: dict) -> list[np.ndarray]:
   for g in units.groups:
     alive = np.zeros(g.units, bool)
     for m in g.members:
-      w = np.moveaxis(np.asarray(flat[m.path], np.float32), m.axis, 0)
-      alive |= np.any(w.reshape(g.units, -1) != 0, axis=1)
+      alive |= np.any(unit_rows(np.asarray(flat[m.path], np.float32), m, g.units) != 0, axis=1)
     if not alive.any():  # keep one: a layer of width 0 is not a model
       alive[0] = True
     kept.append(np.flatnonzero(alive))
@@ -59,10 +58,11 @@ def _kept(units: Units, flat: dict) -> list[np.ndarray]:
 
 
 def _slice(tree: Any, members, kept_by_member) -> Any:
-  """``tree`` with each member leaf cut down to its kept units (a new tree)."""
+  """``tree`` with each member leaf cut down to its kept units (a new tree);
+  ``members``: ``(Member, units)`` pairs."""
   flat = dict(_paths.leaf_paths(tree))
-  for m, idx in zip(members, kept_by_member):
-    entries = (idx[:, None] * m.block + np.arange(m.block)[None, :]).reshape(-1)
+  for (m, units), idx in zip(members, kept_by_member):
+    entries = m.entries(idx, units)
     flat[m.path] = jax.numpy.take(jax.numpy.asarray(flat[m.path]), entries, axis=m.axis)
   return jax.tree_util.tree_map_with_path(lambda p, x: flat[_paths.path_str(p)], tree)
 
@@ -102,12 +102,12 @@ def shrink(model: Any, units: Any, params: Any = None, model_state: Any = None, 
   kept = _kept(units, flat)
   masked_out = _run(model, params, model_state, example, is_nnx) if example is not None \
       and model is not None else None
-  members = [m for g in units.groups for m in g.members]
+  members = [(m, g.units) for g in units.groups for m in g.members]
   by_member = [k for g, k in zip(units.groups, kept) for _ in g.members]
   new_params = _slice(params, members, by_member)
   new_state = model_state
   if units.state_members:
-    sm = [m for ms in units.state_members for m in ms]
+    sm = [(m, g.units) for g, ms in zip(units.groups, units.state_members) for m in ms]
     sk = [k for ms, k in zip(units.state_members, kept) for _ in ms]
     if sm:
       new_state = _slice(model_state, sm, sk)

@@ -120,9 +120,10 @@ def _check(units: Units, params: Any) -> dict[str, Any]:
         raise ValueError(f"unit group {i}: {m.path!r} is not a param leaf; the params "
                          f"have {', '.join(list(flat)[:8])} ...")
       shape = np.shape(flat[m.path])
-      if not 0 <= m.axis < len(shape) or shape[m.axis] != g.units * m.block:
+      size = g.units * m.block * m.repeat
+      if not 0 <= m.axis < len(shape) or shape[m.axis] != size:
         raise ValueError(f"unit group {i}: {m.path!r} {tuple(shape)} has no axis {m.axis} "
-                         f"of {g.units} units x {m.block} = {g.units * m.block} entries.")
+                         f"of {g.units} units x {m.block} x {m.repeat} = {size} entries.")
       if (m.path, m.axis) in seen:
         raise ValueError(f"{m.path!r} axis {m.axis} is in unit groups {seen[m.path, m.axis]}"
                          f" and {i}; a leaf axis belongs to one group (merge them).")
@@ -130,15 +131,16 @@ def _check(units: Units, params: Any) -> dict[str, Any]:
   return flat
 
 
-def _unit_slices(w: jax.Array, m: Member, units: int) -> jax.Array:
-  """``w`` as ``(units, everything else)``: one row per unit."""
-  x = jnp.moveaxis(w, m.axis, 0)
-  return x.reshape(units, -1)
+def unit_rows(w: Any, m: Member, units: int) -> Any:
+  """``w`` (a jax or numpy array) as ``(units, everything else)``: one row per unit."""
+  xp = jnp if isinstance(w, jax.Array) else np
+  x = xp.moveaxis(w, m.axis, 0).reshape(m.repeat, units, m.block, -1)
+  return xp.swapaxes(x, 0, 1).reshape(units, -1)
 
 
 def _expand(keep: jax.Array, m: Member, shape) -> jax.Array:
   """A unit mask ``(units,)`` broadcast to a member leaf's ``shape``."""
-  per_entry = jnp.repeat(keep, m.block)
+  per_entry = jnp.tile(jnp.repeat(keep, m.block), m.repeat)
   return per_entry.reshape([-1 if d == m.axis else 1 for d in range(len(shape))])
 
 
@@ -151,7 +153,7 @@ def unit_masks(units: Units, params: Any, fraction: Any) -> list[jax.Array]:
     score = jnp.zeros((g.units,), jnp.float32)
     for m in g.members:
       w = lax.stop_gradient(flat[m.path]).astype(jnp.float32)
-      score = score + jnp.sum(jnp.square(_unit_slices(w, m, g.units)), axis=1)
+      score = score + jnp.sum(jnp.square(unit_rows(w, m, g.units)), axis=1)
     if isinstance(fraction, (int, float)):
       k = g.units - int(round(fraction * g.units))
     else:
