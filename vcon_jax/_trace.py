@@ -221,12 +221,13 @@ class Discovery:
   def paths(self, kind: str) -> list[str]:
     return [p for p, u in self.leaves.items() if u.kind == kind]
 
-  def selection(self, *, skip_stacked: bool = False) -> dict:
+  def selection(self, *, skip_stacked: bool = False, where: str | None = None) -> dict:
     """``where=``, ``in_axes=``, ``stacked=`` and ``include_non_kernels=True`` selecting
     exactly the linear maps (not lookup tables, tied embeddings, biases or norms), for
     any transform: ``vj.quantize(4, **found.selection())``. A stack of layers (a weight
     consumed one slice per ``scan`` iteration) is compressed layer by layer; with
-    ``skip_stacked=True`` stacks stay dense.
+    ``skip_stacked=True`` stacks stay dense. ``where``: only the maps whose path matches
+    it (``re.search``).
 
     Raises:
       ValueError: no linear map was found, or a stack's layer axes are not its leading
@@ -239,9 +240,14 @@ class Discovery:
         raise ValueError(f"{p!r} {u.shape} is a stack over axes {u.stack_axes}, not its "
                          f"leading axes; transpose it so the layer axis comes first.")
     linear = self.paths("linear") + stacked
+    if where is not None:
+      rx = _paths.compile_pattern("where", where)
+      linear = [p for p in linear if rx.search(p)]
+      stacked = [p for p in stacked if rx.search(p)]
     if not linear:
       raise ValueError("the trace found no linear map (no dot_general or convolution "
-                       "takes a param as its weight).")
+                       "takes a param as its weight)"
+                       f"{'' if where is None else f' matching where={where!r}'}.")
     where = "^(" + "|".join(re.escape(p) for p in linear) + ")$"
     in_axes = {f"^{re.escape(p)}$": self.leaves[p].in_axes for p in linear}
     out = {"where": where, "in_axes": in_axes, "include_non_kernels": True}
@@ -257,6 +263,23 @@ class Discovery:
             f"{' stacked over ' + str(u.stack_axes) if u.stack_axes else ''}"
             for p, u in self.leaves.items()]
     return "\n".join(rows)
+
+
+def reselect(transform: Any, found: "Discovery") -> Any:
+  """``transform`` on the linear maps ``found`` traced (:attr:`Transform.reselect`), or
+  ``transform`` itself when its selection was given explicitly or it cannot re-select.
+
+  >>> import jax.numpy as jnp, vcon_jax as vj
+  >>> params = {"w": jnp.ones((3, 4)), "scale": jnp.ones(4)}
+  >>> found = vj.discover(lambda p, x: (x @ p["w"]) * p["scale"], params, jnp.ones((2, 3)))
+  >>> t = vj.reselect(vj.prune(0.5), found)
+  >>> [p for p in params if t.select(p, params[p])]
+  ['w']
+  """
+  if getattr(transform, "reselect", None) is None:
+    return transform
+  new = transform.reselect(found)
+  return transform if new is None else new
 
 
 def discover(apply_fn: Callable, params: Any, *example: Any) -> Discovery:

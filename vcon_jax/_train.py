@@ -336,7 +336,8 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
                     distill_weight: float = 0.0, distill_temperature: float = 1.0,
                     distill_teacher: str = "initial", donate: bool = True,
                     input_key: str = "inputs", label_key: str = "labels",
-                    blend: str = "weights", skip_nonfinite: bool = False) -> TrainStep:
+                    blend: str = "weights", skip_nonfinite: bool = False,
+                    example: Any = None) -> TrainStep:
   r"""Builds the VCON train step for a Flax model.
 
   Args:
@@ -388,6 +389,13 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
       optimiser and model state stay; the step count advances) and reports
       ``metrics['nonfinite'] = 1``. Default: the update is applied and the caller checks
       ``metrics['loss']`` (the CLI stops the run, keeping the last good checkpoint).
+    example: an input batch (only its shapes are used). With it the model is traced once
+      (:func:`vcon_jax.discover`; a Linen model's params from ``jax.eval_shape`` of its
+      ``init``) and a transform left at its default selection compresses the linear maps
+      the computation has (any weight name: Gemma's ``w``, Equinox-style ``(out, in)``),
+      with their traced input axes, each layer of a scanned stack on its own
+      (:func:`vcon_jax.reselect`); lookup tables, tied embeddings, biases and norms stay
+      dense. Without it, Flax's ``kernel`` names select (README, Selection).
 
   Returns:
     A :class:`TrainStep`: ``state = step.init(params)``, ``state, metrics = step(state,
@@ -404,7 +412,30 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
                          teacher=distill_teacher)  # validates the three even when unused
   if distillation.weight > 0:
     loss_fn = distillation
+  if example is not None:
+    transform = _reselect_by_trace(model, transform, example, train_kwargs, eval_kwargs)
   return TrainStep(model, transform, schedule, optimizer, loss_fn=loss_fn, mesh=mesh,
                    axis_name=axis_name, seed=seed, train_kwargs=train_kwargs,
                    eval_kwargs=eval_kwargs, donate=donate, input_key=input_key,
                    label_key=label_key, blend=blend, skip_nonfinite=skip_nonfinite)
+
+
+def _reselect_by_trace(model, transform, example, train_kwargs, eval_kwargs):
+  """``transform`` re-selected on the linear maps of one trace of ``model`` on
+  ``example`` (shapes only: nothing is computed)."""
+  from vcon_jax import _trace  # pylint: disable=import-outside-toplevel
+  adapter = _model.make_adapter(model, train_kwargs, eval_kwargs)
+  if adapter.kind == "nnx":
+    variables = None
+  else:
+    _, kwargs = _model.linen_mode_kwargs(model, train_kwargs, eval_kwargs)
+    try:
+      variables = jax.eval_shape(lambda: model.init(jax.random.key(0), example, **kwargs))
+    except Exception as err:  # pylint: disable=broad-except
+      raise ValueError(f"make_train_step(example=...): the Linen model's init does not run "
+                       f"on the example ({type(err).__name__}: {err}); pass an input batch "
+                       f"the model takes.") from err
+  pure, model_state = adapter.split(variables)
+  found = _trace.discover(lambda p, x: adapter.apply(p, model_state, x, None, False)[0],
+                          pure, example)
+  return _trace.reselect(transform, found)

@@ -47,6 +47,12 @@ class Transform(NamedTuple):
     describe: ``(path, leaf, state, count) -> tuple[LeafSpec, ...]``: what was done to the
       leaf, one :class:`~vcon_jax.LeafSpec` per compression in the order applied (``()``
       for a leaf it does not select).
+    reselect: ``Discovery -> Transform | None``: the same compression on the linear maps a
+      trace of the model found (:func:`vcon_jax.discover`), with their traced input axes
+      and stacks; ``None`` (the field, or its result) keeps the selection as given. Built
+      transforms re-select only when their selection was left at the default (no
+      ``in_axes``, ``stacked`` or ``include_non_kernels``); ``where`` / ``exclude`` still
+      narrow.
 
   A custom transform is exported by :func:`vcon_jax.export` when:
 
@@ -67,6 +73,7 @@ class Transform(NamedTuple):
   refresh: Callable[[Params, TransformState, Any], TransformState]
   select: Callable[[str, Any], bool]
   describe: Callable[..., tuple[LeafSpec, ...]]
+  reselect: Callable[[Any], Any] | None = None
 
 
 class LeafRule(NamedTuple):
@@ -246,7 +253,15 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
       spec = dataclasses.replace(spec, in_axes=tuple(axes))
     return (spec,)
 
-  return Transform(init, apply, refresh, select, describe)
+  def reselect(found):
+    if include_non_kernels or in_axes is not None or stacked is not None:
+      return None  # the user chose the leaves and their axes: kept as given
+    sel = found.selection(where=where)
+    return leafwise(rule, where=sel["where"], exclude=exclude, name=name,
+                    in_axes=sel["in_axes"], include_non_kernels=True,
+                    stacked=sel.get("stacked"))
+
+  return Transform(init, apply, refresh, select, describe, reselect)
 
 
 def _validate_schedule(name: str, schedule: Any) -> None:
@@ -328,7 +343,14 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
     return tuple(spec for t, s in zip(transforms, member_states(state))
                  for spec in t.describe(path, leaf, s, count))
 
-  return Transform(init, apply, refresh, select, describe)
+  def reselect(found):
+    new = [t.reselect(found) if t.reselect is not None else None for t in transforms]
+    if all(t is None for t in new):
+      return None
+    return chain(*(n if n is not None else t for n, t in zip(new, transforms)),
+                 schedules=schedules)
+
+  return Transform(init, apply, refresh, select, describe, reselect)
 
 
 def compress(transform: Transform, params: Params, state: TransformState,

@@ -1,0 +1,120 @@
+"""The traced selection as the default: make_train_step(example=...) and vj.reselect."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import vcon_jax as vj
+from vcon_jax import _paths
+
+
+class Gemmaish(nnx.Module):
+  """Einsum weights named ``w`` / ``o`` (Gemma's style), a tied table, a norm scale."""
+
+  def __init__(self, rngs):
+    k = rngs.params
+    self.embedder = nnx.Param(jax.random.normal(k(), (50, 16)))
+    self.w = nnx.Param(jax.random.normal(k(), (16, 4, 8)) * 0.1)  # (D, heads, head_dim)
+    self.o = nnx.Param(jax.random.normal(k(), (4, 8, 16)) * 0.1)  # (heads, head_dim, D)
+    self.scale = nnx.Param(jnp.ones(16))
+
+  def __call__(self, t):
+    x = self.embedder[...][t]
+    h = jax.nn.gelu(jnp.einsum("btd,dhk->bthk", x, self.w[...]))
+    y = jnp.einsum("bthk,hkd->btd", h, self.o[...]) * self.scale[...]
+    return y @ self.embedder[...].T
+
+
+TOKENS = jnp.zeros((2, 5), jnp.int32)
+
+
+def _lm_loss(logits, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+
+def _selected(transform, params):
+  return sorted(p for p, leaf in _paths.leaf_paths(params) if transform.select(p, leaf))
+
+
+def test_without_an_example_names_select_and_gemma_weights_are_refused():
+  step = vj.make_train_step(Gemmaish(nnx.Rngs(0)), vj.quantize(4), vj.linear_vanish(4),
+                            optax.adam(1e-3), loss_fn=_lm_loss)
+  with pytest.raises(ValueError, match="selects no parameter"):
+    step.init()
+
+
+@pytest.mark.parametrize("transform", [vj.quantize(4), vj.prune(0.5, granularity="neuron"),
+                                       vj.low_rank(2)], ids=["quantize", "prune", "low_rank"])
+def test_an_example_selects_the_linear_maps_with_their_traced_axes(transform):
+  model = Gemmaish(nnx.Rngs(0))
+  step = vj.make_train_step(model, transform, vj.linear_vanish(4), optax.adam(1e-3),
+                            loss_fn=_lm_loss, example=TOKENS)
+  state = step.init()
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  assert _selected(step.transform, params) == ["o", "w"]  # not the tied table, not the norm
+  state, metrics = step(state, {"inputs": TOKENS, "labels": TOKENS})
+  assert np.isfinite(float(metrics["loss"]))
+  specs = {p: step.transform.describe(p, leaf, state.transform_state)
+           for p, leaf in _paths.leaf_paths(params)}
+  # w is (D, heads, head_dim) with one input axis; o (heads, head_dim, D): Flax's default
+  assert specs["w"][0].in_axes == (0,) and specs["o"][0].in_axes is None
+
+
+def test_where_and_exclude_still_narrow_and_explicit_axes_are_kept():
+  model = Gemmaish(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  found = vj.discover(lambda p, t: _apply(model, p, t), params, TOKENS)
+  assert _selected(vj.reselect(vj.prune(0.5, where="^w$"), found), params) == ["w"]
+  assert _selected(vj.reselect(vj.prune(0.5, exclude="^w$"), found), params) == ["o"]
+  chained = vj.reselect(vj.chain(vj.prune(0.5), vj.quantize(8)), found)
+  assert _selected(chained, params) == ["o", "w"]
+  explicit = vj.prune(0.5, include_non_kernels=True, where="scale")
+  assert vj.reselect(explicit, found) is explicit  # the user's choice stands
+
+
+def _apply(model, params, tokens):
+  graph, state = nnx.split(model, nnx.Param)
+  state = jax.tree.map(lambda x: x, state)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graph, state)(tokens)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.relu(nn.Dense(16)(x)), None
+
+
+class _Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=4)
+    return nn.Dense(3)(scan()(x, None)[0])
+
+
+def test_linen_scanned_stack_gets_a_threshold_per_layer_from_the_example():
+  x = jnp.ones((2, 16))
+  params = _Scanned().init(jax.random.key(0), x)["params"]
+  scale = jnp.asarray([0.01, 0.1, 1.0, 10.0])[:, None, None]
+  params = jax.tree.map(lambda v: v * scale if v.ndim == 3 else v, params)
+  step = vj.make_train_step(_Scanned(), vj.prune(0.9), vj.linear_vanish(0),
+                            optax.sgd(0.0), example=x)
+  state = step.init(params)
+  c = step.compressed_params(state)
+  stack = np.asarray(c["ScanCollection_0"]["Dense_0"]["kernel"]) if "ScanCollection_0" in c \
+      else np.asarray(next(v for p, v in _paths.leaf_paths(c) if v.ndim == 3))
+  for layer in range(4):  # 90 % of every layer (one threshold for all empties layer 0)
+    assert np.mean(stack[layer] == 0) == pytest.approx(0.9, abs=0.01)
+
+
+def test_a_linen_example_the_model_cannot_take_is_a_clear_error():
+  with pytest.raises(ValueError, match="init does not run on the example"):
+    vj.make_train_step(_Scanned(), vj.prune(0.5), vj.linear_vanish(4), optax.adam(1e-3),
+                       example=jnp.ones((2, 7)))
