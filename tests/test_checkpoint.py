@@ -51,6 +51,7 @@ def _run(tmp_path, *args):
                  capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_is_bit_identical(tmp_path):
   ckpt = str(tmp_path / "ckpt")
   _run(tmp_path, "full", ckpt, str(tmp_path / "full.npz"))

@@ -57,6 +57,7 @@ def test_bad_labels_fail_before_jit(make, labels, match):
     step.evaluate(state, batch)
 
 
+@pytest.mark.slow
 def test_labels_out_of_range_on_device_are_not_silent():
   step, state, batch_of = _linen_attention_step()
   batch = batch_of()

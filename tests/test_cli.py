@@ -61,6 +61,7 @@ def test_help_documents_every_option():
     assert opt in text
 
 
+@pytest.mark.slow
 def test_compare_quick_writes_table_json_plots(tmp_path):
   out = tmp_path / "results"
   _cli("compare", "--quick", "--seeds", "1", "--workdir", str(tmp_path / "w"),
@@ -93,6 +94,7 @@ def _final(workdir):
   return result, rows
 
 
+@pytest.mark.slow
 def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
   ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
   _cli("compress", "--method", "vcon", *TINY, "--workdir", str(ref_dir))
@@ -121,6 +123,7 @@ def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
   assert strip(got_rows) == strip(ref_rows)  # same steps, losses and beta, bit for bit
 
 
+@pytest.mark.slow
 def test_compress_killed_during_a_checkpoint_write_resumes(tmp_path):
   """SIGKILL as soon as Orbax's temporary checkpoint directory appears (best effort: if
   the write finished first the kill lands just after it); the rerun must still match."""

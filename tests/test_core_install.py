@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_import_vcon_jax_pulls_no_experiment_tooling():
   code = ("import sys, vcon_jax; heavy = [m for m in ('tensorflow_datasets', 'matplotlib', "
           "'tensorboardX', 'tqdm', 'array_record', 'vcon_experiments', 'tensorflow') "

@@ -48,6 +48,7 @@ def test_a_gemma_style_lm_compresses_projections_not_its_tied_embedding_or_norms
   assert sorted(chosen) == sorted(found.paths("linear"))
 
 
+@pytest.mark.slow
 def test_equinox_out_in_weights_get_a_scale_per_output_row_and_train():
   eqx = pytest.importorskip("equinox")
   mlp = eqx.nn.MLP(6, 3, 8, 2, key=jax.random.key(0))
@@ -114,7 +115,8 @@ def test_scanned_layer_stacks_are_found_with_their_layer_axes():
     found.selection(skip_stacked=True)
 
 
-@pytest.mark.parametrize("kind", ["prune", "binarize", "low_rank"])
+@pytest.mark.parametrize("kind", [pytest.param("prune", marks=pytest.mark.slow), "binarize",
+                                  "low_rank"])
 def test_each_layer_of_a_stack_gets_its_own_threshold_scale_and_factors(kind):
   params, found = _scanned_params()
   build = {"prune": lambda sel: vj.prune(0.9, **sel), "binarize": vj.binarize,
@@ -148,6 +150,7 @@ def test_an_integer_kernel_is_named_as_skipped_and_why():
     vj.prune(0.5).init({"d": {"kernel": jnp.ones((3, 3), jnp.int8)}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["prune", "quantize"])
 def test_a_trained_stack_exports_exactly(kind, tmp_path):
   params, found = _scanned_params()

@@ -116,7 +116,8 @@ def _assert_params(loaded, reference, low_rank):
       np.testing.assert_array_equal(a, b)  # bit-for-bit the compressed values
 
 
-@pytest.mark.parametrize("case", sorted(LINEN_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "prune+quantize8"
+                                  else c for c in sorted(LINEN_CASES)])
 def test_linen_round_trip_and_sizes(case, tmp_path):
   step, state = _linen_step(case)
   path = tmp_path / "model.npz"
@@ -202,6 +203,7 @@ def test_decode_modes_inputs_and_caching(tmp_path):
     assert "64x4xf32" in inputs and "4x10xf32" in inputs  # Dense_0's factors
 
 
+@pytest.mark.slow
 def test_chain_on_moved_weights_and_summary(tmp_path, capsys):
   step, state = _linen_step("prune+quantize8")
   # weights moved away from where the transform state was initialised, as by training
@@ -244,7 +246,8 @@ NNX_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(NNX_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "prune" else c
+                                  for c in sorted(NNX_CASES)])
 def test_nnx_mlp_round_trip(case, tmp_path):
   module = _nnx_model("mlp", in_features=40, hidden=(32,), num_classes=10)
   x = np.random.RandomState(1).rand(4, 40).astype(np.float32)
@@ -274,6 +277,7 @@ def test_nnx_mlp_round_trip(case, tmp_path):
     _check_sizes(case, rows)
 
 
+@pytest.mark.slow
 def test_nnx_cnn_chain_with_batch_stats(tmp_path):
   """Convs int4 (4-D kernels), dense layers low rank (fast path), BatchNorm state kept."""
   module = _nnx_model("cnn", features=(4, 8), hidden=16, image_size=8)
@@ -480,7 +484,8 @@ class _Attn(nnx.Module):
     return self.attn(x)
 
 
-@pytest.mark.parametrize("transform", ["low_rank", "quantize", "prune_neuron"])
+@pytest.mark.parametrize("transform", ["low_rank", "quantize",
+                                       pytest.param("prune_neuron", marks=pytest.mark.slow)])
 def test_attention_kernels_export_in_their_real_matrix_view(transform, tmp_path):
   """q/k/v kernels (in, heads, head_dim) are stored as their (in, heads*head_dim) matrix:
   low-rank factors of that matrix, per-(head, head_dim) scales; decoding transposes back."""

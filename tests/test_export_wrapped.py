@@ -54,7 +54,8 @@ def _assert_equal_trees(a, b, exact=True):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("prune")
+                                  else n for n in TRANSFORMS])
 def test_nnx_optimizer_loop_exports_weights_and_batchnorm_statistics(name, tmp_path):
   model = _NNX(nnx.Rngs(0))
   opt = nnx.Optimizer(model, vj.wrap_optax(optax.adam(1e-2), TRANSFORMS[name](),

@@ -111,7 +111,8 @@ class _MLP(nn.Module):
     (lambda: vj.quantize(4, group_size=32), 4, False),
     (lambda: vj.quantize(3, group_size=32, symmetric=False), 3, True),
     (lambda: vj.quantize(2, group_size=32, symmetric=False), 2, True),
-    (lambda: vj.chain(vj.prune(sparsity=0.5), vj.quantize(4, group_size=32)), 4, False),
+    pytest.param(lambda: vj.chain(vj.prune(sparsity=0.5), vj.quantize(4, group_size=32)), 4,
+                 False, marks=pytest.mark.slow),
 ])
 def test_export_packs_codes_with_a_scale_per_group_exactly(dtype, transform, bits, zero,
                                                             tmp_path):

@@ -40,7 +40,8 @@ def test_grouped_query_attention_shapes_and_refusal():
     get_model("lm", **{**SMALL, "kv_heads": 3})
 
 
-@pytest.mark.parametrize("param_dtype,dtype", [("bfloat16", None), ("float32", "bfloat16")])
+@pytest.mark.parametrize("param_dtype,dtype", [
+    pytest.param("bfloat16", None, marks=pytest.mark.slow), ("float32", "bfloat16")])
 def test_dtypes(param_dtype, dtype):
   model = get_model("lm", **SMALL, param_dtype=param_dtype, dtype=dtype)
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -81,6 +82,7 @@ def test_bits_per_byte_of_a_uniform_model_is_eight():
   assert tasks.bits_per_byte(_Uniform(), None, tokens, batch_size=3) == pytest.approx(8.0)
 
 
+@pytest.mark.slow
 def test_bf16_lm_wrap_optax_loop_is_its_compressed_model():
   model = CausalLM(**SMALL, param_dtype="bfloat16", rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -104,6 +106,7 @@ def test_bf16_lm_wrap_optax_loop_is_its_compressed_model():
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [lambda: vj.quantize(3, group_size=16),
                                        lambda: vj.chain(vj.prune(n=2, m=4),
                                                         vj.quantize(4, group_size=16))])
@@ -128,6 +131,7 @@ def test_the_served_lm_has_the_bits_per_byte_of_the_trained_compressed_lm(transf
   assert tasks.bits_per_byte(_Served(), None, held_out) == pytest.approx(trained, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_greedy_generation_from_the_export_follows_the_trained_compressed_model(tmp_path):
   from vcon_experiments import generate  # pylint: disable=import-outside-toplevel
   model = get_model("lm", **SMALL)

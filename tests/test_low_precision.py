@@ -15,6 +15,9 @@ import pytest
 import vcon_jax as vj
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# the fast tier (-m "not slow") runs the bfloat16 cases; float16 ones run in the full suite
+DTYPE_PARAMS = [pytest.param(d, marks=pytest.mark.slow) if d == "float16" else d
+                for d in DTYPES]
 TRANSFORMS = {
     "quantize4": lambda: vj.quantize(bits=4),
     "quantize2": lambda: vj.quantize(bits=2),
@@ -60,8 +63,9 @@ def _optimizer(dtype):
   return optax.adamw(1e-2) if dtype == jnp.bfloat16 else optax.sgd(0.1)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n in ("prune", "prune+quantize4") else n for n in TRANSFORMS])
 def test_wrap_optax_loop_params_are_the_compressed_values(dtype, name):
   dtype = DTYPES[dtype]
   model, (x, y) = _model(dtype), _data()
@@ -91,8 +95,10 @@ def test_wrap_optax_loop_params_are_the_compressed_values(dtype, name):
         assert len(np.unique(np.asarray(leaf, np.float32))) == 2
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("name", ["quantize4", "binarize", "prune", "prune+quantize4",
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("name", ["quantize4", "binarize",
+                                  pytest.param("prune", marks=pytest.mark.slow),
+                                  pytest.param("prune+quantize4", marks=pytest.mark.slow),
                                   "low_rank"])
 def test_train_step_views_export_and_load_agree(dtype, name, tmp_path):
   dtype = DTYPES[dtype]

@@ -26,6 +26,7 @@ def test_method_builds_on_model(method, compression, model):
   assert state is not None
 
 
+@pytest.mark.slow
 def test_prune_units_in_the_suite_removes_whole_channels_of_the_cnn():
   module = get_model("cnn", rngs=nnx.Rngs(0), features=(16, 32), hidden=64)
   params = nnx.state(module, nnx.Param).to_pure_dict()

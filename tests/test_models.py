@@ -248,6 +248,7 @@ def test_matrix_params_are_exactly_kernels_and_tables(name):
     assert shapes["blocks/0/mlp/fc2/kernel"] == (128, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_jitted_adam_step_reduces_loss(name):
   model = _small(name, rngs=2)

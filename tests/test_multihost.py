@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes, each starting JAX
+
 WORKER = textwrap.dedent('''
     import json, sys
     mode, ckpt, out, port, pid, nproc = sys.argv[1:7]

@@ -38,6 +38,7 @@ def _losses(step, state, batches, call=None):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (forced CPU) devices")
 def test_jit_mesh_and_pmap_match_single_device():
   single_mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])

@@ -4,6 +4,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from vcon_experiments import progress as vprogress
 from tests.test_cli import TINY
 
@@ -53,6 +55,7 @@ def test_a_terminal_gets_a_bar_and_disabled_prints_nothing():
   assert quiet.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_cli_output_redirected_to_a_file_has_lines_not_bars(tmp_path):
   args = [a for a in TINY if a != "--no-progress"]
   log = tmp_path / "log"

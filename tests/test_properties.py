@@ -158,6 +158,7 @@ def prune_outputs(t, w, mask_args):
   return f32(out["kernel"]), np.asarray(mask), np.asarray(traced_mask)
 
 
+@pytest.mark.slow
 @props(20)
 @given(data=st.data())
 def test_prune_keeps_exact_count_per_group(data):
@@ -314,6 +315,7 @@ STRAIGHT_THROUGH = ["prune", "prune_neuron", "prune_nm", "prune_interval", "bina
                     "quantize", "chain"]
 
 
+@pytest.mark.slow
 @props(16)
 @given(w=leaves(), name=st.sampled_from(STRAIGHT_THROUGH + ["low_rank"]),
        exact=st.booleans(), beta=st.floats(0.0, 1.0))
@@ -338,6 +340,7 @@ def test_blend_endpoints(w, name, exact, beta):
   np.testing.assert_allclose(f32(mid["kernel"]), expect, atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 @props(15)
 @given(w=leaves(), name=st.sampled_from(STRAIGHT_THROUGH), beta=st.floats(0.0, 1.0))
 def test_gradients_pass_straight_through(w, name, beta):
@@ -418,6 +421,7 @@ def train_run(step, params, batches, seed=None):
   return jax.device_get((state.params, state.transform_state))
 
 
+@pytest.mark.slow
 @props(3)
 @given(name=st.sampled_from(sorted(TRAIN_TRANSFORMS)), seed=st.integers(0, 2 ** 31 - 1))
 def test_train_step_deterministic_for_a_seed(name, seed):
@@ -428,6 +432,7 @@ def test_train_step_deterministic_for_a_seed(name, seed):
   jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
+@pytest.mark.slow
 def test_train_step_fresh_trace_same_result_and_seed_matters():
   # A separately built (traced and compiled) step reproduces the run bit for bit, as a
   # restarted process would; another seed (same data, same init) changes the dropout

@@ -110,6 +110,7 @@ def test_prune_units_zeroes_whole_units_in_every_member(fraction):
   assert set(np.flatnonzero(alive_in)) == set(np.argsort(-score)[:alive_in.sum()])
 
 
+@pytest.mark.slow
 def test_linen_mlp_trains_with_vcon_and_shrinks_exactly():
   params = MLP().init(jax.random.key(0), X)["params"]
   units = vj.find_units(MLP(), params, X)

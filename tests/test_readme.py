@@ -4,6 +4,9 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # the README's examples train end to end
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

@@ -48,6 +48,7 @@ def test_transfer_split_disjoint_classes_renumbered():
   assert tasks.num_classes(cfg) == 5 and tasks.num_classes(cfg, "source") == 5
 
 
+@pytest.mark.slow
 def test_transfer_keeps_the_pretrained_network_with_a_fresh_head(tmp_path):
   cfg = TINY.replace(regime="transfer", model="vit",
                      model_kwargs={"patch_size": 7, "dim": 16, "depth": 1, "heads": 2,
@@ -66,6 +67,7 @@ def test_transfer_keeps_the_pretrained_network_with_a_fresh_head(tmp_path):
   assert 0.0 <= r["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_text_transfer_pretrains_a_masked_byte_lm(tmp_path):
   tokens = np.array([[5, 6, 7, 8, 0, 0]] * 64, np.int32)
   b = tasks.mlm_batch(tokens, np.random.default_rng(0), mask_token=257)
@@ -118,6 +120,7 @@ def test_map_jobs_run_budget_by_budget():
   assert {c.seed for _, c in jobs[:first]} == {0, 1, 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,msg", [
     (["compress", "--model", "mlp", "--model-kwargs", '{"hiden": [64]}'], "did you mean 'hidden'"),
     (["compare", "--quick", "--preset", "full"], "contradict"),
@@ -133,6 +136,7 @@ def test_cli_refuses_before_writing_anything(tmp_path, args, msg):
   assert not work.exists()
 
 
+@pytest.mark.slow
 def test_paper_preset_runs_a_few_steps_from_init_weights_on_mock_cifar10(tmp_path):
   """The accelerator preset's config, shrunk to a tiny ViT, on tfds mock data."""
   import json  # pylint: disable=import-outside-toplevel

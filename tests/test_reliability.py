@@ -43,6 +43,7 @@ def test_skip_nonfinite_leaves_state_and_flags_the_step():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, monkeypatch):
   real = runner.batch_at
 
@@ -88,6 +89,7 @@ def test_different_config_in_the_same_directory_is_refused(tmp_path):
     RunDir(tmp_path / "r", {"lr": 0.2, "steps": 3})
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
   runner.pretrain(TINY, tmp_path, progress=False)
   cfg = TINY.replace(steps=8)
@@ -104,6 +106,7 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
   shutil.rmtree(run)
 
 
+@pytest.mark.slow
 def test_a_dense_result_committed_without_its_checkpoint_is_pretrained_again(tmp_path):
   """Results are committed without checkpoints: a fresh clone must still be able to run
   the compressions that need the dense model, and get the same dense model."""

@@ -92,7 +92,8 @@ def test_default_selects_kernels_only_on_attention_models():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: vj.prune(0.9), lambda: vj.prune(0.5, granularity="neuron"),
+    pytest.param(lambda: vj.prune(0.9), marks=pytest.mark.slow),
+    lambda: vj.prune(0.5, granularity="neuron"),
     lambda: vj.prune(n=2, m=4), vj.binarize, lambda: vj.quantize(bits=4),
     lambda: vj.low_rank(4)], ids=["prune", "neuron", "n:m", "binarize", "quantize",
                                   "low_rank"])
@@ -105,6 +106,7 @@ def test_biases_norms_untouched_on_attention_models(make):
         np.testing.assert_array_equal(out[path], leaf, err_msg=f"{name} {path}")
 
 
+@pytest.mark.slow
 def test_conv_batchnorm_model():
   model = LinenConvBN()
   variables = model.init(jax.random.key(0), jnp.ones((2, 6, 6, 3)))

@@ -13,6 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test reads the one subprocess run's results
+
 SCRIPT = textwrap.dedent('''
     import json, sys
     import numpy as np, jax, jax.numpy as jnp, optax, flax.linen as nn

@@ -38,7 +38,9 @@ KINDS = ["randn", "abs", "tied", "all_equal", "zeros_and_negative_zeros", "huge_
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(1, 100), (5, 17), (3, 64), (2, 1000), (1, 70000)])
+# the fast tier keeps a row ranked in 5 radix passes and a short row ranked directly
+@pytest.mark.parametrize("shape", [(1, 100), (5, 17)] + [
+    pytest.param(s, marks=pytest.mark.slow) for s in [(3, 64), (2, 1000), (1, 70000)]])
 def test_topk_mask_matches_stable_sort(jit, kind, shape):
   scores = _scores(kind, shape, np.random.RandomState(len(kind) + shape[1])).astype(
       np.float32)

@@ -78,8 +78,10 @@ def test_traced_once_while_beta_changes():
 
 
 @pytest.mark.parametrize("transform", [
-    vj.prune(sparsity=0.8), vj.binarize(), vj.quantize(bits=3), vj.low_rank(rank=3),
-    vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=4))], ids=lambda t: "t")
+    pytest.param(vj.prune(sparsity=0.8), marks=pytest.mark.slow), vj.binarize(),
+    vj.quantize(bits=3), vj.low_rank(rank=3),
+    pytest.param(vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=4)), marks=pytest.mark.slow)],
+    ids=lambda t: "t")
 def test_compressed_params_exact(transform):
   model, params, step = _linen_step(transform, q=3)
   state = step.init(params)
@@ -104,6 +106,7 @@ def test_binarized_layer_holds_exactly_two_values():
   assert len(vals) == 2 and vals[0] == -vals[1]
 
 
+@pytest.mark.slow
 def test_pruned_weights_keep_learning():
   _, params, step = _linen_step(vj.prune(sparsity=0.9), q=0)
   state = step.init(params)
@@ -115,6 +118,7 @@ def test_pruned_weights_keep_learning():
   assert moved[~mask0].any(), "straight-through: pruned weights receive gradients"
 
 
+@pytest.mark.slow
 def test_linen_batchnorm_and_dropout():
   model = LinenBNDropout()
   x = _batch()["inputs"]
@@ -211,6 +215,7 @@ def test_bad_step_arguments(kwargs, match):
                        **args)
 
 
+@pytest.mark.slow
 def test_distill_teacher_is_the_frozen_initial_dense_model(tmp_path):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
@@ -237,6 +242,7 @@ def test_distill_teacher_is_the_frozen_initial_dense_model(tmp_path):
                        distill_teacher="best")
 
 
+@pytest.mark.slow
 def test_update_model_writes_compressed_weights_and_batchnorm_stats():
   from vcon_experiments.models import get_model  # pylint: disable=import-outside-toplevel
   model = get_model("cnn", features=(4, 8), hidden=8, rngs=nnx.Rngs(0))

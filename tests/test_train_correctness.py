@@ -32,6 +32,7 @@ def _nnx_losses(cls, batch_of, seed=0, init_seed=None, steps=2):
   return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,batch_of", NNX_MODELS.values(), ids=NNX_MODELS.keys())
 def test_nnx_dropout_follows_the_seed(cls, batch_of):
   ref = _nnx_losses(cls, batch_of, seed=0)
@@ -59,6 +60,7 @@ _FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,batch_of", [("NNXAttention", "seq_batch"),
                                           ("NNXConvBNDrop", "image_batch")])
 def test_nnx_dropout_differs_per_device_on_four_devices(cls, batch_of):
@@ -73,6 +75,7 @@ def test_nnx_dropout_differs_per_device_on_four_devices(cls, batch_of):
   assert abs(one - four) > 1e-4, (one, four)
 
 
+@pytest.mark.slow
 def test_linen_train_argument_is_passed_for_you():
   model = LinenConvBNDrop()
   batch = image_batch()
@@ -89,6 +92,7 @@ def test_linen_train_argument_is_passed_for_you():
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_linen_deterministic_argument_turns_dropout_on():
   model = LinenAttention()  # __call__(x, deterministic=True): eval mode by default
   batch = seq_batch()
@@ -117,7 +121,7 @@ def test_several_training_switches_are_ambiguous():
                      eval_kwargs={"train": False, "deterministic": True})
 
 
-@pytest.mark.parametrize("cls", [NNXConvBNDrop, NNXAttention])
+@pytest.mark.parametrize("cls", [NNXConvBNDrop, pytest.param(NNXAttention, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_make_train_step_leaves_the_nnx_mode_alone(cls, mode):
   model = cls(nnx.Rngs(0))
@@ -132,6 +136,7 @@ def test_make_train_step_leaves_the_nnx_mode_alone(cls, mode):
   assert modes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 7])
 def test_evaluate_without_labels_and_a_partial_batch(n):
   model = LinenConvBNDrop()
@@ -157,6 +162,7 @@ def test_replicate_and_unreplicate():
   jax.tree.map(np.testing.assert_array_equal, vj.unreplicate(rep), tree)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (forced CPU) devices")
 def test_pmap_loop_with_replicate():  # the README's recipe covers a Linen model
   model, batch_of, params = NNXConvBNDrop(nnx.Rngs(0)), image_batch, None
@@ -188,6 +194,7 @@ class _BNNet(nn.Module):
     return nn.Dense(3)(nn.relu(x))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (forced CPU) devices")
 def test_batchnorm_statistics_are_whole_batch_under_the_data_parallel_step():
   """The step is jax.jit over a mesh (the partitioner does the collectives), so a plain

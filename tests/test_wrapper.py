@@ -17,6 +17,9 @@ TRANSFORMS = {
     "low_rank": lambda: vj.low_rank(rank=3),
     "chain": lambda: vj.chain(vj.prune(sparsity=0.5), vj.quantize(bits=4)),
 }
+# the loops with prune (and the chain holding it) are the slow ones: the fast tier skips them
+LOOP_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in ("prune", "chain") else n
+              for n in TRANSFORMS]
 STEPS, Q = 50, 20
 
 
@@ -72,7 +75,7 @@ def _one_device():
   return jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", LOOP_NAMES)
 def test_linen_own_loop_matches_make_train_step(name):
   model, batches = LinenMLP(), _batches()
   params = model.init(jax.random.key(0), batches[0]["inputs"])["params"]
@@ -95,7 +98,7 @@ def test_linen_own_loop_matches_make_train_step(name):
       assert len(vals) == 2 and vals[0] == -vals[1]
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", LOOP_NAMES)
 def test_nnx_own_loop_matches_make_train_step(name):
   batches = _batches()
   model = NNXMLP(nnx.Rngs(0))
@@ -113,7 +116,8 @@ def test_nnx_own_loop_matches_make_train_step(name):
     assert len(np.unique(np.asarray(cparams["fc1"]["kernel"][...]))) == 2
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "chain" else n
+                                  for n in TRANSFORMS])
 def test_nnx_optimizer_with_the_wrapper(name):
   # low rank crashed at the second update: nnx.Optimizer writes its state back through
   # nnx.state, which turned the WithState nodes of the inner state into nnx.State
@@ -163,8 +167,8 @@ def test_multi_transform_labels_keyed_by_the_params_tree():
     assert not np.allclose(factors["Dense_1/kernel"][k], factors0["Dense_1/kernel"][k])
 
 
-@pytest.mark.parametrize("transform", [vj.prune(sparsity=0.5), vj.low_rank(rank=3)],
-                         ids=["prune", "low_rank"])
+@pytest.mark.parametrize("transform", [pytest.param(vj.prune(sparsity=0.5), marks=pytest.mark.slow),
+                                       vj.low_rank(rank=3)], ids=["prune", "low_rank"])
 def test_adamw_mask_keyed_by_the_params_tree(transform):
   _, params = _linen_params()
   mask = {"Dense_0": {"kernel": True, "bias": False},
@@ -185,6 +189,7 @@ def test_adamw_mask_keyed_by_the_params_tree(transform):
                            tx.init(params).transform_state.trainable["Dense_0/kernel"]["a"])
 
 
+@pytest.mark.slow
 def test_multisteps_around_the_wrapper_counts_optimiser_steps():
   model, params = _linen_params()
   apply = lambda p, x: model.apply({"params": p}, x)
@@ -200,6 +205,7 @@ def test_multisteps_around_the_wrapper_counts_optimiser_steps():
                vj.compressed_params(acc_state), vj.compressed_params(plain_state))
 
 
+@pytest.mark.slow
 def test_checkpoint_and_resume_the_wrapper_state(tmp_path):
   model, params = _linen_params()
   apply = lambda p, x: model.apply({"params": p}, x)
