@@ -285,3 +285,24 @@ def test_suite_cnn_channels_flattened_into_a_dense_layer_shrink_exactly():
   assert sorted(shrunk.widths) == [(8, 4), (16, 8), (32, 16)]
   assert model.fc.kernel.shape == (49 * 8, 16) and model.norms[1].mean.shape == (8,)
   np.testing.assert_allclose(got, masked, atol=1e-4)
+
+
+def test_the_shrunk_model_exports_with_its_smaller_shapes_and_runs_loaded(tmp_path):
+  model = GatedMLP(rngs=nnx.Rngs(0))
+  units, shrunk, masked, got = _nnx_case(model, X)
+  shrunk.export(tmp_path / "nnx.npz")
+  loaded = vj.load_compressed(tmp_path / "nnx.npz")
+  assert loaded.params()["gate"]["kernel"].shape == (8, 12)
+  np.testing.assert_allclose(loaded.apply(model, X), masked, atol=1e-5)
+  # Linen: the params for the model built with the new widths
+  params = MLP().init(jax.random.key(0), X)["params"]
+  units = vj.find_units(MLP(), params, X)
+  t = vj.prune_units(0.5, units=units)
+  c = vj.compress(t, params, t.init(params))
+  small = vj.shrink(MLP(), units, c)
+  with pytest.raises(ValueError, match="model built with the new widths"):
+    small.export(tmp_path / "linen.npz")
+  small.export(tmp_path / "linen.npz", model=MLP(width=16))
+  loaded = vj.load_compressed(tmp_path / "linen.npz")
+  np.testing.assert_allclose(loaded.apply(MLP(width=16), X), MLP().apply({"params": c}, X),
+                             atol=1e-5)

@@ -37,6 +37,22 @@ class Shrunk:
   units: Units
   module: Any = None
 
+  def export(self, path, model: Any = None):
+    """Writes the shrunk model as a compact export (:func:`vcon_jax.export`): the
+    smaller shapes are what is stored, and :func:`vcon_jax.load_compressed` runs it with
+    the NNX module (``shrunk.module``) or, for Linen, the model built with the new widths
+    (``model=``, required then). Returns the export's :class:`~vcon_jax.Summary`."""
+    from vcon_jax import _schedules, _train, _transform  # pylint: disable=import-outside-toplevel
+    from vcon_jax.export import writer  # pylint: disable=import-outside-toplevel
+    target = self.module if self.module is not None else model
+    if target is None:
+      raise ValueError("Shrunk.export needs model=<the Linen model built with the new "
+                       f"widths {[w for _, w in self.widths]}>.")
+    step = _train.make_train_step(target, _transform.identity(), _schedules.constant(1.0))
+    params = None if self.module is not None else {"params": self.params,
+                                                   **(self.model_state or {})}
+    return writer.export(step, step.init(params), path)
+
   def __str__(self):
     rows = []
     for i, ((old, new), g) in enumerate(zip(self.widths, self.units.groups)):
