@@ -104,7 +104,7 @@ def shrink(model: Any, units: Any, params: Any = None, model_state: Any = None, 
     apply it to ``shrunk.params``.
   """
   units = _as_units(units)
-  from flax import linen as nn, nnx  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
   is_nnx = isinstance(model, nnx.Module)
   if is_nnx:
     params = nnx.state(model, nnx.Param).to_pure_dict()
