@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,8 @@ from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax import _paths
+
+from test_discover import _Scanned, _scanned_params  # a Linen nn.scan stack of 4 layers
 
 
 class Gemmaish(nnx.Module):
@@ -85,31 +86,13 @@ def _apply(model, params, tokens):
   return nnx.merge(graph, state)(tokens)
 
 
-class _Block(nn.Module):
-  @nn.compact
-  def __call__(self, x, _):
-    return nn.relu(nn.Dense(16)(x)), None
-
-
-class _Scanned(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    scan = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=4)
-    return nn.Dense(3)(scan()(x, None)[0])
-
-
 def test_linen_scanned_stack_gets_a_threshold_per_layer_from_the_example():
-  x = jnp.ones((2, 16))
-  params = _Scanned().init(jax.random.key(0), x)["params"]
-  scale = jnp.asarray([0.01, 0.1, 1.0, 10.0])[:, None, None]
-  params = jax.tree.map(lambda v: v * scale if v.ndim == 3 else v, params)
+  params, found = _scanned_params()  # layers of very different scales
   step = vj.make_train_step(_Scanned(), vj.prune(0.9), vj.linear_vanish(0),
-                            optax.sgd(0.0), example=x)
-  state = step.init(params)
-  c = step.compressed_params(state)
-  stack = np.asarray(c["ScanCollection_0"]["Dense_0"]["kernel"]) if "ScanCollection_0" in c \
-      else np.asarray(next(v for p, v in _paths.leaf_paths(c) if v.ndim == 3))
+                            optax.sgd(0.0), example=jnp.ones((2, 16)))
+  c = step.compressed_params(step.init(params))
+  (name,) = [p for p in found.leaves if p.endswith("Dense_0/kernel")]
+  stack = np.asarray(dict(_paths.leaf_paths(c))[name])
   for layer in range(4):  # 90 % of every layer (one threshold for all empties layer 0)
     assert np.mean(stack[layer] == 0) == pytest.approx(0.9, abs=0.01)
 

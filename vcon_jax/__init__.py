@@ -22,9 +22,10 @@ from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
                                  polynomial_ramp)
 from vcon_jax._losses import softmax_cross_entropy
-from vcon_jax._trace import Discovery, discover, reselect
+from vcon_jax._trace import Discovery, discover
 from vcon_jax._train import TrainState, TrainStep, make_train_step
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
+from vcon_jax._transform import reselected as reselect
 
 __version__ = "0.1.0"
 

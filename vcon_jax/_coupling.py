@@ -434,26 +434,30 @@ def _axis_groups(old, new):
       out.append(((i,), (j,)))
       i, j = i + 1, j + 1
     elif old[i] > new[j]:  # split old[i]
-      news, prod = [], 1
-      while j < len(new) and prod < old[i]:
-        news.append(j)
-        prod *= new[j]
-        j += 1
-      if prod != old[i]:
+      news = _run_to(new, j, old[i])
+      if news is None:
         return None
-      out.append(((i,), tuple(news)))
-      i += 1
+      out.append(((i,), news))
+      i, j = i + 1, j + len(news)
     else:  # merge into new[j]
-      olds, prod = [], 1
-      while i < len(old) and prod < new[j]:
-        olds.append(i)
-        prod *= old[i]
-        i += 1
-      if prod != new[j]:
+      olds = _run_to(old, i, new[j])
+      if olds is None:
         return None
-      out.append((tuple(olds), (j,)))
-      j += 1
+      out.append((olds, (j,)))
+      i, j = i + len(olds), j + 1
   return out
+
+
+def _run_to(sizes, start: int, target: int) -> tuple[int, ...] | None:
+  """The indices ``start, start + 1, ...`` of ``sizes`` whose product first reaches
+  ``target``; ``None`` when it passes ``target`` or the sizes run out first."""
+  idx, prod = [], 1
+  for k in range(start, len(sizes)):
+    if prod >= target:
+      break
+    idx.append(k)
+    prod *= sizes[k]
+  return tuple(idx) if prod == target else None
 
 
 def unit_groups(apply_fn: Callable, variables: Any, *example: Any) -> list[UnitGroup]:

@@ -17,8 +17,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
-from vcon_jax import _paths
+from vcon_jax import _model, _paths, _schedules, _train, _transform
+from vcon_jax.export import writer
 from vcon_jax._units import Units, _as_units, unit_rows
 
 _SIZE_ATTRS = ("in_features", "out_features", "num_features")
@@ -42,8 +44,6 @@ class Shrunk:
     smaller shapes are what is stored, and :func:`vcon_jax.load_compressed` runs it with
     the NNX module (``shrunk.module``) or, for Linen, the model built with the new widths
     (``model=``, required then). Returns the export's :class:`~vcon_jax.Summary`."""
-    from vcon_jax import _schedules, _train, _transform  # pylint: disable=import-outside-toplevel
-    from vcon_jax.export import writer  # pylint: disable=import-outside-toplevel
     target = self.module if self.module is not None else model
     if target is None:
       raise ValueError("Shrunk.export needs model=<the Linen model built with the new "
@@ -104,8 +104,11 @@ def shrink(model: Any, units: Any, params: Any = None, model_state: Any = None, 
     apply it to ``shrunk.params``.
   """
   units = _as_units(units)
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   is_nnx = isinstance(model, nnx.Module)
+  if example is not None and not is_nnx and rebuilt is None:
+    raise ValueError("shrink(example=...) checks a Linen model only with rebuilt=<the "
+                     "model built with the new widths>: Linen fixes a layer's width in its "
+                     "attributes.")
   if is_nnx:
     params = nnx.state(model, nnx.Param).to_pure_dict()
     model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
@@ -132,10 +135,6 @@ def shrink(model: Any, units: Any, params: Any = None, model_state: Any = None, 
   if is_nnx:
     _write_nnx(model, new_params, new_state if units.state_members else None)
     out.module = model
-  if example is not None and not is_nnx and rebuilt is None:
-    raise ValueError("shrink(example=...) checks a Linen model only with rebuilt=<the "
-                     "model built with the new widths>: Linen fixes a layer's width in its "
-                     f"attributes. New widths: {[w for _, w in widths]}.")
   if masked_out is not None:
     got = _run(model if is_nnx else rebuilt, new_params, new_state, example, is_nnx)
     err = max(float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
@@ -151,18 +150,15 @@ def shrink(model: Any, units: Any, params: Any = None, model_state: Any = None, 
 def _run(model, params, model_state, example, is_nnx):
   """The model's outputs on ``example`` in evaluation mode (an NNX module: a copy of it,
   so the user's module keeps its mode)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   if is_nnx:
     m = nnx.clone(model)
     m.eval()
     return m(example)
-  from vcon_jax import _model  # pylint: disable=import-outside-toplevel
   adapter = _model.make_adapter(model, None, None)
   return adapter.apply(params, dict(model_state or {}), example, None, False)[0]
 
 
 def _write_nnx(module, params, state) -> None:
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   p = nnx.state(module, nnx.Param)
   nnx.replace_by_pure_dict(p, params)
   if state is not None:

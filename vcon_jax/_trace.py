@@ -265,23 +265,6 @@ class Discovery:
     return "\n".join(rows)
 
 
-def reselect(transform: Any, found: "Discovery") -> Any:
-  """``transform`` on the linear maps ``found`` traced (:attr:`Transform.reselect`), or
-  ``transform`` itself when its selection was given explicitly or it cannot re-select.
-
-  >>> import jax.numpy as jnp, vcon_jax as vj
-  >>> params = {"w": jnp.ones((3, 4)), "scale": jnp.ones(4)}
-  >>> found = vj.discover(lambda p, x: (x @ p["w"]) * p["scale"], params, jnp.ones((2, 3)))
-  >>> t = vj.reselect(vj.prune(0.5), found)
-  >>> [p for p in params if t.select(p, params[p])]
-  ['w']
-  """
-  if getattr(transform, "reselect", None) is None:
-    return transform
-  new = transform.reselect(found)
-  return transform if new is None else new
-
-
 def discover(apply_fn: Callable, params: Any, *example: Any) -> Discovery:
   """Traces ``apply_fn(params, *example)`` once and records what it does with each leaf
   of ``params`` (see the module docstring).

@@ -23,10 +23,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vcon_jax import _checks, _model, _sharding
+from vcon_jax import _checks, _model, _sharding, _trace
 from vcon_jax import _optax_wrapper as _wrap
 from vcon_jax._losses import Distillation, accuracy, distill, softmax_cross_entropy
-from vcon_jax._transform import Transform, TransformState, compress
+from vcon_jax._transform import Transform, TransformState, compress, reselected
 
 __all__ = ["TrainState", "TrainStep", "make_train_step", "softmax_cross_entropy"]
 
@@ -56,7 +56,7 @@ class TrainStep:
                axis_name: str | None = None, seed: int = 0,
                train_kwargs: dict | None = None, eval_kwargs: dict | None = None,
                donate: bool = True, input_key: str = "inputs", label_key: str = "labels",
-               blend: str = "weights", skip_nonfinite: bool = False):
+               blend: str = "weights", skip_nonfinite: bool = False, example: Any = None):
     if blend not in ("weights", "outputs"):
       raise ValueError(f"blend must be 'weights' (one forward pass) or 'outputs' (dense "
                        f"and compressed passes, outputs blended), got {blend!r}.")
@@ -85,6 +85,9 @@ class TrainStep:
     self.task_loss = self.distillation.loss_fn if self.distillation else loss_fn
     self.needs_labels = self.task_loss is softmax_cross_entropy
     self.adapter = _model.make_adapter(model, train_kwargs, eval_kwargs)
+    if example is not None:
+      self.transform = _reselect_by_trace(self.adapter, model, transform, example,
+                                          train_kwargs, eval_kwargs)
     self.axis_name = axis_name
     self.mesh = None
     if axis_name is None:
@@ -412,19 +415,16 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
                          teacher=distill_teacher)  # validates the three even when unused
   if distillation.weight > 0:
     loss_fn = distillation
-  if example is not None:
-    transform = _reselect_by_trace(model, transform, example, train_kwargs, eval_kwargs)
   return TrainStep(model, transform, schedule, optimizer, loss_fn=loss_fn, mesh=mesh,
                    axis_name=axis_name, seed=seed, train_kwargs=train_kwargs,
                    eval_kwargs=eval_kwargs, donate=donate, input_key=input_key,
-                   label_key=label_key, blend=blend, skip_nonfinite=skip_nonfinite)
+                   label_key=label_key, blend=blend, skip_nonfinite=skip_nonfinite,
+                   example=example)
 
 
-def _reselect_by_trace(model, transform, example, train_kwargs, eval_kwargs):
+def _reselect_by_trace(adapter, model, transform, example, train_kwargs, eval_kwargs):
   """``transform`` re-selected on the linear maps of one trace of ``model`` on
   ``example`` (shapes only: nothing is computed)."""
-  from vcon_jax import _trace  # pylint: disable=import-outside-toplevel
-  adapter = _model.make_adapter(model, train_kwargs, eval_kwargs)
   if adapter.kind == "nnx":
     variables = None
   else:
@@ -438,4 +438,4 @@ def _reselect_by_trace(model, transform, example, train_kwargs, eval_kwargs):
   pure, model_state = adapter.split(variables)
   found = _trace.discover(lambda p, x: adapter.apply(p, model_state, x, None, False)[0],
                           pure, example)
-  return _trace.reselect(transform, found)
+  return reselected(transform, found)

@@ -344,13 +344,30 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
                  for spec in t.describe(path, leaf, s, count))
 
   def reselect(found):
-    new = [t.reselect(found) if t.reselect is not None else None for t in transforms]
-    if all(t is None for t in new):
+    new = [reselected(t, found) for t in transforms]
+    if all(n is t for n, t in zip(new, transforms)):
       return None
-    return chain(*(n if n is not None else t for n, t in zip(new, transforms)),
-                 schedules=schedules)
+    return chain(*new, schedules=schedules)
 
   return Transform(init, apply, refresh, select, describe, reselect)
+
+
+def reselected(transform: Transform, found: Any) -> Transform:
+  """``transform`` on the linear maps ``found`` traced (:attr:`Transform.reselect`), or
+  ``transform`` itself when its selection was given explicitly or it cannot re-select.
+  Public as ``vj.reselect``.
+
+  >>> import jax.numpy as jnp, vcon_jax as vj
+  >>> params = {"w": jnp.ones((3, 4)), "scale": jnp.ones(4)}
+  >>> found = vj.discover(lambda p, x: (x @ p["w"]) * p["scale"], params, jnp.ones((2, 3)))
+  >>> t = vj.reselect(vj.prune(0.5), found)
+  >>> [p for p in params if t.select(p, params[p])]
+  ['w']
+  """
+  if getattr(transform, "reselect", None) is None:
+    return transform
+  new = transform.reselect(found)
+  return transform if new is None else new
 
 
 def compress(transform: Transform, params: Params, state: TransformState,

@@ -20,9 +20,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from flax import nnx
 from jax import lax
 
-from vcon_jax import _coupling, _paths, _schedules
+from vcon_jax import _coupling, _model, _paths, _schedules
 from vcon_jax._coupling import Member, UnitGroup
 from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
@@ -77,8 +79,6 @@ def find_units(model: Any, params: Any = None, *example: Any) -> Units:
   """
   if not example:
     raise ValueError("find_units needs an example input: find_units(model, params, x).")
-  from vcon_jax import _model  # pylint: disable=import-outside-toplevel
-  from flax import linen as nn, nnx  # pylint: disable=import-outside-toplevel
   if isinstance(model, (nn.Module, nnx.Module)):
     adapter = _model.make_adapter(model, None, None)
     pure, model_state = adapter.split(params)
@@ -109,7 +109,7 @@ def _as_units(units: Any) -> Units:
                    f"vj.UnitGroup you declare), got {type(units).__name__}.")
 
 
-def _check(units: Units, params: Any) -> dict[str, Any]:
+def _check(units: Units, params: Any) -> None:
   flat = dict(_paths.leaf_paths(params))
   seen = {}
   for i, g in enumerate(units.groups):
@@ -128,7 +128,6 @@ def _check(units: Units, params: Any) -> dict[str, Any]:
         raise ValueError(f"{m.path!r} axis {m.axis} is in unit groups {seen[m.path, m.axis]}"
                          f" and {i}; a leaf axis belongs to one group (merge them).")
       seen[m.path, m.axis] = i
-  return flat
 
 
 def unit_rows(w: Any, m: Member, units: int) -> Any:
@@ -144,10 +143,10 @@ def _expand(keep: jax.Array, m: Member, shape) -> jax.Array:
   return per_entry.reshape([-1 if d == m.axis else 1 for d in range(len(shape))])
 
 
-def unit_masks(units: Units, params: Any, fraction: Any) -> list[jax.Array]:
+def unit_masks(units: Units, flat: dict[str, Any], fraction: Any) -> list[jax.Array]:
   """The ``(units,)`` keep masks of every group: ``units - round(fraction * units)`` units
-  with the largest L2 norm over all their coupled slices kept (ties by index)."""
-  flat = dict(_paths.leaf_paths(params))
+  with the largest L2 norm over all their coupled slices kept (ties by index). ``flat``:
+  the params by path (``dict(_paths.leaf_paths(params))``)."""
   masks = []
   for g in units.groups:
     score = jnp.zeros((g.units,), jnp.float32)
@@ -208,7 +207,7 @@ def prune_units(fraction: float | Callable, *, units: Any) -> Transform:
     """Per member leaf: the product of its groups' masks, broadcast to its shape."""
     flat = dict(_paths.leaf_paths(params))
     out = {}
-    for g, keep in zip(units.groups, unit_masks(units, params, at(count))):
+    for g, keep in zip(units.groups, unit_masks(units, flat, at(count))):
       for m in g.members:
         mask = _expand(keep, m, np.shape(flat[m.path]))
         out[m.path] = mask if m.path not in out else out[m.path] & mask
