@@ -384,9 +384,8 @@ def run_compression(cfg: Config, root: str | os.PathLike, *, progress: bool = Tr
     pretrain(cfg, root, progress=progress, on_nonfinite=on_nonfinite)
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     model, params = dense_model(cfg, root)
-    example = tasks.finetune_batch(cfg, {"inputs": train[0][:2], "labels": train[1][:2]},
-                                   0, cfg.seed)["inputs"]
-    transform, schedule, distill = methods.build(cfg, params, model, example)
+    # an example input for the compressions that trace the model (only shapes matter)
+    transform, schedule, distill = methods.build(cfg, params, model, train[0][:2])
     loss_fn = (tasks.token_loss if tasks.is_lm(cfg) else
                tasks.mixup_loss if cfg.mixup else None)
     step = vj.make_train_step(model, transform, schedule, _optimizer(cfg.lr, cfg.steps),

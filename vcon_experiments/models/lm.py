@@ -72,18 +72,25 @@ class Attention(nnx.Module):
       raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}.")
     lin = lambda i, o: nnx.Linear(i, o, use_bias=False, param_dtype=param_dtype,  # noqa: E731
                                   dtype=dtype, rngs=rngs)
-    self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+    self.head_dim = head_dim
     self.query = lin(dim, heads * head_dim)
     self.key = lin(dim, kv_heads * head_dim)
     self.value = lin(dim, kv_heads * head_dim)
     self.out = lin(heads * head_dim, dim)
 
+  # head counts from the kernels' shapes, so a model shrunk by vj.shrink (fewer heads)
+  # runs as it is and says what it has
+  @property
+  def heads(self) -> int:
+    return self.query.kernel.shape[1] // self.head_dim
+
+  @property
+  def kv_heads(self) -> int:
+    return self.key.kernel.shape[1] // self.head_dim
+
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     b, t, _ = x.shape
-    # head counts from the kernels' shapes, so a model shrunk by vj.shrink (fewer heads)
-    # runs as it is
-    heads = self.query.kernel.shape[1] // self.head_dim
-    kv_heads = self.key.kernel.shape[1] // self.head_dim
+    heads, kv_heads = self.heads, self.kv_heads
     q = rotary(self.query(x).reshape(b, t, heads, self.head_dim), positions)
     k = rotary(self.key(x).reshape(b, t, kv_heads, self.head_dim), positions)
     v = self.value(x).reshape(b, t, kv_heads, self.head_dim)

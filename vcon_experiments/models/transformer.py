@@ -36,12 +36,17 @@ class MultiHeadSelfAttention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, dropout: float = 0.0, *, rngs: nnx.Rngs):
     _check_heads(dim, heads)
-    self.heads, self.head_dim = heads, dim // heads
+    self.head_dim = dim // heads
     self.query = nnx.Linear(dim, dim, rngs=rngs)
     self.key = nnx.Linear(dim, dim, rngs=rngs)
     self.value = nnx.Linear(dim, dim, rngs=rngs)
     self.out = nnx.Linear(dim, dim, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  @property
+  def heads(self) -> int:
+    """The head count, from the kernel's shape (a model shrunk by vj.shrink has fewer)."""
+    return self.query.kernel.shape[1] // self.head_dim
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Attends over the tokens of ``x`` ``(batch, tokens, dim)``.
@@ -55,8 +60,7 @@ class MultiHeadSelfAttention(nnx.Module):
       Features of the same shape as ``x``.
     """
     b, t, _ = x.shape
-    hd = self.head_dim  # the head count from the kernel, so a shrunk model (vj.shrink) runs
-    heads = self.query.kernel.shape[1] // hd
+    hd, heads = self.head_dim, self.heads
     split = lambda y: y.reshape(b, t, heads, hd)  # noqa: E731
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
