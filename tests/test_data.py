@@ -393,10 +393,13 @@ def test_no_tensorflow_needed(fm_data_dir, wn_data_dir):
 @needs_wn
 @pytest.mark.slow
 def test_concurrent_prepare_builds_once(tmp_path, wn_source):
-  """Two processes (two --shard runs on a fresh machine) preparing at once both succeed."""
+  """Two processes (two --shard runs on a fresh machine) preparing at once both succeed
+  and both can read what was built."""
+  # Each reads the split through the builder it got: the one that waited must not hold
+  # a builder made before the other finished (it saw no splits).
   code = ("import sys; from vcon_experiments import data; "
-          "data.prepare('wordnet', data_dir=sys.argv[1], source_dir=sys.argv[2]); "
-          "print('ok')")
+          "b = data.prepare('wordnet', data_dir=sys.argv[1], source_dir=sys.argv[2]); "
+          "assert len(b.as_data_source(split='train')) > 0; print('ok')")
   procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(wn_source[0])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for _ in range(2)]

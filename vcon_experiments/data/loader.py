@@ -57,6 +57,11 @@ def prepare(name: str, *, data_dir: str | Path | None = None,
     with _build_lock(Path(builder.data_dir).parent):
       if not (Path(builder.data_dir) / "dataset_info.json").exists():
         builder.download_and_prepare()
+        return builder
+    # Another process built it while this one waited: this builder read the empty
+    # directory when it was made (no splits), so open the built dataset afresh.
+    builder = builder_cls(data_dir=str(data_dir or locations.default_data_dir()),
+                          source_dir=source_dir)
   return builder
 
 
