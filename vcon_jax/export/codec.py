@@ -152,6 +152,27 @@ def runtime_coded(fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int
   return new, out
 
 
+def native_coded(fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int
+                 ) -> tuple[dict, dict]:
+  """The device form of a ``coded`` leaf for ``decode="native"``.
+
+  The stored arrays (sparse layouts too: :func:`decode_coded` decodes a bitmask or n:m
+  layout with ``jax.numpy`` without forming positions, and an indices layout forms them
+  inside the call), except that codes whose width does not divide a byte (3, 5, 6, 7 bits)
+  are widened to the next that does (4 or 8), so a jitted call unpacks them with shifts
+  and a mask instead of bit by bit: int3 is held as 4-bit nibbles (0.5 bytes a weight, the
+  file 0.375), int5-7 as one byte a weight. 1, 2, 4 and 8-bit codes are held as stored.
+  """
+  fmt, arr = dict(fmt), dict(arr)
+  if fmt["kind"] != "coded" or fmt["codec"] != "int" or 8 % fmt["bits"] == 0:
+    return fmt, arr
+  bits, held = fmt["bits"], 4 if fmt["bits"] < 4 else 8
+  # the codes keep their values (level L and zero points follow `bits`); only the packing
+  # width (`held_bits`) changes
+  arr = dict(arr, codes=pack(unpack(np, np.asarray(arr["codes"]), fmt["count"], bits), held))
+  return dict(fmt, held_bits=held), arr
+
+
 def _values(xp, fmt: Mapping, arr: Mapping):
   """The stored values (floats, or integer levels before their scales)."""
   nv, codec = fmt["count"], fmt["codec"]
@@ -160,7 +181,7 @@ def _values(xp, fmt: Mapping, arr: Mapping):
   if codec == "binary":
     return 1 - 2 * unpack(xp, arr["codes"], nv, 1)
   bits = fmt["bits"]
-  codes = unpack(xp, arr["codes"], nv, bits)
+  codes = unpack(xp, arr["codes"], nv, fmt.get("held_bits", bits))
   return codes if fmt.get("zero_point") else codes - (2 ** (bits - 1) - 1)
 
 
@@ -200,7 +221,11 @@ def decode_coded(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtyp
          [-0.5,  0.5]], dtype=float32)
   """
   codec, layout = fmt["codec"], fmt["layout"]
-  if layout in SPARSE_LAYOUTS:
+  if layout in ("bitmask", "nm") and xp is not np:
+    return _decode_masked(xp, fmt, arr, fan_in, fan_out, dtype)
+  if layout == "indices" and xp is not np:
+    positions = _index_positions(xp, fmt, arr, fan_out)
+  elif layout in SPARSE_LAYOUTS:
     if xp is not np:
       raise ValueError(f"internal: a stored {layout} leaf is decoded with numpy, or after "
                        f"runtime_coded with jax.numpy.")
@@ -232,6 +257,54 @@ def decode_coded(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtyp
         vals, unique_indices=True, indices_are_sorted=bool(fmt.get("sorted")),
         mode="promise_in_bounds")
   return flat.reshape(fan_in, fan_out)
+
+
+def _index_positions(xp, fmt: Mapping, arr: Mapping, fan_out: int):
+  """Flat matrix positions of an ``indices`` layout, computed with ``jax.numpy`` (inside a
+  call: ``decode="native"`` holds only the counts and the narrow indices)."""
+  unit = xp.repeat(xp.arange(fan_out, dtype=xp.int32), arr["counts"].astype(xp.int32),
+                   total_repeat_length=fmt["count"])
+  return arr["indices"].astype(xp.int32) * fan_out + unit
+
+
+def _decode_masked(xp, fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int, dtype):
+  """The ``(fan_in, fan_out)`` matrix of a stored ``bitmask`` or ``nm`` leaf decoded with
+  ``jax.numpy`` from the stored arrays alone (no positions are formed).
+
+  bitmask: the kept values are in unit-major order, so the value at a set bit is the one
+  ranked by the bits before it (a cumulative sum). n:m: each of the ``m`` slots of a group
+  takes the kept value whose stored position is that slot. Each kept value gets the same
+  products as :func:`decode_coded`'s (level, zero point, scale, then the cast), every other
+  entry ``+0``: the same matrix, bit for bit.
+  """
+  nv, layout = fmt["count"], fmt["layout"]
+  vals = _values(xp, fmt, arr)
+  # The stored order is unit-major, the matrix (fan_in, fan_out): the transpose is taken
+  # on the integer index arrays, so the kernel is built in its own layout (a transpose
+  # right before the matmul would be folded into it by XLA, which then sums in another
+  # order: not the same logits as the dense kernel's).
+  if layout == "bitmask":
+    kept = xp.unpackbits(arr["mask"], count=fan_in * fan_out).astype(bool)
+    index = xp.cumsum(kept, dtype=xp.int32) - 1  # of the value at each set bit
+    kept, index = kept.reshape(fan_out, fan_in).T, index.reshape(fan_out, fan_in).T
+  else:
+    n, m = fmt["n"], fmt["m"]
+    groups = fan_in // m
+    local = unpack(xp, arr["nm_index"], nv, nm_bits(m)).reshape(fan_out, groups, n, 1)
+    hit = local == xp.arange(m, dtype=xp.int32)  # (fan_out, groups, n, m)
+    kept = xp.any(hit, axis=2)
+    which = xp.sum(xp.where(hit, xp.arange(n, dtype=xp.int32)[:, None], 0), axis=2)
+    base = (xp.arange(fan_out * groups, dtype=xp.int32) * n).reshape(fan_out, groups, 1)
+    kept = kept.reshape(fan_out, fan_in).T
+    index = (base + which).reshape(fan_out, fan_in).T
+  full = (vals[xp.clip(index, 0, nv - 1)] if nv
+          else xp.zeros((fan_in, fan_out), vals.dtype))
+  if fmt["codec"] != "float":
+    if fmt.get("zero_point"):
+      full = full - _dense_per_entry(xp, fmt, arr["zero"].astype(xp.int32), fan_in)
+    full = full.astype(xp.float32) * _dense_per_entry(xp, fmt, arr["scale"].astype(xp.float32),
+                                                      fan_in)
+  return xp.where(kept, full.astype(dtype), xp.zeros((), dtype))
 
 
 def decode_leaf(xp, fmt: Mapping, arr: Mapping, shape, dtype, matrix_shape):

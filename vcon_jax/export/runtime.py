@@ -1,13 +1,16 @@
 """Running a loaded export: :class:`CompressedModel` and :func:`load_compressed`.
 
-A run is planned before anything is traced: which low-rank layers run as thin matmuls
-(:mod:`vcon_jax.export.lowrank`), hence which arrays (dense, packed or factors) the jitted
-function takes. The traced function itself is pure: it decodes, runs the model through the
-training step's adapter (:func:`vcon_jax._model.make_adapter`) and returns the logits.
+A run is planned before anything is traced: which layers run their matmul from their
+compact form at its site (low-rank layers as thin matmuls; with ``decode="native"`` k-bit,
+binary and sparse layers decoded where they are used: :mod:`vcon_jax.export.layers`), hence
+which arrays (dense, packed or factors) the jitted function takes. The traced function
+itself is pure: it decodes, runs the model through the training step's adapter
+(:func:`vcon_jax._model.make_adapter`) and returns the logits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable
 
@@ -16,47 +19,97 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcon_jax import _model, _paths
-from vcon_jax.export import codec, encoder, format as fmt_lib, lowrank
+from vcon_jax.export import codec, encoder, format as fmt_lib, layers
 from vcon_jax.export import table
 
-DECODE_MODES = ("once", "on_the_fly")
+DECODE_MODES = ("auto", "once", "on_the_fly", "native")
+_log = logging.getLogger("vcon_jax")
+
+
+def auto_decode(backend: str | None = None) -> str:
+  """The mode ``decode="auto"`` runs on ``backend`` (default: JAX's default backend).
+
+  ``"once"`` on CPU: measured fastest there at batch 1 and 256
+  (``experiments/results/bench_serving.md``; XLA:CPU has no fast int8 / int4 matmul, so
+  decoding in the call only adds work). ``"native"`` on GPU and TPU, where XLA fuses the
+  decode of int8 / int4 operands into the matmul and the weights stay small; not measured
+  here (no GPU or TPU was lent), so check it with the serving benchmark on yours.
+  """
+  return "once" if (backend or jax.default_backend()) == "cpu" else "native"
+
+
+def _nbytes(tree) -> int:
+  """Bytes of the distinct arrays in ``tree``."""
+  seen = {id(a): a for a in jax.tree.leaves(tree) if hasattr(a, "nbytes")}
+  return int(sum(a.nbytes for a in seen.values()))
 
 
 class _Runner:
   """``x -> logits`` of a loaded export; ``lower(x)`` gives the jitted computation.
 
-  At the first call, ``plan(x)`` gives the keys of the low-rank kernels that run as thin
-  matmuls; then the arrays are placed and the run function jitted.
+  At the first call, ``plan(x)`` gives the keys of the kernels that run their matmul at
+  their site (low-rank ones as thin matmuls, and with ``decode="native"`` the coded ones);
+  then the arrays are placed and the run function jitted.
+
+  Attributes:
+    decode: the mode this runner runs (``"auto"`` resolved by :func:`auto_decode`).
+    fast_layers: low-rank kernels run as ``(x @ A) @ B``.
+    native_layers: coded kernels decoded at their matmul's site (``"native"`` only); the
+      other coded leaves of a native run are decoded inside the call before the model runs.
   """
 
   def __init__(self, owner: "CompressedModel", adapter, model_state, decode: str,
                plan: Callable):
     self._owner, self._adapter, self._state = owner, adapter, model_state
-    self._decode, self._plan = decode, plan
+    self.decode, self._plan = decode, plan
     self._jitted = self._arrays = None
     self.fast_layers: list[str] = []
+    self.native_layers: list[str] = []
+
+  def __repr__(self):
+    return (f"<vcon_jax runner: decode={self.decode!r}, {len(self.fast_layers)} thin "
+            f"low-rank layers, {len(self.native_layers)} native layers>")
 
   def _ready(self, x):
     if self._jitted is None:
       owner = self._owner
-      fast = self._plan(x)
-      dense_keys = owner.low_rank_keys - fast if self._decode == "once" else frozenset()
-      fmts, self._arrays = owner._plan(self._decode, dense_keys)
-      self._jitted = jax.jit(self._make_run(fmts, fast))
+      sites = self._plan(x)
+      fast = sites & owner.low_rank_keys
+      native = sites - fast
+      dense_keys = owner.low_rank_keys - fast if self.decode == "once" else frozenset()
+      fmts, self._arrays = owner._plan(self.decode, dense_keys)
+      self._jitted = jax.jit(self._make_run(fmts, sites))
       self.fast_layers = sorted("/".join(map(str, k)) for k in fast)
+      self.native_layers = sorted("/".join(map(str, k)) for k in native)
+      _log.info("vcon_jax: running the export with decode=%r (%d low-rank layers as thin "
+                "matmuls, %d layers decoded at their matmul)", self.decode,
+                len(fast), len(native))
     self._owner.fast_layers = self.fast_layers
+    self._owner.native_layers = self.native_layers
     return self._jitted
 
-  def _make_run(self, fmts: list, fast: frozenset) -> Callable:
+  def _make_run(self, fmts: list, sites: frozenset) -> Callable:
     owner, apply = self._owner, self._adapter.apply
 
     def run(arrays, model_state, x):
-      params = owner._decode_all(fmts, arrays)
-      with lowrank.thin_factors(owner._factors(fmts, arrays), fast):
+      params = owner._decode_all(fmts, arrays)  # what the site layers skip, XLA drops
+      matmuls, dtypes = owner._matmuls(fmts, arrays, sites)
+      with layers.layer_matmuls(matmuls, dtypes):
         logits, _ = apply(params, model_state, x, None, train=False)
       return logits
 
     return run
+
+  def device_bytes(self, x=None) -> int:
+    """Bytes this runner holds on the device between calls: the arrays every call takes
+    (dense kernels, compact forms, factors) and the model state. Planned at the first call;
+    before it, pass an input ``x`` to plan now."""
+    if self._jitted is None:
+      if x is None:
+        raise ValueError("the runner is planned at its first call: call it once, or pass "
+                         "an input: device_bytes(x).")
+      self._ready(x)
+    return _nbytes((self._arrays, self._state))
 
   def __call__(self, x):
     return self._ready(x)(self._arrays, self._state, x)
@@ -71,11 +124,13 @@ class CompressedModel:
   * :meth:`params` decodes the dense-equivalent params (the tree of
     ``step.compressed_params(state)``);
   * :meth:`apply` / :meth:`apply_fn` run a model inside one ``jit``, with the k-bit,
-    binary and sparse layers either decoded once to dense arrays kept on the device
-    (``decode="once"``, the default: as fast as the dense model) or decoded from their
-    packed form inside every call (``decode="on_the_fly"``: only the compact arrays stay
-    on the device). In both, low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers
-    run as two thin matmuls ``(x @ A) @ B`` (the rebuilt ``A @ B`` is never formed).
+    binary and sparse layers decoded once to dense arrays kept on the device
+    (``decode="once"``: as fast as the dense model), from their packed form at the start
+    of every call (``"on_the_fly"``), or kept compact on the device and decoded inside
+    each layer's own matmul (``"native"``); ``"auto"`` (the default) picks per backend
+    (:func:`auto_decode`). In every mode low-rank ``flax.linen.Dense`` /
+    ``flax.nnx.Linear`` layers run as two thin matmuls ``(x @ A) @ B`` (the rebuilt
+    ``A @ B`` is never formed). :meth:`device_bytes` says what is held on the device.
 
   Attributes:
     manifest: the export's JSON manifest.
@@ -84,6 +139,8 @@ class CompressedModel:
     step: the train step count of the exported state.
     fast_layers: paths of the low-rank kernels the last run (:meth:`apply` or a function
       from :meth:`apply_fn`) computes as ``(x @ A) @ B``; planned before tracing.
+    native_layers: paths of the coded kernels the last ``"native"`` run decodes at their
+      matmul.
   """
 
   def __init__(self, manifest: dict, arrays: dict, path: str | None = None):
@@ -94,11 +151,12 @@ class CompressedModel:
     self.step = manifest.get("step")
     self._leaves = manifest["leaves"]
     self._dense: dict[int, jax.Array] = {}  # decoded leaves on the device: params(), "once"
-    self._runtime: dict[int, tuple] = {}  # on-the-fly forms on the device
+    self._runtime: dict[tuple, tuple] = {}  # (leaf, native?): compact forms on the device
     self._apply_cache: dict = {}
     self.low_rank_keys = frozenset(tuple(leaf["keys"]) for leaf in self._leaves
                                    if leaf["format"]["kind"] == "low_rank")
     self.fast_layers: list[str] = []
+    self.native_layers: list[str] = []
 
   def __repr__(self):
     s = self.summary(print_fn=None).totals
@@ -127,22 +185,24 @@ class CompressedModel:
       self._dense[i] = jnp.asarray(self._decode(np, leaf["format"], self._stored(leaf), leaf))
     return self._dense[i]
 
-  def _runtime_leaf(self, i: int) -> tuple[dict, dict]:
-    """Leaf ``i`` as decoded inside a jitted call (:func:`codec.runtime_coded`), cached."""
-    if i not in self._runtime:
+  def _runtime_leaf(self, i: int, native: bool = False) -> tuple[dict, dict]:
+    """Leaf ``i`` as decoded inside a jitted call (:func:`codec.runtime_coded`, or with
+    ``native`` :func:`codec.native_coded`), put on the device, cached."""
+    if (i, native) not in self._runtime:
       leaf = self._leaves[i]
-      fmt, arrays = codec.runtime_coded(
+      form = codec.native_coded if native else codec.runtime_coded
+      fmt, arrays = form(
           leaf["format"], self._stored(leaf),
           *_paths.matricize_shape(tuple(leaf["shape"]), leaf["format"].get("in_axes")))
-      self._runtime[i] = (fmt, {k: jnp.asarray(v) for k, v in arrays.items()})
-    return self._runtime[i]
+      self._runtime[i, native] = (fmt, {k: jnp.asarray(v) for k, v in arrays.items()})
+    return self._runtime[i, native]
 
   def _plan(self, decode: str, dense_keys=frozenset()) -> tuple[list, list]:
     """Per leaf, the (static) format and the device arrays a jitted call decodes.
 
     ``"once"``: every leaf dense except low-rank ones (their factors), unless in
     ``dense_keys`` (low-rank kernels not run as thin matmuls). ``"on_the_fly"``: the
-    compact forms.
+    compact forms; ``"native"``: the compact forms with byte-friendly code widths.
     """
     fmts, arrays = [], []
     for i, leaf in enumerate(self._leaves):
@@ -152,19 +212,47 @@ class CompressedModel:
       elif kind == "raw" or decode == "once":
         fmt, arr = {"kind": "raw"}, {"value": self._dense_leaf(i)}
       else:
-        fmt, arr = self._runtime_leaf(i)
+        fmt, arr = self._runtime_leaf(i, native=decode == "native")
       fmts.append(fmt)
       arrays.append(arr)
     return fmts, arrays
+
+  @property
+  def coded_keys(self) -> frozenset:
+    """Kernels stored coded (k-bit, binary, sparse) in their plain ``(in, out)`` layout:
+    the ones ``decode="native"`` can decode at a ``Linear`` / ``Dense`` layer's matmul."""
+    return frozenset(tuple(leaf["keys"]) for leaf in self._leaves
+                     if leaf["format"]["kind"] == "coded" and len(leaf["shape"]) == 2
+                     and leaf["format"].get("in_axes") is None)
 
   def _decode_all(self, fmts, arrays) -> dict:
     return fmt_lib.unflatten([(leaf["keys"], self._decode(jnp, fmt, arr, leaf))
                               for leaf, fmt, arr in zip(self._leaves, fmts, arrays)])
 
-  def _factors(self, fmts, arrays) -> dict:
-    return {tuple(leaf["keys"]): (arr["a"], arr["b"])
-            for leaf, fmt, arr in zip(self._leaves, fmts, arrays)
-            if fmt["kind"] == "low_rank"}
+  def _matmuls(self, fmts, arrays, sites: frozenset) -> tuple[dict, dict]:
+    """The :class:`~vcon_jax.export.layers.Matmul` of every site layer and its kernel's
+    dtype: low-rank factors as thin matmuls, coded kernels decoded at the matmul."""
+    matmuls, dtypes = {}, {}
+    for leaf, fmt, arr in zip(self._leaves, fmts, arrays):
+      key = tuple(leaf["keys"])
+      if key not in sites or fmt["kind"] == "raw":
+        continue
+      if fmt["kind"] == "low_rank":
+        matmuls[key] = layers.low_rank_matmul(arr["a"], arr["b"])
+      else:
+        matmuls[key] = layers.decoded_matmul(
+            lambda a, dtype, fmt=fmt, leaf=leaf: self._decode(jnp, fmt, a, leaf).astype(dtype),
+            arr)
+      dtypes[key] = jnp.dtype(leaf["dtype"])
+    return matmuls, dtypes
+
+  def device_bytes(self) -> int:
+    """Bytes of the weights this object holds on the device now: the dense leaves of
+    :meth:`params` and ``decode="once"`` runs, and the compact forms (packed codes, sparse
+    values and positions, low-rank factors) of ``"on_the_fly"`` / ``"native"`` runs; each
+    array counted once. A runner's own total (with the model state) is its
+    ``device_bytes()``."""
+    return _nbytes((self._dense, [arr for _, arr in self._runtime.values()]))
 
   def params(self, model: Any = None) -> Any:
     """The dense-equivalent params, the tree of ``step.compressed_params(state)``.
@@ -208,7 +296,7 @@ class CompressedModel:
                               for e in self.manifest["model_state"]])
 
   # -------------------------------------------------------------------------- running
-  def apply_fn(self, model: Any, *, decode: str = "once", **kwargs) -> Callable:
+  def apply_fn(self, model: Any, *, decode: str = "auto", **kwargs) -> Callable:
     """A jitted ``x -> logits`` running ``model`` (eval mode) on this export.
 
     ``model`` is the same architecture that was exported (a ``flax.linen.Module`` or an
@@ -219,7 +307,10 @@ class CompressedModel:
       model: the Linen or NNX model.
       decode: where the k-bit, binary and sparse layers are decoded.
 
-        * ``"once"`` (default): on the host at the first call, to dense arrays of the
+        * ``"auto"`` (default): the mode :func:`auto_decode` picks for the backend
+          (``"once"`` on CPU, ``"native"`` on GPU / TPU); the runner's ``decode`` says
+          which.
+        * ``"once"``: on the host at the first call, to dense arrays of the
           model's dtype that stay on the device (cached on this object and shared with
           :meth:`params`); every call then runs the plain dense model. Fastest; device
           memory of the dense model for those layers.
@@ -229,6 +320,14 @@ class CompressedModel:
           memory between calls, but each call writes every such layer's dense kernel
           (transient, one layer at a time in XLA's schedule) before its matmul: on CPU
           several times slower than ``"once"`` at small batches.
+        * ``"native"``: the compact forms stay on the device (k-bit codes packed in 1, 2,
+          4 or 8 bits, widened from 3 to 4 and from 5-7 to 8; binary as sign bits; sparse
+          as values and positions) and each plain ``nnx.Linear`` / ``nn.Dense`` layer
+          decodes its kernel inside its own matmul, after its input exists (see
+          :attr:`native_layers`): no dense kernel is held between calls and inside a call
+          only the one in use (XLA on GPU / TPU fuses the decode into the matmul). Other
+          coded leaves are decoded at the start of the call, as in ``"on_the_fly"``. The
+          same weights as ``"once"``, bit for bit.
 
         In both modes low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers run as
         two thin matmuls ``(x @ A) @ B`` from their factors (see :attr:`fast_layers`);
@@ -238,6 +337,9 @@ class CompressedModel:
     """
     if decode not in DECODE_MODES:
       raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
+    if decode == "auto":
+      decode = auto_decode()
+    site_keys = self.low_rank_keys | (self.coded_keys if decode == "native" else frozenset())
     kind = _model.model_kind(model)
     if kind != self.kind:
       raise ValueError(f"this export is of {'an NNX' if self.kind == 'nnx' else 'a Linen'} "
@@ -253,19 +355,19 @@ class CompressedModel:
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
       model = nnx.merge(graphdef, params, rest)
-      fast = lowrank.nnx_fast_keys(model, self.low_rank_keys)
+      sites = layers.nnx_site_keys(model, site_keys)
       adapter = _model.make_adapter(model, None, None)
       params, rest = adapter.split(None)
       self._check_params(params)
-      return _Runner(self, adapter, self._merged_state(rest), decode, lambda x: fast)
+      return _Runner(self, adapter, self._merged_state(rest), decode, lambda x: sites)
     adapter = _model.make_adapter(model, None, kwargs)
     state = self.model_state()
     shapes = fmt_lib.unflatten([
         (leaf["keys"], jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])))
         for leaf in self._leaves])
-    plan = lambda x: lowrank.linen_fast_keys(
+    plan = lambda x: layers.linen_site_keys(
         lambda p, s, x: adapter.apply(p, s, x, None, train=False)[0], (shapes, state, x),
-        self.low_rank_keys)
+        site_keys)
     return _Runner(self, adapter, state, decode, plan)
 
   def _check_params(self, params) -> None:
@@ -290,7 +392,7 @@ class CompressedModel:
       merged.append((keys, leaf))
     return fmt_lib.unflatten(merged)
 
-  def apply(self, model: Any, x: Any, *, decode: str = "once", **kwargs) -> jax.Array:
+  def apply(self, model: Any, x: Any, *, decode: str = "auto", **kwargs) -> jax.Array:
     """Logits of ``model`` on ``x`` from this export (see :meth:`apply_fn`; the jitted
     function is kept per model, ``decode`` mode and keyword arguments)."""
     try:
