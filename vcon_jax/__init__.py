@@ -7,7 +7,8 @@ weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
 from vcon_jax._checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
 from vcon_jax._losses import Distillation, distill
-from vcon_jax.export import CompressedModel, Summary, export, load_compressed, summary
+from vcon_jax.export import (CompressedModel, Summary, export, load_compressed, summary,
+                             to_qwix)
 from vcon_jax._low_rank import low_rank, svd_factors
 from vcon_jax._optax_wrapper import (VconState, WithState, blended_params, compressed_params,
                                      dense_params, vcon_state, wrap_optax)
@@ -71,6 +72,7 @@ __all__ = [
     "softmax_cross_entropy",
     "summary",
     "svd_factors",
+    "to_qwix",
     "topk_mask",
     "vcon_state",
     "wrap_optax",

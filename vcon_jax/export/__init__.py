@@ -11,12 +11,17 @@ Modules, one job each:
 * :mod:`~vcon_jax.export.format`: the file, its manifest and version;
 * :mod:`~vcon_jax.export.writer`: :func:`export`;
 * :mod:`~vcon_jax.export.runtime`: :class:`CompressedModel` and :func:`load_compressed`;
-* :mod:`~vcon_jax.export.lowrank`: low-rank layers run as two thin matmuls;
+* :mod:`~vcon_jax.export.layers`: layers run from their compact form at their matmul
+  (low-rank as two thin matmuls; ``decode="native"`` k-bit, binary and sparse);
+* :mod:`~vcon_jax.export.qwix_interop`: an export as a qwix PTQ model's params
+  (:func:`to_qwix`);
 * :mod:`~vcon_jax.export.table`: the size table (:func:`summary`).
 """
 
-from vcon_jax.export.runtime import CompressedModel, load_compressed
+from vcon_jax.export.qwix_interop import to_qwix
+from vcon_jax.export.runtime import CompressedModel, auto_decode, load_compressed
 from vcon_jax.export.table import Summary, summary
 from vcon_jax.export.writer import export
 
-__all__ = ["CompressedModel", "Summary", "export", "load_compressed", "summary"]
+__all__ = ["CompressedModel", "Summary", "auto_decode", "export", "load_compressed",
+           "summary", "to_qwix"]
