@@ -140,3 +140,21 @@ def test_refusals(tmp_path):
     assert "scale_dtype=jnp.bfloat16" in str(e)
   else:
     np.testing.assert_array_equal(_bits(qb(xb)), _bits(compact.apply(bf, xb, decode="once")))
+
+
+def test_readme_qwix_block_runs(tmp_path, monkeypatch):
+  """The README's qwix lines, as written, on an NNX model exported to model.npz."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  code = re.search(r"### qwix: serve our export.*?```python\n(.*?)```", text, re.S).group(1)
+  model = _NNX(rngs=nnx.Rngs(0))
+  model.eval()
+  x = jnp.asarray(np.random.RandomState(4).rand(8, 64), jnp.float32)
+  step = vj.make_train_step(model, vj.quantize(4, group_size=32), vj.linear_vanish(0))
+  monkeypatch.chdir(tmp_path)
+  vj.export(step, step.init(model), "model.npz")
+  scope = {"model": model, "x": x, "vj": vj, "qwix": qwix, "jnp": jnp}
+  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  ours = vj.load_compressed("model.npz").apply(model, x, decode="once")
+  np.testing.assert_array_equal(_bits(scope["logits"]), _bits(ours))
