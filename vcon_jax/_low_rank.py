@@ -71,7 +71,7 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
     rank = _schedules.as_int("rank", rank, 1)
   max_rank = _schedules.as_int("max_rank", max_rank, 1, allow_none=True)
 
-  def init(path, w, axes):
+  def init(path, w, *, axes):
     fan_in, fan_out = _paths.matricize_shape(w.shape, axes)
     allowed = min(fan_in, fan_out)
     r = (max_rank or allowed) if scheduled else rank
@@ -83,17 +83,18 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
     a, b = svd_factors(w, r, axes)
     return {"a": a, "b": b}, None
 
-  def compress(w, axes, factors, aux, count, exact):
-    a, b = factors["a"], factors["b"]
+  def compress(w, *, axes, trainable, aux, count):
+    a, b = trainable["a"], trainable["b"]
     if scheduled:
       keep = jnp.arange(a.shape[1]) < jnp.round(jnp.asarray(rank(count), jnp.float32))
       a = a * keep.astype(a.dtype)
     return _paths.from_matrix(a @ b, w.shape, axes)
 
-  def describe(w, axes, factors, count):
+  def describe(w, *, axes, trainable, count):
     return LeafSpec("low_rank", rank=int(jnp.round(rank(count))) if scheduled else rank,
-                    factors=(factors["a"], factors["b"]))
+                    factors=(trainable["a"], trainable["b"]))
 
-  return leafwise(LeafRule(init, compress, None, describe, needs_axes=True), where=where,
+  return leafwise(LeafRule(init, compress, None, describe, needs_axes=True, gradient="true"),
+                  where=where,
                   exclude=exclude, name="low_rank", in_axes=in_axes,
                   include_non_kernels=include_non_kernels, stacked=stacked)

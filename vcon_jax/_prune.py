@@ -146,7 +146,7 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
 
   stored = update_every != 1
 
-  def init(path, w, axes):
+  def init(path, w, *, axes):
     if granularity == "group":
       fan_in, _ = _paths.matricize_shape(w.shape, axes)
       if fan_in % group_size:
@@ -155,19 +155,18 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
                          f"{path} has shape {tuple(w.shape)} (input size {fan_in}).")
     return None, (mask_of(w, axes, 0) if stored else None)
 
-  def compress(w, axes, trainable, mask, count, exact):
-    if mask is None:
-      mask = mask_of(w, axes, count)
-    c = jnp.where(mask, w, jnp.zeros_like(w))
-    return c if exact else w + lax.stop_gradient(c - w)
+  def compress(w, *, axes, trainable, aux, count):
+    mask = mask_of(w, axes, count) if aux is None else aux
+    return jnp.where(mask, w, jnp.zeros_like(w))
 
-  def refresh(w, axes, trainable, mask, count):
+  def refresh(w, *, axes, trainable, aux, count):
+    mask = aux
     if update_every is None:
       return mask
     return lax.cond(count % update_every == 0, lambda: mask_of(w, axes, count),
                     lambda: mask)
 
-  def describe(w, axes, trainable, count):
+  def describe(w, *, axes, trainable, count):
     if n is not None:
       return LeafSpec("prune", sparsity=1.0 - n / m, granularity="group", pattern=(n, m))
     return LeafSpec("prune", sparsity=float(sparsity_at(count)), granularity=granularity)

@@ -128,7 +128,7 @@ def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
       return jnp.round(jnp.asarray(bits(count), jnp.float32)).astype(jnp.int32)
     return bits
 
-  def init(path, w, axes):
+  def init(path, w, *, axes):
     if group_size is not None:
       fan_in = _paths.matricize_shape(tuple(w.shape), axes)[0]
       if fan_in % group_size:
@@ -137,15 +137,11 @@ def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
                          f"group_size that divides it, or exclude={path!r}.")
     return None, None
 
-  def compress(w, axes, trainable, aux, count, exact):
-    c = quantize_values(lax.stop_gradient(w), bits_at(count), per_channel, axes,
-                        group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
-    # Straight-through as c + (w - sg(w)): the forward value is exactly c. The form
-    # w + sg(c - w) rounds c - w when |w| is far from |c| (binarize: an outlier weight next
-    # to the mean), so the training view at beta = 0 was not the exported one.
-    return c if exact else c + (w - lax.stop_gradient(w))
+  def compress(w, *, axes, trainable, aux, count):
+    return quantize_values(w, bits_at(count), per_channel, axes, group_size=group_size,
+                           symmetric=symmetric, scale_dtype=scale_dtype)
 
-  def describe(w, axes, trainable, count):
+  def describe(w, *, axes, trainable, count):
     return LeafSpec(name, bits=int(bits_at(count)), per_channel=per_channel,
                     group_size=group_size, symmetric=None if symmetric else False)
 

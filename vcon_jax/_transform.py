@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -76,24 +76,73 @@ class Transform(NamedTuple):
   reselect: Callable[[Any], Any] | None = None
 
 
-class LeafRule(NamedTuple):
-  """How one kind of compression acts on a single selected leaf.
+class RuleInit(Protocol):
+  """``init(path, w, *, axes) -> (trainable, aux)``: a rule's state for one leaf (either
+  may be ``None``); raises ``ValueError`` for a leaf it cannot compress."""
 
-  ``axes`` below is the leaf's tuple of input axes (:func:`vcon_jax._paths.input_axes`)
-  when ``needs_axes`` is true, else ``None``. ``init(path, w, axes) -> (trainable, aux)``
-  (either may be ``None``); ``compress(w, axes, trainable, aux, count, exact) -> c`` where,
-  for ``exact=False``, ``c`` carries the gradient the method wants
-  (``w + stop_gradient(C(w) - w)`` for straight-through);
-  ``refresh(w, axes, trainable, aux, count) -> aux`` or ``None``;
-  ``describe(w, axes, trainable, count) -> LeafSpec`` (``leafwise`` sets its ``in_axes``
-  when they are not Flax's default, every axis but the last).
+  def __call__(self, path: str, w: jax.Array, *, axes: tuple[int, ...] | None
+               ) -> tuple[Any, Any]: ...
+
+
+class RuleCompress(Protocol):
+  """``compress(w, *, axes, trainable, aux, count) -> C(w)``: the compressed value only.
+  How the gradient passes is the rule's ``gradient``, applied by :func:`leafwise`."""
+
+  def __call__(self, w: jax.Array, *, axes: tuple[int, ...] | None, trainable: Any,
+               aux: Any, count: Any) -> jax.Array: ...
+
+
+class RuleRefresh(Protocol):
+  """``refresh(w, *, axes, trainable, aux, count) -> aux`` after an optimiser step."""
+
+  def __call__(self, w: jax.Array, *, axes: tuple[int, ...] | None, trainable: Any,
+               aux: Any, count: Any) -> Any: ...
+
+
+class RuleDescribe(Protocol):
+  """``describe(w, *, axes, trainable, count) -> LeafSpec``: what was done to the leaf."""
+
+  def __call__(self, w: jax.Array, *, axes: tuple[int, ...] | None, trainable: Any,
+               count: Any) -> LeafSpec: ...
+
+
+#: How a rule's gradient reaches ``w``: ``"straight_through"`` (the rule's ``C`` sees
+#: ``stop_gradient(w)`` and the gradient of ``C(w)`` passes to ``w`` unchanged) or ``"true"``
+#: (``C`` is differentiated as written: low rank, whose factors are trained).
+GRADIENTS = ("straight_through", "true")
+
+
+def straight_through(w: jax.Array, c: jax.Array) -> jax.Array:
+  """``c`` in the forward pass, gradient 1 to ``w``: ``c + (w - stop_gradient(w))``.
+
+  The one straight-through form of the library. Its forward value is exactly ``c``
+  (``w - w`` is 0); the other usual form, ``w + stop_gradient(c - w)``, rounds ``c - w``
+  when ``|w|`` is far from ``|c|`` (a binarised outlier), so the training view at
+  ``beta = 0`` would not be the exported one. ``c`` must not depend on ``w`` through a
+  gradient path (compute it from ``stop_gradient(w)``).
+  """
+  return c + (w - lax.stop_gradient(w))
+
+
+class LeafRule(NamedTuple):
+  """How one kind of compression acts on a single selected leaf (:func:`leafwise`).
+
+  ``axes`` is the leaf's tuple of input axes (:func:`vcon_jax._paths.input_axes`) when
+  ``needs_axes`` is true, else ``None``. The functions take keyword arguments after the
+  leaf (see their Protocols): ``init`` (:class:`RuleInit`), ``compress``
+  (:class:`RuleCompress`, returns only ``C(w)``), ``refresh`` (:class:`RuleRefresh`, or
+  ``None``), ``describe`` (:class:`RuleDescribe`; ``leafwise`` sets the spec's
+  ``in_axes`` when they are not Flax's default, every axis but the last). ``gradient``
+  (one of :data:`GRADIENTS`) says how training differentiates ``C``; evaluation and export
+  (``exact=True``) use ``C(w)`` as it is.
   """
 
-  init: Callable
-  compress: Callable
-  refresh: Callable | None
-  describe: Callable
+  init: RuleInit
+  compress: RuleCompress
+  refresh: RuleRefresh | None
+  describe: RuleDescribe
   needs_axes: bool = False
+  gradient: str = "straight_through"
 
 
 def low_precision(dtype: Any) -> bool:
@@ -200,8 +249,8 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
     # a rule's init may run host code (the SVD of low rank): one call per layer, stacked
     k = _paths.stack_depth(path, stacks)
     if k == 0:
-      return rule.init(path, leaf, axes)
-    layers = [rule.init(path, leaf[index], axes) for index in np.ndindex(leaf.shape[:k])]
+      return rule.init(path, leaf, axes=axes)
+    layers = [rule.init(path, leaf[index], axes=axes) for index in np.ndindex(leaf.shape[:k])]
     shape = leaf.shape[:k]
     return jax.tree.map(
         lambda *xs: jnp.stack(xs).reshape(shape + jnp.shape(xs[0])), *layers)
@@ -219,6 +268,18 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
         aux[path] = ax
     return TransformState(trainable, aux)
 
+  if rule.gradient not in GRADIENTS:
+    raise ValueError(f"{name}: LeafRule.gradient must be one of {GRADIENTS}, got "
+                     f"{rule.gradient!r}.")
+
+  def compressed(w, axes, trainable, aux, count, exact):
+    """``C(w)``, for training with the rule's gradient."""
+    if exact or rule.gradient == "true":
+      return rule.compress(w, axes=axes, trainable=trainable, aux=aux, count=count)
+    c = rule.compress(lax.stop_gradient(w), axes=axes, trainable=trainable, aux=aux,
+                      count=count)
+    return straight_through(w, c)
+
   def apply(params, state, beta, count=0, *, exact=False):
     def one(path, leaf):
       p = _paths.path_str(path)
@@ -226,7 +287,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
         return leaf
       leaf = rounded(leaf)
       axes = axes_of(p, leaf)
-      c = per_layer(p, lambda w, tr, ax: rule.compress(w, axes, tr, ax, count, exact),
+      c = per_layer(p, lambda w, tr, ax: compressed(w, axes, tr, ax, count, exact),
                     leaf, state.trainable.get(p), state.aux.get(p))
       return blend(leaf, c, beta)
     return jax.tree_util.tree_map_with_path(one, params)
@@ -238,7 +299,8 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
 
     def one(p, a):
       axes = axes_of(p, flat[p])
-      return per_layer(p, lambda w, tr, ax: rule.refresh(w, axes, tr, ax, count),
+      return per_layer(p, lambda w, tr, ax: rule.refresh(w, axes=axes, trainable=tr, aux=ax,
+                                                          count=count),
                        rounded(flat[p]), state.trainable.get(p), a)
     aux = {p: one(p, a) for p, a in state.aux.items()}
     return TransformState(state.trainable, aux)
@@ -248,7 +310,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
       return ()
     axes = full_axes(path, leaf)  # a stack is described (and exported) as one leaf
     trainable = None if state is None else state.trainable.get(path)
-    spec = rule.describe(leaf, axes, trainable, count)
+    spec = rule.describe(leaf, axes=axes, trainable=trainable, count=count)
     if axes is not None and tuple(axes) != tuple(range(leaf.ndim - 1)):
       spec = dataclasses.replace(spec, in_axes=tuple(axes))
     return (spec,)

@@ -28,7 +28,7 @@ from vcon_jax import _coupling, _model, _paths, _schedules
 from vcon_jax._coupling import Member, UnitGroup
 from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
-from vcon_jax._transform import Transform, TransformState, blend, rounded
+from vcon_jax._transform import Transform, TransformState, blend, rounded, straight_through
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +226,7 @@ def prune_units(fraction: float | Callable, *, units: Any) -> Transform:
         return leaf
       w = rounded(leaf)
       c = jnp.where(masks[p], w, jnp.zeros_like(w))
-      return blend(w, c if exact else w + lax.stop_gradient(c - w), beta)
+      return blend(w, c if exact else straight_through(w, lax.stop_gradient(c)), beta)
     return jax.tree_util.tree_map_with_path(one, params)
 
   def refresh(params, state, count):
