@@ -18,7 +18,7 @@ Model: the library's NNX MLP ``784 -> width -> width -> 10`` (``vcon_experiments
   Low-rank Linear layers run as ``(x @ A) @ B`` in both.
 
 The low-rank factors of kernels 2048 wide or more on both sides come from a randomized
-truncated SVD (``--exact-svd``: the library's ``vj.svd_factors``, a full float64 SVD that
+truncated SVD (``--exact-svd``: the library's ``vj.ops.svd_factors``, a full float64 SVD that
 takes ~90 s for one 4096 x 4096 kernel on 2 cores); only their values differ (the best
 rank-r approximation up to the randomized error), not the shapes or the inference cost.
 
@@ -73,7 +73,7 @@ def variants(width: int) -> dict:
 
 
 def _randomized_svd_factors(w, rank: int, oversample: int = 10, power_iters: int = 2):
-  """``vj.svd_factors`` (same ``A = U sqrt(S)``, ``B = sqrt(S) V^T`` split) from a randomized
+  """``vj.ops.svd_factors`` (same ``A = U sqrt(S)``, ``B = sqrt(S) V^T`` split) from a randomized
   range finder (Halko et al. 2011) for wide kernels; the library's exact SVD otherwise."""
   fan_in, fan_out = int(np.prod(w.shape[:-1])), int(w.shape[-1])
   if min(fan_in, fan_out) < 2048:

@@ -33,6 +33,6 @@ def test_weight_blend_equals_output_blend(layer, tname, beta):
   t = TRANSFORMS[tname](in_axes)
   s = t.init(params)
   apply_fn = lambda p, inp: module.apply({"params": p}, inp)
-  weight_space = apply_fn(vj.blend_weights(t, params, s, beta), x)
-  output_space = vj.output_blend_apply(apply_fn, t, params, s, beta, x)
+  weight_space = apply_fn(vj.ops.blend_weights(t, params, s, beta), x)
+  output_space = vj.ops.output_blend_apply(apply_fn, t, params, s, beta, x)
   np.testing.assert_allclose(weight_space, output_space, rtol=1e-5, atol=1e-5)

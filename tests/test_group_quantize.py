@@ -30,7 +30,7 @@ def _groups(x, g, in_axes=None):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_symmetric_groups_have_their_own_scale_and_grid(bits):
   w = _w((64, 16))
-  c = _groups(vj.quantize_values(w, bits, group_size=16), 16)
+  c = _groups(vj.ops.quantize_values(w, bits, group_size=16), 16)
   wg = _groups(w, 16)
   levels = 2 ** (bits - 1) - 1
   scale = np.abs(wg).max(axis=1, keepdims=True) * np.float32(1 / levels)
@@ -40,7 +40,7 @@ def test_symmetric_groups_have_their_own_scale_and_grid(bits):
   assert np.abs(np.rint(q)).max() <= levels
   assert np.all(np.abs(c - wg) <= scale / 2 * (1 + 1e-5))
   # per channel would put all four groups of a unit on one grid: not what we get
-  per_channel = _groups(vj.quantize_values(w, bits), 16)
+  per_channel = _groups(vj.ops.quantize_values(w, bits), 16)
   assert not np.array_equal(per_channel, c)
 
 
@@ -49,7 +49,7 @@ def test_asymmetric_codes_use_all_levels_and_keep_zero(bits):
   w = np.asarray(_w((64, 8), seed=1))
   w = np.abs(w) + 0.1  # all positive: a symmetric grid would waste its negative half
   w[5, 3] = 0.0
-  c = _groups(vj.quantize_values(jnp.asarray(w), bits, group_size=32, symmetric=False), 32)
+  c = _groups(vj.ops.quantize_values(jnp.asarray(w), bits, group_size=32, symmetric=False), 32)
   assert c.reshape(64, 8)[5, 3] == 0.0  # zero is a level
   wg = _groups(w, 32)
   top = 2 ** bits - 1
@@ -59,7 +59,7 @@ def test_asymmetric_codes_use_all_levels_and_keep_zero(bits):
     for j in range(c.shape[2]):
       assert len(np.unique(c[i, :, j])) <= 2 ** bits
       assert np.all(np.abs(c[i, :, j] - wg[i, :, j]) <= scale[i, j] / 2 * (1 + 1e-4))
-  sym = _groups(vj.quantize_values(jnp.asarray(w), bits, group_size=32), 32)
+  sym = _groups(vj.ops.quantize_values(jnp.asarray(w), bits, group_size=32), 32)
   assert np.abs(c - wg).mean() < np.abs(sym - wg).mean()  # asymmetric fits better here
 
 
@@ -71,7 +71,7 @@ def test_groups_run_along_the_real_input_axes_of_attention_kernels():
   for name, axes in (("query", (0,)), ("out", (0, 1))):
     w, k = params["attn"][name]["kernel"], c["attn"][name]["kernel"]
     np.testing.assert_array_equal(
-        np.asarray(k), np.asarray(vj.quantize_values(w, 3, True, axes, group_size=8)))
+        np.asarray(k), np.asarray(vj.ops.quantize_values(w, 3, True, axes, group_size=8)))
     np.testing.assert_allclose(np.abs(_groups(k, 8, axes)).max(1),
                                np.abs(_groups(w, 8, axes)).max(1), rtol=1e-6)
 

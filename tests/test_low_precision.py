@@ -123,6 +123,6 @@ def test_rounded_keeps_the_rounding_under_jit():
   w = jnp.asarray(np.random.RandomState(1).randn(64).astype(np.float32))
   @jax.jit
   def f(w):  # a float32 result stored as bfloat16, then quantised
-    return vj.quantize_values((w * 1.001).astype(jnp.bfloat16), 4, per_channel=False)
-  eager = vj.quantize_values((w * 1.001).astype(jnp.bfloat16), 4, per_channel=False)
+    return vj.ops.quantize_values((w * 1.001).astype(jnp.bfloat16), 4, per_channel=False)
+  eager = vj.ops.quantize_values((w * 1.001).astype(jnp.bfloat16), 4, per_channel=False)
   np.testing.assert_array_equal(np.asarray(f(w), np.float32), np.asarray(eager, np.float32))

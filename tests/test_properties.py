@@ -148,8 +148,8 @@ def prune_outputs(t, w, mask_args):
   @jax.jit
   def run(p, s, traced_sparsity):
     return (vj.compress(t, p, s), t.apply(p, s, jnp.float32(0.0), 0, exact=False),
-            vj.magnitude_mask(p["kernel"], sparsity, *rest),
-            vj.magnitude_mask(p["kernel"], traced_sparsity, *rest))
+            vj.ops.magnitude_mask(p["kernel"], sparsity, *rest),
+            vj.ops.magnitude_mask(p["kernel"], traced_sparsity, *rest))
 
   out, train0, mask, traced_mask = run(p, s, jnp.float32(0.0 if sparsity is None
                                                          else sparsity))

@@ -22,7 +22,7 @@ def _params(seed=0):
     ("layer", None, None), ("neuron", None, None), ("group", 4, None)])
 def test_prune_keeps_exact_count(granularity, group, expected_per_group):
   w = jnp.asarray(np.random.RandomState(0).randn(3, 3, 8, 6), jnp.float32)
-  mask = np.asarray(vj.magnitude_mask(w, 0.75, granularity, group))
+  mask = np.asarray(vj.ops.magnitude_mask(w, 0.75, granularity, group))
   mat = mask.reshape(-1, 6)
   if granularity == "layer":
     assert mask.sum() == mask.size - round(0.75 * mask.size)
@@ -186,7 +186,7 @@ def test_fixed_and_interval_masks_are_state():
   kept = t2.refresh(moved, s2, jnp.int32(3))
   np.testing.assert_array_equal(kept.aux["kernel"], s2.aux["kernel"])
   fresh = t2.refresh(moved, s2, jnp.int32(4))
-  np.testing.assert_array_equal(fresh.aux["kernel"], vj.magnitude_mask(moved["kernel"], 0.5))
+  np.testing.assert_array_equal(fresh.aux["kernel"], vj.ops.magnitude_mask(moved["kernel"], 0.5))
 
 
 BAD = [

@@ -158,7 +158,7 @@ def test_multi_transform_labels_keyed_by_the_params_tree():
   tx = vj.wrap_optax(inner, vj.low_rank(rank=3), vj.linear_vanish(4))
   apply = lambda p, x: model.apply({"params": p}, x)
   _, opt_state, _ = _own_loop(apply, params, tx, _batches(6))
-  state0, state = tx.init(params), vj.vcon_state(opt_state)
+  state0, state = tx.init(params), vj.ops.vcon_state(opt_state)
   np.testing.assert_array_equal(state.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
   assert not np.allclose(state.params["Dense_1"]["kernel"], params["Dense_1"]["kernel"])
   factors0, factors = state0.transform_state.trainable, state.transform_state.trainable
@@ -200,7 +200,7 @@ def test_multisteps_around_the_wrapper_counts_optimiser_steps():
   _, acc_state, _ = _own_loop(apply, params, acc, twice)
   plain = vj.wrap_optax(optax.sgd(0.1), vj.prune(sparsity=0.5), vj.linear_vanish(2))
   _, plain_state, _ = _own_loop(apply, params, plain, batches)
-  assert int(vj.vcon_state(acc_state).count) == 2
+  assert int(vj.ops.vcon_state(acc_state).count) == 2
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                vj.compressed_params(acc_state), vj.compressed_params(plain_state))
 
@@ -219,7 +219,7 @@ def test_checkpoint_and_resume_the_wrapper_state(tmp_path):
   tx = make()
   target = {"params": params, "opt_state": tx.init(params)}
   restored = vj.restore(tmp_path / "ck", target)
-  assert int(vj.vcon_state(restored["opt_state"]).count) == 3
+  assert int(vj.ops.vcon_state(restored["opt_state"]).count) == 3
 
   @jax.jit
   def train_step(params, opt_state, batch):

@@ -4,89 +4,61 @@ Turn a trained network into a pruned, quantised or low-rank one smoothly: every 
 weight is blended as ``beta * W + (1 - beta) * C(W)`` while beta goes from 1 to 0.
 """
 
-from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
+from vcon_jax import ops
 from vcon_jax._checkpoint import CheckpointManager, CheckpointMismatchError, restore, save
-from vcon_jax._losses import Distillation, distill
-from vcon_jax.export import (CompressedModel, Summary, export, load_compressed, summary,
-                             to_qwix)
-from vcon_jax._low_rank import low_rank, svd_factors
-from vcon_jax._optax_wrapper import (VconState, WithState, blended_params, compressed_params,
-                                     dense_params, vcon_state, wrap_optax)
-from vcon_jax._paths import DEFAULT_EXCLUDE
-from vcon_jax._prune import magnitude_mask, prune, topk_mask
-from vcon_jax._quantize import binarize, quantize, quantize_values
-from vcon_jax._spec import LeafSpec
 from vcon_jax._coupling import Member, UnitGroup
-from vcon_jax._shrink import Shrunk, shrink
-from vcon_jax._units import Units, find_units, prune_units
+from vcon_jax._losses import Distillation, distill, softmax_cross_entropy
+from vcon_jax._low_rank import low_rank
+from vcon_jax._optax_wrapper import (VconState, blended_params, compressed_params,
+                                     dense_params, wrap_optax)
+from vcon_jax._paths import DEFAULT_EXCLUDE
+from vcon_jax._prune import prune
+from vcon_jax._quantize import binarize, quantize
 from vcon_jax._replicate import replicate, unreplicate
 from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
                                  polynomial_ramp)
-from vcon_jax._losses import softmax_cross_entropy
+from vcon_jax._shrink import Shrunk, shrink
+from vcon_jax._spec import LeafSpec
 from vcon_jax._trace import Discovery, discover
 from vcon_jax._train import TrainState, TrainStep, make_train_step
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
 from vcon_jax._transform import reselected as reselect
+from vcon_jax._units import Units, find_units, prune_units
+from vcon_jax.export import (CompressedModel, Summary, export, load_compressed, summary,
+                             to_qwix)
 
 __version__ = "0.1.0"
 
+# Grouped as optax groups its API; the pure functions, reference blends and wrap_optax's
+# state parts are in the `vcon_jax.ops` submodule.
 __all__ = [
-    "binarize",
-    "blended_params",
-    "blend_outputs",
-    "blend_weights",
-    "chain",
-    "check_beta_schedule",
-    "compress",
-    "compressed_params",
-    "dense_params",
-    "discover",
-    "reselect",
-    "Discovery",
-    "distill",
-    "constant",
-    "cosine_vanish",
-    "export",
-    "find_units",
+    # transforms
+    "prune", "quantize", "binarize", "low_rank", "prune_units", "chain", "identity",
+    # beta schedules
+    "linear_vanish", "cosine_vanish", "polynomial_ramp", "constant", "check_beta_schedule",
+    # training
+    "make_train_step", "wrap_optax", "TrainStep", "TrainState", "distill", "Distillation",
+    "softmax_cross_entropy", "compressed_params", "blended_params", "dense_params",
+    "compress", "replicate", "unreplicate",
+    # selecting what to compress
+    "discover", "Discovery", "reselect", "find_units", "Units", "UnitGroup", "Member",
     "DEFAULT_EXCLUDE",
-    "identity",
-    "linear_vanish",
-    "load_compressed",
-    "low_rank",
-    "magnitude_mask",
-    "make_train_step",
-    "output_blend_apply",
-    "polynomial_ramp",
-    "prune",
-    "prune_units",
-    "Member",
-    "shrink",
-    "Shrunk",
-    "UnitGroup",
-    "Units",
-    "quantize",
-    "quantize_values",
-    "replicate",
-    "restore",
-    "save",
-    "softmax_cross_entropy",
-    "summary",
-    "svd_factors",
-    "to_qwix",
-    "topk_mask",
-    "vcon_state",
-    "wrap_optax",
-    "unreplicate",
-    "CheckpointManager",
-    "CheckpointMismatchError",
-    "CompressedModel",
-    "Distillation",
-    "LeafSpec",
-    "Summary",
-    "TrainState",
-    "TrainStep",
-    "Transform",
-    "TransformState",
-    "VconState",
-    "WithState",
+    # export and serving
+    "export", "load_compressed", "summary", "Summary", "CompressedModel", "to_qwix",
+    "shrink", "Shrunk",
+    # checkpoints
+    "save", "restore", "CheckpointManager", "CheckpointMismatchError",
+    # types
+    "Transform", "TransformState", "LeafSpec", "VconState",
+    # the rest
+    "ops",
 ]
+
+_MOVED = set(ops.__all__)
+
+
+def __getattr__(name):
+  if name in _MOVED:
+    raise AttributeError(f"vcon_jax.{name} moved to vcon_jax.ops.{name} (the pure functions, "
+                         f"reference blends and wrap_optax state parts live there).")
+  raise AttributeError(f"module 'vcon_jax' has no attribute {name!r}")

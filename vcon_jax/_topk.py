@@ -141,7 +141,7 @@ def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
     equal values the lower indices are kept.
 
   >>> import jax.numpy as jnp, vcon_jax as vj
-  >>> vj.topk_mask(jnp.array([[0.5, 2.0, 0.5, 1.0]]), 2)
+  >>> vj.ops.topk_mask(jnp.array([[0.5, 2.0, 0.5, 1.0]]), 2)
   Array([[False,  True, False,  True]], dtype=bool)
   """
   g, length = scores.shape
