@@ -101,3 +101,30 @@ def test_a_linen_example_the_model_cannot_take_is_a_clear_error():
   with pytest.raises(ValueError, match="init does not run on the example"):
     vj.make_train_step(_Scanned(), vj.prune(0.5), vj.linear_vanish(4), optax.adam(1e-3),
                        example=jnp.ones((2, 7)))
+
+
+def test_wrap_optax_traces_with_apply_fn_params_example():
+  """A wrap_optax loop on Gemma-style einsum weights: apply_fn/params/example re-select
+  the quantiser onto w and o (traced axes), the tied table and the norm stay dense, and the
+  loop's params at beta = 0 are the compressed ones."""
+  model = Gemmaish(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = params.to_pure_dict()
+  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+  with pytest.raises(ValueError, match="together"):
+    vj.wrap_optax(optax.sgd(0.1), vj.quantize(4), vj.linear_vanish(0), example=TOKENS)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  tx = vj.wrap_optax(optax.sgd(0.1), vj.quantize(4), vj.linear_vanish(0),
+                     apply_fn=apply_fn, params=shapes, example=TOKENS)
+  opt_state = tx.init(params)
+  c = vj.compressed_params(opt_state)
+  for name, fan_in in (("w", 16), ("o", 32)):  # traced input axes: (0,) and (0, 1)
+    mat = np.asarray(c[name]).reshape(fan_in, -1)
+    assert max(len(np.unique(col)) for col in mat.T) <= 15  # 4-bit levels per output unit
+  for name in ("embedder", "scale"):
+    np.testing.assert_array_equal(c[name], params[name])
+  p = vj.blended_params(opt_state)
+  grads = jax.grad(lambda p: apply_fn(p, TOKENS).sum())(p)
+  updates, opt_state = tx.update(grads, opt_state, p)
+  p = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(p["w"], vj.compressed_params(opt_state)["w"], rtol=1e-6)

@@ -27,8 +27,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vcon_jax import _paths, _schedules, _sharding
-from vcon_jax._transform import Transform, TransformState, compress, low_precision, rounded
+from vcon_jax import _paths, _schedules, _sharding, _trace
+from vcon_jax._transform import (Transform, TransformState, compress, low_precision,
+                                 reselected, rounded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +283,9 @@ def _conform_inner(optimizer: optax.GradientTransformation, state: VconState) ->
 
 # ---------------------------------------------------------------------------- public API
 def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
-               beta_schedule: Callable) -> optax.GradientTransformationExtraArgs:
+               beta_schedule: Callable, *, apply_fn: Callable | None = None,
+               params: Any = None, example: Any = None
+               ) -> optax.GradientTransformationExtraArgs:
   r"""VCON for your own training loop: wraps an optax optimiser.
 
   .. math:: \bar W_t = \beta_t W_t + (1 - \beta_t) C(W_t)
@@ -304,6 +307,14 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
       ``adamw(mask=...)`` keyed by your params work.
     transform: what to compress to (:func:`prune`, :func:`binarize`, ...).
     beta_schedule: ``count -> beta``, e.g. :func:`linear_vanish`.
+    apply_fn, params, example: given together, ``apply_fn(params, example)`` (your model's
+      forward pass: ``lambda p, x: model.apply({"params": p}, x)`` for Linen,
+      ``lambda p, x: nnx.merge(graphdef, p)(x)`` for NNX) is traced once (shapes only:
+      ``params`` may be ``jax.ShapeDtypeStruct`` leaves) and a default-selection
+      ``transform`` is re-selected onto the linear maps found, with their input axes and
+      scanned stacks (:func:`vcon_jax.reselect` of :func:`vcon_jax.discover`): Gemma-style
+      einsum weights named ``w``, ``(out, in)`` kernels and ``nn.scan`` stacks are then
+      compressed as what they are. Without them the selection is by Flax's names.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra arguments go to ``optimizer``).
@@ -322,6 +333,13 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
   check_optimizer(optimizer)
   check_transform(transform)
   check_schedule(beta_schedule)
+  traced = [a is not None for a in (apply_fn, params, example)]
+  if any(traced) and not all(traced):
+    raise ValueError("wrap_optax traces the model with apply_fn=, params= and example= "
+                     "together (apply_fn(params, example) runs the forward pass); pass all "
+                     "three, or none to select by Flax's names.")
+  if all(traced):
+    transform = reselected(transform, _trace.discover(apply_fn, params, example))
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
