@@ -167,3 +167,102 @@ def test_a_trained_stack_exports_exactly(kind, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (row,) = [r for r in rows if r["name"].endswith("Dense_0/kernel")]
   assert row["compressed_bytes"] < 0.35 * row["dense_bytes"], row
+
+
+class _NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(16, 16, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.lin(x))
+
+
+class _NNXStack(nnx.Module):
+  """Layers built with nnx.vmap and run with nnx.scan (Flax's stacked-layers recipe)."""
+
+  def __init__(self, rngs):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(rngs):
+      return _NNXBlock(rngs)
+    self.blocks = create(rngs.fork(split=4))
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+    return self.head(body(x, self.blocks))
+
+
+def _layer_scaled(w):
+  """A stack whose layers have different scales (one threshold would empty some)."""
+  return w * jnp.asarray([0.1, 1.0, 10.0, 100.0]).reshape((4,) + (1,) * (w.ndim - 1))
+
+
+def _check_per_layer_prune(c, w):
+  for layer in range(4):
+    assert np.mean(np.asarray(c)[layer] == 0) == pytest.approx(0.9, abs=0.01)
+  assert np.asarray(w).shape == np.asarray(c).shape
+
+
+def test_nnx_vmap_scan_stack_is_found_and_pruned_per_layer():
+  model = _NNXStack(nnx.Rngs(0))
+  x = jnp.ones((2, 16))
+  model.blocks.lin.kernel.value = _layer_scaled(model.blocks.lin.kernel.value)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = params.to_pure_dict()
+  found = vj.discover(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+  k = found.leaves["blocks/lin/kernel"]
+  assert (k.kind, k.in_axes, k.stack_axes) == ("stacked", (1,), (0,))
+  assert found.leaves["head/kernel"].kind == "linear"
+  assert found.leaves["blocks/lin/bias"].kind == "elementwise"
+  step = vj.make_train_step(model, vj.prune(0.9), vj.linear_vanish(0), optax.sgd(0.0),
+                            loss_fn=lambda logits, batch: logits.sum(), example=x)
+  state = step.init()
+  c = step.compressed_params(state)
+  _check_per_layer_prune(c["blocks"]["lin"]["kernel"], params["blocks"]["lin"]["kernel"])
+
+
+def test_haiku_style_param_dicts():
+  """Haiku's {"linear": {"w", "b"}} naming: the w are linear maps, the b elementwise."""
+  rng = np.random.RandomState(0)
+  params = {"linear": {"w": jnp.asarray(rng.randn(16, 8)), "b": jnp.zeros(8)},
+            "linear_1": {"w": jnp.asarray(rng.randn(8, 3)), "b": jnp.zeros(3)}}
+
+  def apply_fn(p, x):
+    h = jax.nn.relu(x @ p["linear"]["w"] + p["linear"]["b"])
+    return h @ p["linear_1"]["w"] + p["linear_1"]["b"]
+
+  x = jnp.ones((2, 16))
+  found = vj.discover(apply_fn, params, x)
+  assert {p: u.kind for p, u in found.leaves.items()} == {
+      "linear/w": "linear", "linear/b": "elementwise",
+      "linear_1/w": "linear", "linear_1/b": "elementwise"}
+  tx = vj.wrap_optax(optax.sgd(0.1), vj.prune(0.5, granularity="neuron"),
+                     vj.linear_vanish(0), apply_fn=apply_fn, params=params, example=x)
+  c = vj.compressed_params(tx.init(params))
+  assert np.mean(np.asarray(c["linear"]["w"]) == 0) == pytest.approx(0.5)
+  np.testing.assert_array_equal(c["linear"]["b"], params["linear"]["b"])
+
+
+@pytest.mark.parametrize("bounds", ["static", "traced"])
+def test_fori_loop_layer_stacks(bounds):
+  """w[i] inside a fori_loop body (a scan with static bounds, a while loop with traced
+  ones) is a stack of layers, pruned layer by layer; outside a loop w[i] stays a lookup."""
+  w = _layer_scaled(jnp.asarray(np.random.RandomState(1).randn(4, 16, 16)))
+  params = {"w": w, "table": jnp.ones((10, 16))}
+  n = 4 if bounds == "static" else jnp.int32(4)
+
+  def apply_fn(p, x):
+    h = p["table"][x]
+    return jax.lax.fori_loop(0, n, lambda i, h: jax.nn.relu(h @ p["w"][i]), h)
+
+  x = jnp.array([1, 2])
+  found = vj.discover(apply_fn, params, x)
+  assert (found.leaves["w"].kind, found.leaves["w"].in_axes,
+          found.leaves["w"].stack_axes) == ("stacked", (1,), (0,))
+  assert found.leaves["table"].kind == "lookup"
+  t = vj.reselect(vj.prune(0.9), found)
+  c = vj.compress(t, params, t.init(params))
+  _check_per_layer_prune(c["w"], w)
+  np.testing.assert_array_equal(c["table"], params["table"])

@@ -12,8 +12,9 @@ activation memory) and follows every param leaf through the program: through
   einsum weights named ``w`` and Equinox's ``(out, in)`` ``weight`` are found with their
   real axes, without naming rules;
 * ``"stacked"``: a linear map applied one slice per iteration of a ``scan`` (MaxText's
-  ``scan_layers``, ``nn.scan``, ``nnx.scan``): a stack of separate layers, each
-  compressed on its own (``stacked=`` of every transform);
+  ``scan_layers``, ``nn.scan``, ``nnx.scan``), or indexed ``w[i]`` (one whole leading
+  slice) inside a loop body (``fori_loop``, ``while_loop``): a stack of separate layers,
+  each compressed on its own (``stacked=`` of every transform);
 * ``"lookup"``: gathered or indexed only (an embedding table);
 * ``"tied"``: both gathered and contracted (a tied input / output embedding);
 * ``"elementwise"``: used otherwise (a bias, a norm scale).
@@ -102,6 +103,7 @@ def _reshape_axes(old_shape, new_shape, old_axes):
 class _Tracer:
   def __init__(self, uses: list[LeafUse]):
     self.uses = uses
+    self.loops = 0  # depth of the loop bodies (scan, while) being read
 
   def use(self, view: _View, op: str, **kw):
     u = self.uses[view.leaf]
@@ -127,6 +129,13 @@ class _Tracer:
           env[var] = view
     return [read(v) for v in jaxpr.outvars]
 
+  def loop(self, body, env_in: list) -> None:
+    self.loops += 1
+    try:
+      self.run(body, env_in)
+    finally:
+      self.loops -= 1
+
   def eqn(self, eqn, ins):  # pylint: disable=too-many-return-statements,too-many-branches
     name, p = eqn.primitive.name, eqn.params
     tracked = [(i, v) for i, v in enumerate(ins) if v is not None]
@@ -140,7 +149,11 @@ class _Tracer:
         v = ins[k]
         if v is not None:  # consumed one slice per iteration along axis 0
           inner[k] = _View(v.leaf, v.axes[1:], v.stacked + v.axes[0])
-      self.run(sub, inner)
+      self.loop(sub, inner)
+      return None
+    if name == "while":  # fori_loop with traced bounds; its body may index a stack
+      body = p["body_jaxpr"].jaxpr
+      self.loop(body, list(ins[p["cond_nconsts"]:]))
       return None
     if name in _CALLS or "jaxpr" in p or "call_jaxpr" in p:
       sub = p.get(_CALLS.get(name, "jaxpr")) or p.get("call_jaxpr") or p.get("fun_jaxpr")
@@ -190,11 +203,22 @@ class _Tracer:
       ins_ = [rhs[1]] + list(rhs[2:])
       self.use(v, "linear", in_axes=[a for d in ins_ for a in v.axes[d]])
       return None
+    if name == "dynamic_slice" and i == 0 and self.loops and _one_layer(eqn):
+      # inside a loop body, one whole leading slice at a (loop) index: the layer of a
+      # stack that fori_loop / while / a scan over a counter runs one per iteration
+      return [_View(v.leaf, ((),) + v.axes[1:], v.stacked + v.axes[0])]
     if name in ("gather", "dynamic_slice") and i == 0:
       self.use(v, "lookup")
       return None
     self.use(v, name)
     return None
+
+
+def _one_layer(eqn) -> bool:
+  """Whether a ``dynamic_slice`` takes one index of the leading axis and all of the
+  others (``w[i]`` of a stacked weight)."""
+  shape, sizes = eqn.invars[0].aval.shape, tuple(eqn.params["slice_sizes"])
+  return len(shape) >= 2 and sizes[0] == 1 and sizes[1:] == tuple(shape[1:])
 
 
 def _classify(u: LeafUse) -> None:
