@@ -128,3 +128,20 @@ def test_wrap_optax_traces_with_apply_fn_params_example():
   updates, opt_state = tx.update(grads, opt_state, p)
   p = optax.apply_updates(p, updates)
   np.testing.assert_allclose(p["w"], vj.compressed_params(opt_state)["w"], rtol=1e-6)
+
+
+def test_summary_shows_what_each_leaf_is_after_a_trace(tmp_path):
+  model = Gemmaish(nnx.Rngs(0))
+  step = vj.make_train_step(model, vj.quantize(4), vj.linear_vanish(0), optax.adam(1e-3),
+                            loss_fn=_lm_loss, example=TOKENS)
+  state = step.init()
+  rows = vj.export(step, state, tmp_path / "m.npz")
+  roles = {r["name"]: r["role"] for r in rows}
+  assert roles == {"embedder": "tied embedding", "w": "linear in (0,) out (1, 2)",
+                   "o": "linear in (0, 1) out (2,)", "scale": "elementwise"}
+  table = vj.summary(tmp_path / "m.npz", print_fn=None).table()
+  assert "role" in table.splitlines()[0] and "linear in (0, 1) out (2,)" in table
+  plain = vj.make_train_step(model, vj.quantize(4, where="w|o", include_non_kernels=True,
+                                                in_axes={"w": 1, "o": 2}),
+                             vj.linear_vanish(0), optax.adam(1e-3), loss_fn=_lm_loss)
+  assert "role" not in vj.summary(plain, plain.init(), print_fn=None).table().splitlines()[0]

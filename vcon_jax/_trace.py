@@ -64,6 +64,21 @@ class LeafUse:
   stack_axes: tuple[int, ...] = ()
   ops: set = dataclasses.field(default_factory=set)
 
+  def role(self) -> str:
+    """What the leaf is, in words (``vj.summary``'s role column): ``"linear in (0, 1) out
+    (2)"``, ``"stack of 4 layers, in (1,)"``, ``"lookup table"``, ``"tied embedding"``,
+    ``"elementwise"`` or ``"unused"``."""
+    if self.kind in ("linear", "stacked"):
+      ins = tuple(self.in_axes or ())
+      outs = tuple(a for a in range(len(self.shape))
+                   if a not in ins and a not in self.stack_axes)
+      io = f"in {ins} out {outs}"
+      if self.kind == "linear":
+        return f"linear {io}"
+      layers = int(np.prod([self.shape[a] for a in self.stack_axes]))
+      return f"stack of {layers} layers, {io}"
+    return {"lookup": "lookup table", "tied": "tied embedding"}.get(self.kind, self.kind)
+
 
 def _reshape_axes(old_shape, new_shape, old_axes):
   """Leaf axes of each new axis after a reshape (merges and splits of adjacent axes)."""

@@ -85,9 +85,10 @@ class TrainStep:
     self.task_loss = self.distillation.loss_fn if self.distillation else loss_fn
     self.needs_labels = self.task_loss is softmax_cross_entropy
     self.adapter = _model.make_adapter(model, train_kwargs, eval_kwargs)
+    self.discovery = None  # the trace of make_train_step(example=), read by export
     if example is not None:
-      self.transform = _reselect_by_trace(self.adapter, model, transform, example,
-                                          train_kwargs, eval_kwargs)
+      self.transform, self.discovery = _reselect_by_trace(
+          self.adapter, model, transform, example, train_kwargs, eval_kwargs)
     self.axis_name = axis_name
     self.mesh = None
     if axis_name is None:
@@ -424,7 +425,7 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
 
 def _reselect_by_trace(adapter, model, transform, example, train_kwargs, eval_kwargs):
   """``transform`` re-selected on the linear maps of one trace of ``model`` on
-  ``example`` (shapes only: nothing is computed)."""
+  ``example`` (shapes only: nothing is computed), and the trace."""
   if adapter.kind == "nnx":
     variables = None
   else:
@@ -438,4 +439,4 @@ def _reselect_by_trace(adapter, model, transform, example, train_kwargs, eval_kw
   pure, model_state = adapter.split(variables)
   found = _trace.discover(lambda p, x: adapter.apply(p, model_state, x, None, False)[0],
                           pure, example)
-  return reselected(transform, found)
+  return reselected(transform, found), found

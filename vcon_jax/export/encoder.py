@@ -404,8 +404,11 @@ def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
   """``(manifest, arrays)`` of the compact export of a :class:`~vcon_jax.TrainStep`'s
   ``state`` (see ``format``)."""
   _check_step(step, state)
+  found = getattr(step, "discovery", None)
+  roles = {p: u.role() for p, u in found.leaves.items()} if found is not None else None
   return encode(step.transform, state.params, step.compressed_params(state),
-                state.transform_state, state.step, state.model_state, step.adapter.kind)
+                state.transform_state, state.step, state.model_state, step.adapter.kind,
+                roles=roles)
 
 
 def encode_wrapped(opt_state: Any, model: Any, model_state: Any = None
@@ -439,11 +442,12 @@ def encode_wrapped(opt_state: Any, model: Any, model_state: Any = None
 
 
 def encode(transform: Any, params: Any, compressed: Any, transform_state: Any, count: Any,
-           model_state: Any, kind: str) -> tuple[dict, dict]:
+           model_state: Any, kind: str, *, roles: dict | None = None) -> tuple[dict, dict]:
   """``(manifest, arrays)`` of a compact export, from exactly what it needs: the
   transform, the dense params (selection and description), the compressed params (the
   values stored), the transform state (factors), the step count (the schedules' point),
-  the model state and the model kind (``"linen"`` or ``"nnx"``)."""
+  the model state and the model kind (``"linen"`` or ``"nnx"``). ``roles``: what each
+  leaf is by path, from a trace (``LeafUse.role``), recorded per leaf when given."""
   compressed = _to_pure(compressed)
   dense = dict(_paths.leaf_paths(_to_pure(params)))
   count = int(np.asarray(jax.device_get(count)))
@@ -471,6 +475,8 @@ def encode(transform: Any, params: Any, compressed: Any, transform_state: Any, c
         "dense_bytes": int(c.nbytes), "compressed_bytes": codec.nbytes(leaf_arrays),
         "sparsity": 1.0 - nonzero / c.size if c.size else 0.0,
     })
+    if roles is not None and path in roles:
+      leaves[-1]["role"] = roles[path]
   model_state_rows = []
   for j, (keys, _, leaf) in enumerate(flatten(_to_pure(model_state or {}))):
     name = f"s{j}"

@@ -27,25 +27,28 @@ class Summary(list):
     self.totals = totals
 
   def table(self) -> str:
-    head = ["name", "shape", "transform", "format", "sparsity", "bits", "rank", "dense",
-            "compressed", "ratio"]
+    roles = any(r.get("role") for r in self)  # the export came from a traced model
+    head = ["name", "shape", *(["role"] if roles else []), "transform", "format",
+            "sparsity", "bits", "rank", "dense", "compressed", "ratio"]
     lines = [head]
     for r in self:
       lines.append([
-          r["name"], "x".join(map(str, r["shape"])) or "()", r["transform"] or "-",
+          r["name"], "x".join(map(str, r["shape"])) or "()",
+          *([r.get("role") or "-"] if roles else []), r["transform"] or "-",
           r["format"], f"{r['sparsity']:.3f}" if r["transform"] else "-",
           "-" if r["bits"] is None else str(r["bits"]),
           "-" if r["rank"] is None else str(r["rank"]), _human(r["dense_bytes"]),
           _human(r["compressed_bytes"]), f"{r['ratio']:.4f}"])
     t = self.totals
-    lines.append(["compressed layers", "", "", "", "", "", "",
-                  _human(t["compressed_layers_dense_bytes"]),
+    pad = [""] * (7 if roles else 6)
+    lines.append(["compressed layers", *pad, _human(t["compressed_layers_dense_bytes"]),
                   _human(t["compressed_layers_bytes"]),
                   f"{t['compressed_layers_ratio']:.4f}"])
-    lines.append(["total", "", "", "", "", "", "", _human(t["dense_bytes"]),
+    lines.append(["total", *pad, _human(t["dense_bytes"]),
                   _human(t["compressed_bytes"]), f"{t['ratio']:.4f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    right = {4, 5, 6, 7, 8, 9}
+    right = {i for i, h in enumerate(head)
+             if h in ("sparsity", "bits", "rank", "dense", "compressed", "ratio")}
     out = []
     for n, row in enumerate(lines):
       cells = [c.rjust(w) if i in right else c.ljust(w)
@@ -89,6 +92,7 @@ def from_manifest(manifest: dict, file_bytes: int | None = None) -> Summary:
         "dense_bytes": int(leaf["dense_bytes"]),
         "compressed_bytes": int(leaf["compressed_bytes"]),
         "ratio": leaf["compressed_bytes"] / leaf["dense_bytes"] if leaf["dense_bytes"] else 1.0,
+        "role": leaf.get("role"),
     })
   dense = sum(r["dense_bytes"] for r in rows)
   comp = sum(r["compressed_bytes"] for r in rows)
