@@ -266,3 +266,18 @@ def test_fori_loop_layer_stacks(bounds):
   c = vj.compress(t, params, t.init(params))
   _check_per_layer_prune(c["w"], w)
   np.testing.assert_array_equal(c["table"], params["table"])
+
+
+def test_a_table_read_row_by_row_in_a_loop_stays_a_lookup():
+  """pos[t] inside a scan over time (not contracted) is a lookup, not a layer stack; the
+  stacked weight beside it is still found."""
+  params = {"pos": jnp.ones((5, 16)), "w": jnp.ones((5, 16, 16))}
+
+  def apply_fn(p, x):
+    def body(h, t):
+      return jax.nn.relu((h + p["pos"][t]) @ p["w"][t]), None
+    return jax.lax.scan(body, x, jnp.arange(5))[0]
+
+  found = vj.discover(apply_fn, params, jnp.ones((2, 16)))
+  assert found.leaves["pos"].kind == "lookup" and found.leaves["pos"].stack_axes == ()
+  assert found.leaves["w"].kind == "stacked"

@@ -46,6 +46,10 @@ CASES = {
     "quantize4_g16": lambda: vj.quantize(bits=4, group_size=16),
     "quantize5": lambda: vj.quantize(bits=5),
     "quantize8": lambda: vj.quantize(bits=8),
+    "quantize12": lambda: vj.quantize(bits=12),
+    "prune50": lambda: vj.prune(sparsity=0.5),  # stored as a bitmask
+    "prune50+quantize4_asym": lambda: vj.chain(vj.prune(sparsity=0.5),
+                                               vj.quantize(bits=4, symmetric=False)),
     "low_rank": lambda: vj.low_rank(rank=4),
     "prune+quantize8": lambda: vj.chain(vj.prune(sparsity=0.9), vj.quantize(bits=8)),
 }
@@ -66,6 +70,8 @@ def _export_linen(tmp_path, transform, model, x):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_native_equals_once_linen(tmp_path, case):
+  """Every stored form (see the formats asserted below) decodes at its matmul to exactly
+  the dense kernel's logits."""
   x = np.random.RandomState(0).rand(8, 48).astype(np.float32)
   loaded, _ = _export_linen(tmp_path, CASES[case](), _Linen(), x)
   once = loaded.apply(_Linen(), x, decode="once")
@@ -76,6 +82,54 @@ def test_native_equals_once_linen(tmp_path, case):
     assert run.native_layers == [] and len(run.fast_layers) == 3
   else:
     assert run.native_layers == [f"Dense_{i}/kernel" for i in range(3)]
+  layouts = {leaf["format"].get("layout") for leaf in loaded.manifest["leaves"]}
+  if case.startswith("prune50"):
+    assert "bitmask" in layouts  # the jax.numpy bitmask decode is exercised
+
+
+def test_native_linen_bfloat16(tmp_path):
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(
+          nn.relu(nn.Dense(32, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(x)))
+
+  x = jnp.asarray(np.random.RandomState(0).rand(4, 48), jnp.bfloat16)
+  for t in (vj.quantize(4, group_size=16), vj.prune(n=2, m=4), vj.prune(sparsity=0.5)):
+    loaded, _ = _export_linen(tmp_path, t, M(), x)
+    out = loaded.apply(M(), x, decode="native")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_bits(out), _bits(loaded.apply(M(), x, decode="once")))
+
+
+def test_auto_prefers_once_when_some_coded_kernel_is_not_a_site(tmp_path, monkeypatch):
+  """Where auto would run native (GPU / TPU; faked here), a model with a coded kernel that
+  is not a plain Dense / Linear runs "once" instead (it would be decoded whole in every
+  call); a plain MLP runs native."""
+  monkeypatch.setattr(runtime, "auto_decode", lambda backend=None: "native")
+  x = np.random.RandomState(0).rand(2, 48).astype(np.float32)
+  loaded, _ = _export_linen(tmp_path, vj.quantize(4), _Linen(), x)
+  run = loaded.apply_fn(_Linen())
+  run(x)
+  assert run.decode == "native" and len(run.native_layers) == 3
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.DenseGeneral((4, 8))(x)
+      return nn.Dense(5)(h.reshape(h.shape[0], -1))
+
+  loaded, _ = _export_linen(tmp_path, vj.quantize(4, in_axes={"DenseGeneral_0/kernel": 1}),
+                            M(), x)
+  run = loaded.apply_fn(M())
+  np.testing.assert_array_equal(_bits(run(x)), _bits(loaded.apply(M(), x, decode="once")))
+  assert run.decode == "once" and run.native_layers == []
+  nnx_model = _NNX(rngs=nnx.Rngs(0))
+  step = vj.make_train_step(nnx_model, vj.quantize(4), vj.linear_vanish(0))
+  vj.export(step, step.init(nnx_model), tmp_path / "n.npz")
+  run = vj.load_compressed(tmp_path / "n.npz").apply_fn(nnx_model)
+  run(jnp.asarray(x))
+  assert run.decode == "native" and run.native_layers == ["a/kernel", "b/kernel"]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

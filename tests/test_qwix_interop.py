@@ -77,6 +77,17 @@ def test_linen_asymmetric_and_pruned_codes(tmp_path):
   variables = vj.to_qwix(compact, qm, x)
   np.testing.assert_array_equal(_bits(qm.apply(variables, x)),
                                 _bits(compact.apply(model, x, decode="once")))
+  # sparse and asymmetric: a pruned entry's code is its group's zero point
+  model, compact = _linen_export(
+      tmp_path, vj.chain(vj.prune(sparsity=0.5),
+                         vj.quantize(4, group_size=32, symmetric=False)), x)
+  assert {leaf["format"].get("layout") for leaf in compact.manifest["leaves"]} & {
+      "bitmask", "indices"}
+  qm = qwix.quantize_model(model, qwix.PtqProvider(
+      _rules(jnp.int4, 32, weight_calibration_method="minmax")))
+  variables = vj.to_qwix(compact, qm, x)
+  np.testing.assert_array_equal(_bits(qm.apply(variables, x)),
+                                _bits(compact.apply(model, x, decode="once")))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

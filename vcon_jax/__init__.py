@@ -58,7 +58,10 @@ _MOVED = set(ops.__all__)
 
 
 def __getattr__(name):
-  if name in _MOVED:
-    raise AttributeError(f"vcon_jax.{name} moved to vcon_jax.ops.{name} (the pure functions, "
-                         f"reference blends and wrap_optax state parts live there).")
+  if name in _MOVED:  # the old spelling works for now, and says where the name went
+    import warnings  # pylint: disable=import-outside-toplevel
+    warnings.warn(f"vcon_jax.{name} moved to vcon_jax.ops.{name} (the pure functions, "
+                  f"reference blends and wrap_optax state parts live there); the old name "
+                  f"will go.", DeprecationWarning, stacklevel=2)
+    return getattr(ops, name)
   raise AttributeError(f"module 'vcon_jax' has no attribute {name!r}")

@@ -51,6 +51,7 @@ class _View:
   leaf: int
   axes: tuple[tuple[int, ...], ...]
   stacked: tuple[int, ...] = ()
+  indexed: bool = False  # ``w[i]`` inside a loop: a layer if contracted, else a lookup
 
 
 @dataclasses.dataclass
@@ -122,6 +123,9 @@ class _Tracer:
 
   def use(self, view: _View, op: str, **kw):
     u = self.uses[view.leaf]
+    if view.indexed and op != "linear":  # a row of a table read in a loop (pos[t])
+      u.ops.add("lookup")
+      return
     u.ops.add(op)
     if op == "linear":
       u.in_axes = tuple(sorted(set(kw["in_axes"]) | set(u.in_axes or ())))
@@ -184,27 +188,27 @@ class _Tracer:
       return None
     (i, v), = tracked
     if name == "transpose":
-      return [_View(v.leaf, tuple(v.axes[a] for a in p["permutation"]), v.stacked)]
+      return [dataclasses.replace(v, axes=tuple(v.axes[a] for a in p["permutation"]))]
     if name == "reshape":
       new = _reshape_axes(eqn.invars[0].aval.shape, p["new_sizes"], v.axes)
       if new is None:
         self.use(v, name)
         return None
-      return [_View(v.leaf, new, v.stacked)]
+      return [dataclasses.replace(v, axes=new)]
     if name == "broadcast_in_dim":
       axes = [()] * len(p["shape"])
       for src, dst in enumerate(p["broadcast_dimensions"]):
         axes[dst] = v.axes[src]
-      return [_View(v.leaf, tuple(axes), v.stacked)]
+      return [dataclasses.replace(v, axes=tuple(axes))]
     if name == "squeeze":
       drop = set(d % len(v.axes) for d in p["dimensions"])
-      return [_View(v.leaf, tuple(a for k, a in enumerate(v.axes) if k not in drop),
-                    v.stacked)]
+      return [dataclasses.replace(
+          v, axes=tuple(a for k, a in enumerate(v.axes) if k not in drop))]
     if name == "expand_dims":
       axes = list(v.axes)
       for d in sorted(p["dimensions"]):
         axes.insert(d, ())
-      return [_View(v.leaf, tuple(axes), v.stacked)]
+      return [dataclasses.replace(v, axes=tuple(axes))]
     if name == "dot_general":
       (lc, rc), (lb, rb) = p["dimension_numbers"]
       contract, batch = (lc, lb) if i == 0 else (rc, rb)
@@ -221,7 +225,7 @@ class _Tracer:
     if name == "dynamic_slice" and i == 0 and self.loops and _one_layer(eqn):
       # inside a loop body, one whole leading slice at a (loop) index: the layer of a
       # stack that fori_loop / while / a scan over a counter runs one per iteration
-      return [_View(v.leaf, ((),) + v.axes[1:], v.stacked + v.axes[0])]
+      return [_View(v.leaf, ((),) + v.axes[1:], v.stacked + v.axes[0], indexed=True)]
     if name in ("gather", "dynamic_slice") and i == 0:
       self.use(v, "lookup")
       return None

@@ -161,11 +161,16 @@ def native_coded(fmt: Mapping, arr: Mapping, fan_in: int, fan_out: int
   inside the call), except that codes whose width does not divide a byte (3, 5, 6, 7 bits)
   are widened to the next that does (4 or 8), so a jitted call unpacks them with shifts
   and a mask instead of bit by bit: int3 is held as 4-bit nibbles (0.5 bytes a weight, the
-  file 0.375), int5-7 as one byte a weight. 1, 2, 4 and 8-bit codes are held as stored.
+  file 0.375), int5-7 as one byte a weight. 1, 2, 4, 8 and 9-16-bit codes are held as
+  stored.
   """
   fmt, arr = dict(fmt), dict(arr)
-  if fmt["kind"] != "coded" or fmt["codec"] != "int" or 8 % fmt["bits"] == 0:
-    return fmt, arr
+  if (fmt["kind"] == "coded" and fmt["layout"] == "indices"
+      and fan_in * fan_out >= 2 ** 31):
+    raise ValueError(f"a sparse leaf of {fan_in} x {fan_out} entries is too large for "
+                     f"int32 positions; run it with decode='once'.")
+  if fmt["kind"] != "coded" or fmt["codec"] != "int" or fmt["bits"] not in (3, 5, 6, 7):
+    return fmt, arr  # 1, 2, 4, 8 unpack by shifts; 9-16 bits are held as stored
   bits, held = fmt["bits"], 4 if fmt["bits"] < 4 else 8
   # the codes keep their values (level L and zero points follow `bits`); only the packing
   # width (`held_bits`) changes

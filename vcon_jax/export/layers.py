@@ -77,12 +77,18 @@ def after(x: jax.Array, arrays: Any) -> Any:
   """``arrays`` unchanged, made to depend on ``x``: computed from them, XLA cannot schedule
   it before ``x`` exists.
 
-  ``lax.optimization_barrier`` does not do this on XLA:CPU (its scheduler still hoisted
+  On CPU ``lax.optimization_barrier`` does not do this (XLA:CPU's scheduler still hoisted
   every layer's decode to the start of the call: all dense kernels at once, measured with
-  ``memory_analysis()``). A select on a predicate read from ``x`` that is false for every
-  value (nothing is below -inf, NaN included) is a true data dependence that XLA cannot
-  fold; it fuses into the decode, so it costs one compare per stored element.
+  ``memory_analysis()``), so there a select on a predicate read from ``x`` that is false
+  for every value (nothing is below -inf, NaN included) makes a true data dependence that
+  XLA cannot fold; it fuses into the decode (one compare per stored element). Reading
+  ``x[0]`` would cost a collective per layer on a batch-sharded ``x`` and batch the
+  compact arrays under ``vmap``, so on other backends (GPU, TPU) the barrier is used, whose
+  scheduling there is XLA's.
   """
+  if jax.default_backend() != "cpu":
+    _, arrays = lax.optimization_barrier((x, arrays))
+    return arrays
   if x.size == 0:
     return arrays
   never = jnp.ravel(x)[0] < -jnp.inf

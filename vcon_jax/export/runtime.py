@@ -31,9 +31,12 @@ def auto_decode(backend: str | None = None) -> str:
 
   ``"once"`` on CPU: measured fastest there at batch 1 and 256
   (``experiments/results/bench_serving.md``; XLA:CPU has no fast int8 / int4 matmul, so
-  decoding in the call only adds work). ``"native"`` on GPU and TPU, where XLA fuses the
-  decode of int8 / int4 operands into the matmul and the weights stay small; not measured
-  here (no GPU or TPU was lent), so check it with the serving benchmark on yours.
+  decoding in the call only adds work). ``"native"`` on GPU and TPU, where the weights
+  then stay small and XLA can fuse a layer's decode into its matmul; not measured (no GPU
+  or TPU was lent), so check it with ``experiments/bench_serving.py`` on yours. A
+  model's run picks ``"native"`` there only when every coded kernel is a plain ``Linear``
+  / ``Dense`` layer (others would be decoded whole in every call), else ``"once"``; the
+  runner's ``decode`` and a log line say which.
   """
   return "once" if (backend or jax.default_backend()) == "cpu" else "native"
 
@@ -59,9 +62,9 @@ class _Runner:
   """
 
   def __init__(self, owner: "CompressedModel", adapter, model_state, decode: str,
-               plan: Callable):
+               plan: Callable, auto: bool = False):
     self._owner, self._adapter, self._state = owner, adapter, model_state
-    self.decode, self._plan = decode, plan
+    self.decode, self._plan, self._auto = decode, plan, auto
     self._jitted = self._arrays = None
     self.fast_layers: list[str] = []
     self.native_layers: list[str] = []
@@ -74,6 +77,12 @@ class _Runner:
     if self._jitted is None:
       owner = self._owner
       sites = self._plan(x)
+      if self._auto and self.decode == "native":
+        missed = owner._not_at_sites(sites)
+        if missed:  # some coded kernels would be decoded whole in every call
+          _log.info("vcon_jax: decode='auto' runs 'once': %d coded kernels are not plain "
+                    "Linear / Dense layers (e.g. %s)", len(missed), missed[0])
+          self.decode, sites = "once", sites & owner.low_rank_keys
       fast = sites & owner.low_rank_keys
       native = sites - fast
       dense_keys = owner.low_rank_keys - fast if self.decode == "once" else frozenset()
@@ -329,7 +338,7 @@ class CompressedModel:
           coded leaves are decoded at the start of the call, as in ``"on_the_fly"``. The
           same weights as ``"once"``, bit for bit.
 
-        In both modes low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers run as
+        In every mode low-rank ``flax.linen.Dense`` / ``flax.nnx.Linear`` layers run as
         two thin matmuls ``(x @ A) @ B`` from their factors (see :attr:`fast_layers`);
         other low-rank layers (convs, ``DenseGeneral``, einsums) use the kernel ``A @ B``,
         formed once (``"once"``) or in every call (``"on_the_fly"``).
@@ -337,7 +346,8 @@ class CompressedModel:
     """
     if decode not in DECODE_MODES:
       raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
-    if decode == "auto":
+    auto = decode == "auto"
+    if auto:
       decode = auto_decode()
     site_keys = self.low_rank_keys | (self.coded_keys if decode == "native" else frozenset())
     kind = _model.model_kind(model)
@@ -356,10 +366,15 @@ class CompressedModel:
       params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
       model = nnx.merge(graphdef, params, rest)
       sites = layers.nnx_site_keys(model, site_keys)
+      if auto and decode == "native" and self._not_at_sites(sites):
+        decode = "once"  # the layers switched above are rebuilt: once runs them dense
+        model = nnx.merge(graphdef, params, rest)
+        sites = layers.nnx_site_keys(model, self.low_rank_keys)
       adapter = _model.make_adapter(model, None, None)
       params, rest = adapter.split(None)
       self._check_params(params)
-      return _Runner(self, adapter, self._merged_state(rest), decode, lambda x: sites)
+      return _Runner(self, adapter, self._merged_state(rest), decode, lambda x: sites,
+                     auto=auto)
     adapter = _model.make_adapter(model, None, kwargs)
     state = self.model_state()
     shapes = fmt_lib.unflatten([
@@ -368,7 +383,14 @@ class CompressedModel:
     plan = lambda x: layers.linen_site_keys(
         lambda p, s, x: adapter.apply(p, s, x, None, train=False)[0], (shapes, state, x),
         site_keys)
-    return _Runner(self, adapter, state, decode, plan)
+    return _Runner(self, adapter, state, decode, plan, auto=auto)
+
+  def _not_at_sites(self, sites: frozenset) -> list[str]:
+    """The coded kernels a native run would decode at the start of each call (not plain
+    ``Linear`` / ``Dense`` layers): ``"auto"`` then prefers ``"once"``."""
+    return sorted("/".join(map(str, k)) for k in self.coded_keys - sites) + sorted(
+        leaf["path"] for leaf in self._leaves if leaf["format"]["kind"] == "coded"
+        and tuple(leaf["keys"]) not in self.coded_keys)
 
   def _check_params(self, params) -> None:
     """Raises if the model's param leaves (keys and shapes) differ from the export's."""
