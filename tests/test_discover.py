@@ -281,3 +281,60 @@ def test_a_table_read_row_by_row_in_a_loop_stays_a_lookup():
   found = vj.discover(apply_fn, params, jnp.ones((2, 16)))
   assert found.leaves["pos"].kind == "lookup" and found.leaves["pos"].stack_axes == ()
   assert found.leaves["w"].kind == "stacked"
+
+
+class _LinenZoo(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # x: (batch, seq, 16)
+    x = nn.Einsum((16, 4, 8), "bsd,dhk->bshk", name="proj")(x).reshape(x.shape[:2] + (32,))
+    x = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x)
+    return nn.Dense(3)(x.mean(1))
+
+
+class _NNXZoo(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+    self.lg = nnx.LinearGeneral(16, (4, 8), rngs=rngs)  # (in, heads, head_dim)
+    self.ein = nnx.Einsum("bshk,hkd->bsd", (4, 8, 16), rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False,
+                                       rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):  # x: (batch, 4, 4, 3)
+    h = self.conv(x).reshape(x.shape[0], 16, 16)
+    h = self.ein(self.lg(h))
+    return self.head(self.attn(h).mean(1))
+
+
+def test_linen_einsum_and_attention_axes():
+  x = jnp.ones((2, 5, 16))
+  params = _LinenZoo().init(jax.random.key(0), x)["params"]
+  found = vj.discover(lambda p, x: _LinenZoo().apply({"params": p}, x), params, x)
+  kinds = {p: (u.kind, u.in_axes) for p, u in found.leaves.items()}
+  assert kinds["proj/kernel"] == ("linear", (0,))
+  for name in ("query", "key", "value"):
+    assert kinds[f"attn/{name}/kernel"] == ("linear", (0,))  # (in, heads, head_dim)
+  assert kinds["attn/out/kernel"] == ("linear", (0, 1))       # (heads, head_dim, out)
+
+
+def test_nnx_conv_linear_general_einsum_attention_axes_and_steps():
+  model = _NNXZoo(nnx.Rngs(0))
+  x = jnp.ones((2, 4, 4, 3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  found = vj.discover(lambda p, x: nnx.merge(graphdef, p)(x), params.to_pure_dict(), x)
+  kinds = {p: (u.kind, u.in_axes) for p, u in found.leaves.items()}
+  assert kinds["conv/kernel"] == ("linear", (0, 1, 2))
+  assert kinds["lg/kernel"] == ("linear", (0,))
+  assert kinds["ein/kernel"] == ("linear", (0, 1))
+  assert kinds["attn/query/kernel"] == ("linear", (0,))
+  assert kinds["attn/out/kernel"] == ("linear", (0, 1))
+  assert kinds["head/kernel"] == ("linear", (0,))
+  step = vj.make_train_step(model, vj.quantize(4), vj.linear_vanish(2), optax.adam(1e-3),
+                            loss_fn=lambda logits, batch: (logits ** 2).mean(), example=x)
+  state = step.init()
+  for _ in range(3):
+    state, metrics = step(state, {"inputs": x})
+  assert float(metrics["beta"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+  c = step.compressed_params(state)
+  q = np.asarray(c["ein"]["kernel"]).reshape(32, 16)  # inputs (heads, head_dim)
+  assert max(len(np.unique(col)) for col in q.T) <= 15
