@@ -405,3 +405,22 @@ def test_low_precision_kernels_selected_integers_not():
   for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
     assert t.select("Dense_0/kernel", jnp.zeros((4, 4), dtype)), dtype
   assert not t.select("Dense_0/kernel", jnp.zeros((4, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("make", [lambda: vj.quantize(4, include_non_kernels=True),
+                                  lambda: vj.prune(0.5, granularity="neuron",
+                                                   include_non_kernels=True),
+                                  lambda: vj.low_rank(2, include_non_kernels=True)])
+def test_an_opted_in_non_kernel_weight_is_not_given_flax_axes(make):
+  """Equinox's (out, in) `weight` without a trace: refused in one line that names the
+  trace and in_axes=, never taken as (in, out); declaring the axes makes it work."""
+  params = {"weight": jnp.ones((4, 6))}
+  with pytest.raises(ValueError, match=r"not a Flax kernel.*example=x.*in_axes="):
+    make().init(params)
+
+
+def test_an_opted_in_non_kernel_weight_with_declared_axes():
+  params = {"weight": jnp.asarray(np.random.RandomState(0).randn(4, 6))}
+  t = vj.quantize(4, include_non_kernels=True, in_axes={"weight": (1,)})  # (out, in)
+  c = vj.compress(t, params, t.init(params))["weight"]
+  assert max(len(np.unique(row)) for row in np.asarray(c)) <= 15  # a scale per output row

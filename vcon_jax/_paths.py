@@ -209,11 +209,13 @@ def _declared(path: str, shape: tuple, spec: Any) -> tuple[int, ...]:
   return tuple(sorted(axes))
 
 
-def _ambiguous(path: str, shape: tuple, why: str) -> ValueError:
+def _ambiguous(path: str, shape: tuple, why: str, trace: bool = False) -> ValueError:
   first = 1 if len(shape) == 3 else len(shape) - 1
+  how = ("Trace the model (make_train_step(..., example=x), or wrap_optax(..., apply_fn=, "
+         "params=, example=)), or declare them" if trace else "Declare them")
   return ValueError(
       f"cannot tell which axes of {path} (shape {tuple(shape)}) are the inputs of its "
-      f"linear map: {why}. Declare them with in_axes={{{path!r}: n}} (its first n axes are "
+      f"linear map: {why}. {how} with in_axes={{{path!r}: n}} (its first n axes are "
       f"inputs, e.g. n={first}) or in_axes={{{path!r}: (axis, ...)}}.")
 
 
@@ -225,6 +227,9 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
 
   - 0-D and 1-D leaves: no input axis (a 1-D leaf is ``(1, n)``);
   - a kernel under a Linen ``Einsum_<i>`` module: any layout is possible, so refused;
+  - a leaf not named ``kernel`` (opted in with ``include_non_kernels``) of 2 or more
+    axes: refused (Equinox's and PyTorch-style weights are ``(out, in)``): declare its
+    axes or let a trace find them;
   - 2-D: ``(in, out)`` (``Dense``, ``nnx.Linear``; an ``nnx.Einsum``, whose attribute name
     does not say it is one, with an ``(out, in)`` kernel must be declared);
   - 3-D kernels of Flax attention (``nn.MultiHeadDotProductAttention``,
@@ -257,9 +262,10 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
   modules = segments[:-1]
   parent = modules[-1] if modules else ""
   if path.rsplit("/", 1)[-1] not in KERNEL_NAMES:  # an opted-in non-kernel leaf
-    if ndim == 2:
-      return (0,)
-    raise _ambiguous(path, shape, "it is not a kernel and has more than two axes")
+    # (in, out) is Flax's layout only: Equinox, PyTorch-style and Llama weights are
+    # (out, in), Gemma's einsum weights any; the names cannot say which, so never guess
+    raise _ambiguous(path, shape, "it is not a Flax kernel (Equinox and PyTorch-style "
+                     "weights are (out, in))", trace=True)
   if any(_LINEN_EINSUM.match(s) for s in modules):
     raise _ambiguous(path, shape, "it belongs to an Einsum, whose kernel may have any layout")
   if ndim == 2:
