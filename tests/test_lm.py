@@ -152,6 +152,26 @@ def test_greedy_generation_from_the_export_follows_the_trained_compressed_model(
 
   assert out == generate.generate(_Trained(), 16, "a cat", 8)
   assert out == b" is an a"  # what it learned
+  # the key / value cache loop on the served weights writes the same text
+  lm = get_model("lm", **SMALL)
+  vj.load_compressed(tmp_path / "lm.npz").update(lm)
+  assert generate.generate_cached(lm, 16, "a cat", 8) == out
+  assert generate.generate_cached(lm, 16, "a cat", 30) == generate.generate(served, 16,
+                                                                           "a cat", 30)[:11]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_decode_gives_the_forward_pass_logits(dtype):
+  """CausalLM.decode, one token at a time against the cache, gives the logits of the
+  whole-sequence forward pass at every position (GQA, rotary positions)."""
+  model = get_model("lm", **{**SMALL, "dtype": dtype})
+  tokens = _tokens(b=2, seed=5)[:, :10]
+  full = np.asarray(model(tokens))
+  cache = model.init_cache(2, 16)
+  for pos in range(tokens.shape[1]):
+    logits, cache = model.decode(tokens[:, pos], pos, cache)
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(np.asarray(logits), full[:, pos], atol=tol, rtol=tol)
 
 
 def test_generate_refuses_a_directory_that_is_not_an_lm_run(tmp_path):

@@ -180,9 +180,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None,
                  help="where table.md, results.json and plots go (default: WORKDIR/results)")
   p = sub.add_parser("generate", help="sample text from an exported compressed LM",
-                     description="Runs the compact export (model.npz) of a model=lm run "
-                                 "through load_compressed and prints what it writes after "
-                                 "the prompt.")
+                     description="Loads the compact export (model.npz) of a model=lm run "
+                                 "through load_compressed into the LM and prints what it "
+                                 "writes after the prompt, one byte per step against a "
+                                 "key / value cache.")
   p.add_argument("run", metavar="RUN_DIR",
                  help="directory of a finished model=lm compression run")
   p.add_argument("--prompt", default="", help="text to continue (default: none)")
@@ -196,11 +197,11 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args) -> int:
   from vcon_experiments import generate  # pylint: disable=import-outside-toplevel
   try:
-    cfg, served = generate.load_served(args.run)
+    cfg, model = generate.load_cached(args.run)
     n = args.bytes if args.bytes is not None else max(
         0, cfg.max_len - len(args.prompt.encode()) - 1)
-    text = generate.generate(served, cfg.max_len, args.prompt, n,
-                             temperature=args.temperature, seed=args.seed)
+    text = generate.generate_cached(model, cfg.max_len, args.prompt, n,
+                                    temperature=args.temperature, seed=args.seed)
   except (ValueError, FileNotFoundError) as err:
     print(f"vcon-jax generate: error: {err}", file=sys.stderr)
     return 1

@@ -104,6 +104,30 @@ class Attention(nnx.Module):
     y = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, t, heads * self.head_dim)
     return self.out(y)
 
+  def step(self, x: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """One new token per sequence (``x``: ``(batch, 1, dim)`` at position ``pos``) against
+    the key / value cache ``{"k", "v"}`` (``(batch, max_len, kv_heads, head_dim)``):
+    the same attention as :meth:`__call__` at that position, the cache updated."""
+    b = x.shape[0]
+    heads, kv_heads = self.heads, self.kv_heads
+    positions = jnp.full((b, 1), pos)
+    q = rotary(self.query(x).reshape(b, 1, heads, self.head_dim), positions)
+    k = rotary(self.key(x).reshape(b, 1, kv_heads, self.head_dim), positions)
+    v = self.value(x).reshape(b, 1, kv_heads, self.head_dim)
+    at = (0, pos, 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)}
+    group = heads // kv_heads
+    q = q.reshape(b, 1, kv_heads, group, self.head_dim)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, cache["k"]).astype(jnp.float32)
+    logits = logits / math.sqrt(self.head_dim)
+    seen = jnp.arange(cache["k"].shape[1]) <= pos
+    logits = jnp.where(seen, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(cache["v"].dtype)
+    y = jnp.einsum("bkgqs,bskd->bqkgd", weights, cache["v"]).reshape(
+        b, 1, heads * self.head_dim)
+    return self.out(y), cache
+
 
 class GatedMLP(nnx.Module):
   """``down(gelu(gate(x)) * up(x))`` (GeGLU, Gemma's MLP)."""
@@ -130,6 +154,11 @@ class DecoderBlock(nnx.Module):
   def __call__(self, x, positions):
     x = x + self.attn(self.attn_norm(x), positions)
     return x + self.mlp(self.mlp_norm(x))
+
+  def step(self, x, pos, cache):
+    h, cache = self.attn.step(self.attn_norm(x), pos, cache)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class CausalLM(nnx.Module):
@@ -170,3 +199,24 @@ class CausalLM(nnx.Module):
     for block in self.blocks:
       x = block(x, positions)
     return self.embed.attend(self.final_norm(x)).astype(jnp.float32)
+
+  def init_cache(self, batch: int, length: int | None = None) -> list[dict]:
+    """An empty key / value cache for :meth:`decode`, ``length`` positions (default
+    ``max_len``), in the compute dtype."""
+    length = length or self.max_len
+    dtype = self.blocks[0].attn.key.dtype or self.embed.embedding.dtype
+    return [{name: jnp.zeros((batch, length, blk.attn.kv_heads, blk.attn.head_dim), dtype)
+             for name in ("k", "v")} for blk in self.blocks]
+
+  def decode(self, tokens: jax.Array, pos: jax.Array, cache: list[dict]
+             ) -> tuple[jax.Array, list[dict]]:
+    """Next-token logits ``(batch, vocab)`` for ``tokens`` ``(batch,)`` at position
+    ``pos`` given the cache of the positions before it, and the cache with this one
+    added: the same function as :meth:`__call__` at that position, one token's work."""
+    x = self.embed(tokens[:, None]) * jnp.asarray(math.sqrt(self.dim),
+                                                   self.embed.embedding.dtype)
+    new = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.step(x, pos, c)
+      new.append(c)
+    return self.embed.attend(self.final_norm(x))[:, 0].astype(jnp.float32), new
