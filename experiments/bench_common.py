@@ -94,10 +94,11 @@ def machine_meta(**extra):
 
 
 def write_results(out, payload, markdown):
-  """Writes ``out``.json (atomically) and ``out``.md; ``out`` has no extension."""
+  """Writes ``out``.json and ``out``.md, each atomically (temp file + rename); ``out`` has
+  no extension."""
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(payload, indent=1))
-  os.replace(tmp, out.with_suffix(".json"))
-  out.with_suffix(".md").write_text(markdown)
+  for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", markdown)):
+    tmp = out.with_suffix(suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out.with_suffix(suffix))

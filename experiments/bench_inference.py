@@ -38,9 +38,7 @@ same function. Output: ``experiments/results/bench_inference.{md,json}`` (see ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import random
 import tempfile
@@ -52,10 +50,10 @@ import optax
 from flax import nnx
 
 import vcon_jax as vj
+from bench_common import RESULTS, write_results
 from vcon_jax import _low_rank
 from vcon_experiments.models import get_model
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IN_FEATURES, NUM_CLASSES = 784, 10
 DENSE = "dense fp32"
 MODES = {"once": "once", "on_the_fly": "on the fly"}
@@ -335,14 +333,8 @@ def main(argv=None):
     _low_rank.svd_factors = _EXACT_SVD
   meta["loadavg_end"] = list(os.getloadavg())
   meta["runtime_s"] = time.perf_counter() - start
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   md = to_markdown(results, meta)
-  for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=1)),
-                       (".md", md)):
-    tmp = out.with_suffix(suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out.with_suffix(suffix))
+  write_results(args.out, {"meta": meta, "results": results}, md)
   print(md)
 
 

@@ -29,9 +29,7 @@ Output: ``experiments/results/bench_serving.{md,json}``. Run it on a quiet machi
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import random
 import tempfile
@@ -44,9 +42,9 @@ import optax
 from flax import nnx
 
 import vcon_jax as vj
+from bench_common import RESULTS, write_results
 from vcon_jax.export import runtime
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODES = ("once", "on_the_fly", "native")
 
 
@@ -244,14 +242,8 @@ def main(argv=None):
   res = run(args.width, args.batches, args.repeats, args.target_ms / 1e3,
             lambda s: print(s, flush=True))
   meta["loadavg_end"], meta["runtime_s"] = list(os.getloadavg()), time.perf_counter() - start
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   md = to_markdown(res, meta)
-  for suffix, text in ((".json", json.dumps({"meta": meta, "results": res}, indent=1)),
-                       (".md", md)):
-    tmp = out.with_suffix(suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out.with_suffix(suffix))
+  write_results(args.out, {"meta": meta, "results": res}, md)
   print(md)
 
 

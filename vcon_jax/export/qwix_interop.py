@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from vcon_jax import _paths
 from vcon_jax.export import codec, format as fmt_lib
 
 
@@ -185,7 +185,7 @@ def to_qwix(compact: Any, qwix_model: Any, x: Any = None) -> Any:
   from qwix._src.providers.ptq import WithAux  # the PTQ params' leaf type (no public name)
 
   stored = {tuple(leaf["keys"]): leaf for leaf in compact._leaves}
-  dense = {tuple(k): v for k, v in _flat(compact.params())}
+  dense = {tuple(leaf["keys"]): compact._dense_leaf(i) for i, leaf in enumerate(compact._leaves)}
 
   def value(keys, template_q):
     name = "/".join(map(str, keys))
@@ -198,8 +198,10 @@ def to_qwix(compact: Any, qwix_model: Any, x: Any = None) -> Any:
 
   if isinstance(qwix_model, nnx.Module):
     graph = nnx.to_pure_dict(nnx.state(qwix_model, nnx.Param))
+    flat = traverse_util.flatten_dict(  # a quantised kernel's {"array": ...} is one leaf
+        graph, is_leaf=lambda _, v: isinstance(v, dict) and "array" in v)
     ckpt = []
-    for keys, leaf in _flat(graph, stop=lambda d: "array" in d):
+    for keys, leaf in flat.items():
       if isinstance(leaf, dict):  # a quantised kernel: {"array": {"qvalue", "scale", ...}}
         q = value(keys, _abstract_qarray(qwix_model, keys))
         entry = {"qvalue": q.qvalue, "scale": q.scale}
@@ -208,7 +210,7 @@ def to_qwix(compact: Any, qwix_model: Any, x: Any = None) -> Any:
         ckpt.append(((*keys, "array"), entry))  # the path of the WithAux's QArray
       else:
         ckpt.append((keys, value(keys, None)))
-    _check_all_used(stored, {k[:-1] if k[-1] == "array" else k for k, _ in ckpt})
+    _check_all_used(stored, set(flat))
     processed = qwix.process_prequantized_params(fmt_lib.unflatten(ckpt), qwix_model)
     nnx.update(qwix_model, processed)
     rest = nnx.to_pure_dict(nnx.state(qwix_model, nnx.Not(nnx.Param)))
@@ -221,7 +223,7 @@ def to_qwix(compact: Any, qwix_model: Any, x: Any = None) -> Any:
                      "qwix_model, x) (its params' shapes come from jax.eval_shape of init).")
   abstract = jax.eval_shape(qwix_model.init, jax.random.key(0), x)
   out = []
-  for keys, leaf in _flat(abstract["params"]):
+  for keys, leaf in traverse_util.flatten_dict(abstract["params"]).items():
     if isinstance(leaf, WithAux):
       out.append((keys, leaf.replace(array=value(keys, leaf.array))))
     else:
@@ -236,21 +238,6 @@ def _abstract_qarray(module: Any, keys: tuple) -> Any:
   for k in keys:
     node = node[k] if isinstance(k, int) or not hasattr(node, str(k)) else getattr(node, k)
   return node.array
-
-
-def _flat(tree, stop=lambda d: False):
-  """``[(keys, leaf)]`` of a nested dict (a dict for which ``stop`` holds is a leaf)."""
-  out = []
-
-  def walk(node, keys):
-    if isinstance(node, dict) and not stop(node):
-      for k, v in node.items():
-        walk(v, (*keys, k))
-    else:
-      out.append((keys, node))
-
-  walk(tree, ())
-  return out
 
 
 def _check_all_used(stored: dict, used: set) -> None:
