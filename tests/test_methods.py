@@ -50,3 +50,38 @@ def test_prune_units_in_the_suite_removes_whole_channels_of_the_cnn():
   assert np.all(rows == rows[0]) and rows[0].sum() == 16
   with pytest.raises(ValueError, match="needs the model"):
     methods.build(cfg, params)
+
+
+def test_beta_hold_and_lr_restart_levers():
+  """The study's levers: beta held at 1 for a share of the budget, then the transition;
+  the learning rate restarts its warm-up + cosine where beta reaches 0; both named in the
+  run directory and left out of the config dict at their defaults (old runs stay valid)."""
+  from vcon_experiments import runner  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.Config(method="vcon", steps=100, transition=0.2, beta_hold=0.1,
+                          lr_schedule="restart")
+  assert cfg.run_name() == "same-task/s100/prune90/vcon-Q20-hold10-lrrestart/seed0"
+  assert "beta_hold" not in config_lib.Config().to_dict()
+  assert "lr_schedule" not in config_lib.Config().to_dict()
+  _, schedule, _ = methods.build(cfg, {"w": np.zeros((4, 4), np.float32)})
+  assert [float(schedule(t)) for t in (0, 10, 20, 30, 40)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+  assert methods.transition_end(cfg) == 30
+  assert methods.transition_end(cfg.replace(method="post-shot")) == 0
+  tx = runner._optimizer(1.0, 100, restart_at=30)  # pylint: disable=protected-access
+  lr = [float(s) for s in _learning_rates(tx, 100)]
+  assert lr[29] < 0.05 and abs(lr[33] - 1.0) < 0.05 and lr[99] < 0.05
+  with pytest.raises(ValueError, match="beta_hold"):
+    cfg.replace(beta_hold=0.9)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    cfg.replace(lr_schedule="step")
+
+
+def _learning_rates(tx, steps):
+  """The learning rate of each step of an AdamW + schedule: the update of a unit gradient
+  after Adam's normalisation is -lr (to rounding), from a fresh state each step."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  out = []
+  state = tx.init(jnp.zeros(()))
+  for _ in range(steps):
+    u, state = tx.update(jnp.ones(()), state, jnp.zeros(()))
+    out.append(-u)
+  return out

@@ -90,6 +90,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                       f"({d.transition})")
   g.add_argument("--beta-schedule", choices=config_lib.BETA_SCHEDULES, default=None,
                  help=f"shape of beta from 1 to 0 ({d.beta_schedule})")
+  g.add_argument("--beta-hold", type=float, default=None,
+                 help="VCON: hold beta at 1 for this fraction of --steps before the "
+                      f"transition ({d.beta_hold})")
+  g.add_argument("--lr-schedule", choices=config_lib.LR_SCHEDULES, default=None,
+                 help="cosine: one warm-up + cosine decay; restart: a second one from the "
+                      f"end of the transition ({d.lr_schedule})")
   g.add_argument("--distill-weight", type=float, default=None,
                  help=f"vcon-distill: weight of the distillation term ({d.distill_weight})")
   g.add_argument("--update-every", type=int, default=None,

@@ -123,7 +123,8 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
       # a sweep's Q = 0 point is the post-shot run of its suite, reused when it exists
       # (post-shot ignores transition and beta shape; its runs carry the defaults)
       post = cfg.replace(method="post-shot", transition=Config.transition,
-                         beta_schedule=Config.beta_schedule)
+                         beta_schedule=Config.beta_schedule, beta_hold=Config.beta_hold,
+                         lr_schedule=Config.lr_schedule)
       runs = [runner.result_of(post.replace(seed=s), suite_root) for s in range(n_seeds)]
       if all(runs):
         suite["runs"] = {"post-shot": [{**r, "seed": s, "curve": []}

@@ -21,6 +21,9 @@ REGIMES = ("same-task", "transfer")
 COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank", "prune-units")
 MODELS = ("mlp", "cnn", "vit", "transformer", "lm")
 BETA_SCHEDULES = ("linear", "cosine")
+#: ``cosine``: one warm-up + cosine decay over the budget; ``restart``: a second warm-up +
+#: cosine decay begins when beta reaches 0 (the compressed model gets a fresh peak).
+LR_SCHEDULES = ("cosine", "restart")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,12 @@ class Config:
     transition: VCON's transition length Q, and the gradual ramp's length, as a fraction
       of the budget (default 0.2: the paper's 12 of 60 epochs).
     beta_schedule: ``linear`` (the paper's ``max(1 - t/Q, 0)``) or ``cosine``.
+    beta_hold: VCON holds beta at 1 for this fraction of the budget before its
+      transition of Q begins (0: the paper's schedule, the transition starts at step 0).
+    lr_schedule: ``cosine`` (one warm-up + cosine decay over the budget) or ``restart``
+      (VCON and gradual: a second warm-up + cosine decay starts where the transition
+      ends, so the compressed model trains from a fresh peak; post-shot and dense have no
+      transition and keep ``cosine``).
     distill_weight: weight of the distillation term (``vcon-distill``).
     update_every: prune mask refresh interval (1: every step, the paper's online mask).
     eval_every: steps between evaluations on ``eval_examples`` test examples.
@@ -104,6 +113,8 @@ class Config:
   method: str = "vcon"
   transition: float = 0.2
   beta_schedule: str = "linear"
+  beta_hold: float = 0.0
+  lr_schedule: str = "cosine"
   distill_weight: float = 0.5
   update_every: int = 1
   eval_every: int = 50
@@ -121,7 +132,8 @@ class Config:
                          for k, v in self.model_kwargs.items()}
     # fields at the defaults they had before they existed are left out, which keeps the
     # configs (and run dirs) of earlier runs valid
-    for name, before in (("init_from", None), ("pattern", ""), ("group_size", 0)):
+    for name, before in (("init_from", None), ("pattern", ""), ("group_size", 0),
+                         ("beta_hold", 0.0), ("lr_schedule", "cosine")):
       if d[name] == before:
         del d[name]
     return d
@@ -151,6 +163,10 @@ class Config:
       extra = f"-Q{round(self.transition * 100)}"
       if self.method != "gradual" and self.beta_schedule != "linear":
         extra += f"-{self.beta_schedule}"
+      if self.method != "gradual" and self.beta_hold:
+        extra += f"-hold{round(self.beta_hold * 100)}"
+      if self.lr_schedule != "cosine":
+        extra += f"-lr{self.lr_schedule}"
     if self.update_every != 1 and self.compression == "prune":
       extra += f"-every{self.update_every}"
     extra += self._train_extra()
@@ -209,7 +225,8 @@ _RANGES = {
     "pretrain_lr": (_NUMBER, 0, 10, True), "lr": (_NUMBER, 0, 10, True),
     "sparsity": (_NUMBER, 0, 1, False, True), "bits": (_INT, 1, 16), "rank": (_INT, 1),
     "group_size": (_INT, 0),
-    "transition": (_NUMBER, 0, 1), "distill_weight": (_NUMBER, 0, 1),
+    "transition": (_NUMBER, 0, 1), "beta_hold": (_NUMBER, 0, 1, False, True),
+    "distill_weight": (_NUMBER, 0, 1),
     "update_every": (_INT, 1), "eval_every": (_INT, 1), "eval_examples": (_INT, 1),
     "checkpoint_every": (_INT, 1), "seed": (_INT, 0),
 }
@@ -222,6 +239,7 @@ def validate(cfg: Config) -> Config:
   _choice("method", cfg.method, ALL_METHODS)
   _choice("regime", cfg.regime, REGIMES)
   _choice("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
+  _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
   if not isinstance(cfg.dataset, str) or not cfg.dataset:
     _fail("dataset", cfg.dataset, "a dataset name such as fashion_mnist or wordnet")
   if not isinstance(cfg.model_kwargs, dict):
@@ -237,6 +255,9 @@ def validate(cfg: Config) -> Config:
     _fail("init_from", cfg.init_from, "an existing .npz file or Orbax checkpoint directory")
   for name, limits in _RANGES.items():
     _in_range(name, getattr(cfg, name), *limits)
+  if cfg.beta_hold + cfg.transition > 1:
+    _fail("beta_hold", cfg.beta_hold, f"at most 1 - transition = {1 - cfg.transition:g} "
+          "(the hold and the transition must fit in the budget)")
   if not isinstance(cfg.augment, bool):
     _fail("augment", cfg.augment, "true or false")
   if cfg.pattern:

@@ -38,6 +38,19 @@ def _low_rank_full(params: Any) -> int:
   return max(sizes) if sizes else 1
 
 
+def hold_steps(cfg: Config) -> int:
+  """Steps VCON holds beta at 1 before its transition (``cfg.beta_hold`` of the budget)."""
+  return int(round(cfg.beta_hold * cfg.steps))
+
+
+def transition_end(cfg: Config) -> int:
+  """The step where beta reaches 0 (VCON) or the ramp ends (gradual); 0 for the others."""
+  if cfg.method in ("post-shot", "dense"):
+    return 0
+  q = int(round(cfg.transition * cfg.steps))
+  return q + (hold_steps(cfg) if cfg.method != "gradual" else 0)
+
+
 def build(cfg: Config, params: Any, model: Any = None,
           example: Any = None) -> tuple[vj.Transform, Callable, float]:
   """Returns ``(transform, beta_schedule, distill_weight)`` for ``cfg``; ``prune-units``
@@ -81,8 +94,8 @@ def build(cfg: Config, params: Any, model: Any = None,
   if cfg.method in ("post-shot", "gradual"):
     schedule = vj.linear_vanish(0)
   elif cfg.beta_schedule == "cosine":
-    schedule = vj.cosine_vanish(q)
+    schedule = vj.cosine_vanish(q, begin_step=hold_steps(cfg))
   else:
-    schedule = vj.linear_vanish(q)
+    schedule = vj.linear_vanish(q, begin_step=hold_steps(cfg))
   distill = cfg.distill_weight if cfg.method == "vcon-distill" else 0.0
   return transform, schedule, distill

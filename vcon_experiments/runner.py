@@ -70,10 +70,20 @@ def build_model(cfg: Config, seed: int = 0, role: str = "target") -> nnx.Module:
   return get_model(cfg.model, rngs=nnx.Rngs(seed), **kwargs)
 
 
-def _optimizer(lr: float, steps: int) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
+def _cosine(lr: float, steps: int) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
       init_value=lr * 0.1, peak_value=lr, warmup_steps=max(1, steps // 20),
       decay_steps=steps, end_value=lr * 0.01)
+
+
+def _optimizer(lr: float, steps: int, restart_at: int = 0) -> optax.GradientTransformation:
+  """AdamW with warm-up + cosine decay over ``steps``; with ``0 < restart_at < steps`` the
+  first cycle spans ``restart_at`` steps and a second the rest (``lr_schedule="restart"``)."""
+  if 0 < restart_at < steps:
+    schedule = optax.join_schedules(
+        [_cosine(lr, restart_at), _cosine(lr, steps - restart_at)], [restart_at])
+  else:
+    schedule = _cosine(lr, steps)
   return optax.adamw(schedule, weight_decay=0.0)
 
 
@@ -388,7 +398,9 @@ def run_compression(cfg: Config, root: str | os.PathLike, *, progress: bool = Tr
     transform, schedule, distill = methods.build(cfg, params, model, train[0][:2])
     loss_fn = (tasks.token_loss if tasks.is_lm(cfg) else
                tasks.mixup_loss if cfg.mixup else None)
-    step = vj.make_train_step(model, transform, schedule, _optimizer(cfg.lr, cfg.steps),
+    step = vj.make_train_step(model, transform, schedule, _optimizer(
+        cfg.lr, cfg.steps,
+        methods.transition_end(cfg) if cfg.lr_schedule == "restart" else 0),
                               loss_fn=loss_fn,
                               seed=cfg.seed, distill_weight=distill,
                               skip_nonfinite=on_nonfinite == "skip")
