@@ -9,21 +9,21 @@ from vcon_jax._checkpoint import CheckpointManager, CheckpointMismatchError, res
 from vcon_jax._coupling import Member, UnitGroup
 from vcon_jax._losses import Distillation, distill, softmax_cross_entropy
 from vcon_jax._low_rank import low_rank
-from vcon_jax._optax_wrapper import (VconState, blended_params, compressed_params,
-                                     dense_params, wrap_optax)
+from vcon_jax._core import TrainState, VconState
+from vcon_jax._optax_wrapper import blended_params, compressed_params, dense_params, wrap_optax
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import prune
 from vcon_jax._quantize import binarize, quantize
 from vcon_jax._replicate import replicate, unreplicate
-from vcon_jax._schedules import (check_beta_schedule, constant, cosine_vanish, linear_vanish,
-                                 polynomial_ramp)
+from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._shrink import Shrunk, shrink
 from vcon_jax._spec import LeafSpec
 from vcon_jax._trace import Discovery, discover
-from vcon_jax._train import TrainState, TrainStep, make_train_step
+from vcon_jax._train import TrainStep, make_train_step
 from vcon_jax._transform import Transform, TransformState, chain, compress, identity
 from vcon_jax._transform import reselected as reselect
 from vcon_jax._units import Units, find_units, prune_units
+from vcon_jax._validate import check_beta_schedule
 from vcon_jax.export import (CompressedModel, Summary, export, load_compressed, summary,
                              to_qwix)
 

@@ -60,8 +60,11 @@ def check_loss_output(out: Any) -> None:
 
 def check_state(state: Any, state_type: type) -> None:
   """``step(state, batch)`` needs the state ``step.init`` returned."""
-  if isinstance(state, state_type):
+  if isinstance(state, state_type) and state.rng is not None:
     return
+  if isinstance(state, state_type):
+    raise TypeError("step(state, batch) got the state of a vj.wrap_optax optimiser (it has "
+                    "no model state or rng); pass the state returned by step.init(...).")
   got = "None" if state is None else f"a {type(state).__name__}"
   what = " (the model's params?)" if isinstance(state, Mapping) or hasattr(
       state, "to_pure_dict") else ""

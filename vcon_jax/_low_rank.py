@@ -7,7 +7,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from vcon_jax import _paths, _schedules
+from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
@@ -65,11 +65,8 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
   >>> t = vj.low_rank(rank=16)
   """
   scheduled = callable(rank)
-  if scheduled:
-    _schedules.check_schedule(rank, "rank", lambda v: round(v) >= 1, ">= 1 once rounded")
-  else:
-    rank = _schedules.as_int("rank", rank, 1)
-  max_rank = _schedules.as_int("max_rank", max_rank, 1, allow_none=True)
+  rank = _validate.int_or_schedule("rank", rank, 1)
+  max_rank = _validate.as_int("max_rank", max_rank, 1, allow_none=True)
 
   def init(path, w, *, axes):
     fan_in, fan_out = _paths.matricize_shape(w.shape, axes)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vcon_jax import _paths, _schedules
+from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
 from vcon_jax._transform import LeafRule, Transform, leafwise
@@ -114,8 +114,8 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
     if sparsity is not None:
       raise ValueError(f"Pass either sparsity or n and m, not both (got sparsity="
                        f"{sparsity!r}, n={n!r}, m={m!r}).")
-    n = _schedules.as_int("n", n, 1)
-    m = _schedules.as_int("m", m, 1)
+    n = _validate.as_int("n", n, 1)
+    m = _validate.as_int("m", m, 1)
     if n > m:
       raise ValueError(f"n:m pruning keeps n of every m weights, so n <= m is required; "
                        f"got n={n}, m={m}.")
@@ -123,19 +123,12 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
   else:
     if sparsity is None:
       raise ValueError("prune() needs sparsity in [0, 1) (or a schedule), or n and m.")
-    if callable(sparsity):
-      _schedules.check_schedule(sparsity, "sparsity", lambda v: 0.0 <= v < 1.0,
-                                "in [0, 1)")
-    elif not _schedules.is_number(sparsity) or not 0.0 <= sparsity < 1.0:
-      raise ValueError(f"sparsity must be a number in [0, 1) or a schedule, got "
-                       f"{sparsity!r}.")
-    else:
-      sparsity = float(sparsity)
+    sparsity = _validate.fraction_or_schedule("sparsity", sparsity)
     if granularity not in GRANULARITIES:
       raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if granularity == "group":
-      group_size = _schedules.as_int("group_size", group_size, 1)
-  update_every = _schedules.as_int("update_every", update_every, 1, allow_none=True)
+      group_size = _validate.as_int("group_size", group_size, 1)
+  update_every = _validate.as_int("update_every", update_every, 1, allow_none=True)
 
   def sparsity_at(count):
     return sparsity(count) if callable(sparsity) else sparsity

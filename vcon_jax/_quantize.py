@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vcon_jax import _paths, _schedules
+from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
 from vcon_jax._transform import LeafRule, Transform, leafwise, rounded
 
@@ -195,17 +195,11 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
   >>> t = vj.quantize(bits=4)
   >>> t = vj.quantize(bits=4, group_size=32)  # int4, a scale per 32 inputs
   """
-  if callable(bits):
-    _schedules.check_schedule(bits, "bits", lambda v: 1 <= round(v) <= MAX_BITS,
-                              f"in [1, {MAX_BITS}] once rounded")
-  else:
-    bits = _schedules.as_int("bits", bits, 1, MAX_BITS)
-  if not isinstance(per_channel, bool):
-    raise ValueError(f"per_channel must be True or False, got {per_channel!r}.")
-  if not isinstance(symmetric, bool):
-    raise ValueError(f"symmetric must be True or False, got {symmetric!r}.")
+  bits = _validate.int_or_schedule("bits", bits, 1, MAX_BITS)
+  _validate.as_bool("per_channel", per_channel)
+  _validate.as_bool("symmetric", symmetric)
   if group_size is not None:
-    group_size = _schedules.as_int("group_size", group_size, 1, None)
+    group_size = _validate.as_int("group_size", group_size, 1, None)
     if not per_channel:
       raise ValueError("group_size gives a scale per group of inputs of each output unit; "
                        "it contradicts per_channel=False (one scale per tensor).")

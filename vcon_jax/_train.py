@@ -1,10 +1,12 @@
-"""The VCON train step: one jitted function of (state, batch), built on the optax wrapper.
+"""The VCON train step: one jitted function of (state, batch), built on the core.
 
 Per step ``t``: ``beta = schedule(t)``; every selected weight is blended in weight space,
 ``beta * W + (1 - beta) * C(W)`` (one forward pass; for layers linear in ``W`` this equals
 blending the dense and compressed layers' outputs); the loss gradient updates the dense
 params and the transform's trainable state together with the user's optax optimiser. The
-blend and the update are those of :func:`vcon_jax.wrap_optax` (``_optax_wrapper``).
+state, the blend and the update are the core's (``_core``), which
+:func:`vcon_jax.wrap_optax` runs too; the step carries one :class:`~vcon_jax.VconState`
+from call to call, with its model state, rng and distillation teacher set.
 
 Parallelism is ``jax.jit`` with shardings: the batch is split over the mesh's ``'data'``
 axis, every state array keeps the placement of its parameter (replicated, or split over
@@ -14,8 +16,9 @@ collectives. ``axis_name=`` instead gives a step for the user's ``jax.pmap``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,24 +26,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vcon_jax import _checks, _model, _sharding, _trace
-from vcon_jax import _optax_wrapper as _wrap
+from vcon_jax import _checks, _core, _model, _sharding, _trace, _validate
+from vcon_jax._core import TrainState, VconState
 from vcon_jax._losses import Distillation, accuracy, distill, softmax_cross_entropy
-from vcon_jax._transform import Transform, TransformState, compress, reselected
+from vcon_jax._transform import Transform, compress, reselected
 
 __all__ = ["TrainState", "TrainStep", "make_train_step", "softmax_cross_entropy"]
 
-
-class TrainState(NamedTuple):
-  """Everything a run needs to resume exactly; a pytree Orbax checkpoints as is."""
-
-  step: jax.Array
-  params: Any  # the dense params
-  transform_state: TransformState
-  opt_state: Any  # the optimiser's state over the params (factors attached, see wrap_optax)
-  model_state: Any
-  rng: jax.Array  # raw uint32 key data of jax.random.key(seed)
-  teacher: Any = None  # frozen dense params of the distillation teacher (or None)
+#: ``optax.apply_if_finite`` gives up skipping after this many non-finite steps in a row;
+#: ``skip_nonfinite`` never does.
+_NEVER = 2**31 - 1
 
 
 def _copy_tree(tree):
@@ -60,10 +55,10 @@ class TrainStep:
     if blend not in ("weights", "outputs"):
       raise ValueError(f"blend must be 'weights' (one forward pass) or 'outputs' (dense "
                        f"and compressed passes, outputs blended), got {blend!r}.")
-    _wrap.check_transform(transform)
-    _wrap.check_schedule(schedule)
+    _validate.check_transform(transform)
+    _validate.check_step_schedule(schedule)
     optimizer = optax.adamw(1e-4, weight_decay=0.0) if optimizer is None else optimizer
-    _wrap.check_optimizer(optimizer)
+    _validate.check_optimizer(optimizer)
     loss_fn = softmax_cross_entropy if loss_fn is None else loss_fn
     if not callable(loss_fn):
       raise ValueError(f"loss_fn must be callable ((logits, batch) -> loss or (loss, "
@@ -77,6 +72,8 @@ class TrainStep:
       raise ValueError(f"axis_name must be a string, got {axis_name!r}.")
 
     self.model, self.transform, self.schedule = model, transform, schedule
+    if skip_nonfinite:  # a non-finite gradient leaves params and optimiser state as they were
+      optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
     self.optimizer = optax.with_extra_args_support(optimizer)
     self.loss_fn, self.blend, self.seed = loss_fn, blend, seed
     self.skip_nonfinite, self.donate = bool(skip_nonfinite), donate
@@ -138,22 +135,17 @@ class TrainStep:
     params, model_state = self.adapter.split(params)
     if self.mesh is not None:
       params = jax.tree.map(self._on_mesh, params)
-    vstate = _wrap.init_state(self.optimizer, self.transform, self.schedule, params)
+    state = _core.init_state(self.optimizer, self.transform, self.schedule, params)
     seed = self.seed if seed is None else seed
     teacher = None
     if self.distillation and self.distillation.teacher == "initial":
-      teacher = _copy_tree(vstate.params)
-    state = TrainState(
-        step=vstate.count, params=vstate.params, transform_state=vstate.transform_state,
-        opt_state=vstate.inner_state, model_state=_copy_tree(model_state),
+      teacher = _copy_tree(state.params)
+    state = dataclasses.replace(
+        state, model_state=_copy_tree(model_state),
         rng=jax.random.key_data(jax.random.key(seed)), teacher=teacher)
     if self.mesh is not None:
       state = jax.tree.map(self._on_mesh, state)
     return state
-
-  def _vcon(self, state: TrainState) -> _wrap.VconState:
-    return _wrap.VconState(state.step, state.params, state.transform_state, state.opt_state,
-                           self.transform, self.schedule)
 
   # ------------------------------------------------------------------------------ step
   def fn(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
@@ -165,7 +157,7 @@ class TrainStep:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(self.axis_name))
     inputs, labels = batch[self.input_key], batch.get(self.label_key)
     aux = state.transform_state.aux
-    blended = _wrap.blend_fn(self.transform, aux, beta, count)
+    blended = _core.blend_fn(self.transform, aux, beta, count)
     forward = lambda params: self.adapter.apply(params, state.model_state, inputs, rng, True)
 
     def loss_of(trainable):
@@ -173,7 +165,7 @@ class TrainStep:
         logits, new_ms = forward(blended(trainable))
       else:  # the reference form: two forward passes, outputs blended
         dense, _ = forward(trainable[0])
-        compressed = _wrap.blend_fn(self.transform, aux, 0.0, count)(trainable)
+        compressed = _core.blend_fn(self.transform, aux, 0.0, count)(trainable)
         logits, new_ms = forward(compressed)
         logits = beta * dense + (1.0 - beta) * logits
       if self.distillation is None:
@@ -199,17 +191,18 @@ class TrainStep:
       new_ms = jax.tree.map(lambda x: jax.lax.pmean(x, self.axis_name)
                             if jnp.issubdtype(x.dtype, jnp.floating) else x, new_ms)
     metrics["grad_norm"] = optax.global_norm(grads)
-    finite = None
     if self.skip_nonfinite:
       # A step with a non-finite loss or gradient leaves params, optimiser and model state
-      # as they were (the step counter and beta still advance) and is flagged.
+      # as they were (the step counter and beta still advance) and is flagged: the
+      # optimiser is wrapped in optax.apply_if_finite, which skips on a non-finite
+      # gradient; a non-finite loss makes the gradient non-finite for it.
       finite = jnp.isfinite(loss) & jnp.all(jnp.array(
           [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
       new_ms = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_ms, state.model_state)
       metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    new = _wrap.apply_gradients(self.optimizer, self._vcon(state), grads, keep_if=finite)
-    return TrainState(new.count, new.params, new.transform_state, new.inner_state, new_ms,
-                      state.rng, state.teacher), metrics
+    new = _core.apply_gradients(self.optimizer, state, grads)
+    return dataclasses.replace(new, model_state=new_ms), metrics
 
   def check_batch(self, batch: Any, *, training: bool = True) -> None:
     """Raises ``ValueError`` for a batch the step cannot take (called before jit).
@@ -250,7 +243,7 @@ class TrainStep:
 
   def __call__(self, state: TrainState, batch: Mapping) -> tuple[TrainState, dict]:
     """One optimiser step. Returns the new state and a dict of scalar metrics."""
-    _checks.check_state(state, TrainState)
+    _checks.check_state(state, VconState)
     if self.axis_name is not None:
       try:
         return self.fn(state, batch)  # under the user's jax.pmap
@@ -301,11 +294,10 @@ class TrainStep:
     return self.adapter.wrap_params(params)
 
   def _eval_fn(self, state, batch, compressed):
-    vstate = self._vcon(state)
     if compressed:
       params = compress(self.transform, state.params, state.transform_state, state.step)
     else:
-      params = _wrap.blended_weights(vstate)
+      params = _core.blended_weights(state)
     logits, _ = self.adapter.apply(params, state.model_state, batch[self.input_key], None,
                                    train=False)
     metrics = {}
@@ -325,7 +317,7 @@ class TrainStep:
     Labels are optional (without them the metrics are empty) and the batch may have any
     size, e.g. the last partial batch of a test set.
     """
-    _checks.check_state(state, TrainState)
+    _checks.check_state(state, VconState)
     _checks.check_not_replicated(state)
     self.check_batch(batch, training=False)
     _checks.preflight(self, state, batch, training=False)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vcon_jax import _paths, _schedules
+from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
 
 Params = Any
@@ -334,7 +334,7 @@ def _validate_schedule(name: str, schedule: Any) -> None:
                      f"{schedule!r}.")
   # A member's own beta may hold a partial blend (e.g. constant(0.5)) on purpose: a
   # constant of at least 1 % is accepted; anything else must start at 1 or 0.
-  _schedules.check_beta_schedule(schedule, name, allow_constant=True)
+  _validate.check_beta_schedule(schedule, name, allow_constant=True)
 
 
 def chain(*transforms: Transform, schedules: Any = None) -> Transform:

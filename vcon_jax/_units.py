@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax import nnx
 from jax import lax
 
-from vcon_jax import _coupling, _model, _paths, _schedules
+from vcon_jax import _coupling, _model, _paths, _validate
 from vcon_jax._coupling import Member, UnitGroup
 from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
@@ -186,12 +186,7 @@ def prune_units(fraction: float | Callable, *, units: Any) -> Transform:
   >>> t = vj.prune_units(0.5, units=[group])
   """
   units = _as_units(units)
-  if callable(fraction):
-    _schedules.check_schedule(fraction, "fraction", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-  elif not _schedules.is_number(fraction) or not 0.0 <= fraction < 1.0:
-    raise ValueError(f"fraction must be a number in [0, 1) or a schedule, got {fraction!r}.")
-  else:
-    fraction = float(fraction)
+  fraction = _validate.fraction_or_schedule("fraction", fraction)
   if not units.groups:
     raise ValueError("prune_units got no unit group: find_units found no removable units "
                      "(print it to see why none qualified), or declare vj.UnitGroup(...).")

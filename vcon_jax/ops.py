@@ -15,7 +15,8 @@ are public for those who build on them:
 
 from vcon_jax._blend import blend_outputs, blend_weights, output_blend_apply
 from vcon_jax._low_rank import svd_factors
-from vcon_jax._optax_wrapper import WithState, vcon_state
+from vcon_jax._core import WithState
+from vcon_jax._optax_wrapper import vcon_state
 from vcon_jax._prune import magnitude_mask, topk_mask
 from vcon_jax._quantize import quantize_values
 
