@@ -16,13 +16,13 @@ final evaluation:
 """
 import sys, time
 mode, steps, seed, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-from vcon_experiments import runner, cli
+from vcon_experiments import training, cli
 if mode == "sync":
-  orig = runner._first_bad
+  orig = training._first_bad
   def patched(first_bad, loss, done):
     float(loss)  # the per-step host read of the old loop
     return orig(first_bad, loss, done)
-  runner._first_bad = patched
+  training._first_bad = patched
 t0 = time.time()
 KW = '{"patch_size": 7, "dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128}'
 args = ["compress", "--dataset", "fashion_mnist", "--model", "vit", "--batch-size", "128",

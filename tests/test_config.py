@@ -33,3 +33,24 @@ def test_severity_name_of_a_config_or_its_dict():
   assert [severity_name(cfg.replace(**c)) for c in (
       {"compression": "binarize"}, {"compression": "quantize", "bits": 3},
       {"compression": "low-rank", "rank": 8})] == ["binary", "3-bit", "rank 8"]
+
+
+def test_registries_name_each_compression_as_run_dirs_and_tables_always_have():
+  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import model_registry
+  from vcon_experiments.config import COMPRESSIONS, MODELS
+  assert COMPRESSIONS == ("prune", "binarize", "quantize", "low-rank", "prune-units")
+  assert MODELS == ("mlp", "cnn", "vit", "transformer", "lm")
+  assert model_registry.KEEP_DENSE == r"(^|/)(head|lm_head|patch_proj)(/|$)|(^|/)convs/0(/|$)"
+  cfg = Config().replace(steps=100)
+  cases = [({}, "prune90", "prune 90%"), ({"pattern": "2:4"}, "prune2of4", "prune 2:4"),
+           ({"compression": "quantize", "group_size": 32}, "quantize4g32", "4-bit g32"),
+           ({"compression": "binarize"}, "binarize", "binary"),
+           ({"compression": "low-rank"}, "lowrank4", "rank 4"),
+           ({"compression": "prune-units", "sparsity": 0.5}, "units50", "units 50%")]
+  for changes, name, severity in cases:
+    c = cfg.replace(**changes)
+    assert c.run_name() == f"same-task/s100/{name}/vcon-Q20/seed0"
+    assert severity_name(c) == severity_name(c.to_dict()) == severity
+  assert cfg.replace(update_every=5).run_name() == "same-task/s100/prune90/vcon-Q20-every5/seed0"
+  assert "every" not in cfg.replace(compression="prune-units", update_every=5).run_name()

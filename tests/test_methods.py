@@ -56,7 +56,7 @@ def test_beta_hold_and_lr_restart_levers():
   """The study's levers: beta held at 1 for a share of the budget, then the transition;
   the learning rate restarts its warm-up + cosine where beta reaches 0; both named in the
   run directory and left out of the config dict at their defaults (old runs stay valid)."""
-  from vcon_experiments import runner  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import training  # pylint: disable=import-outside-toplevel
   cfg = config_lib.Config(method="vcon", steps=100, transition=0.2, beta_hold=0.1,
                           lr_schedule="restart")
   assert cfg.run_name() == "same-task/s100/prune90/vcon-Q20-hold10-lrrestart/seed0"
@@ -66,7 +66,7 @@ def test_beta_hold_and_lr_restart_levers():
   assert [float(schedule(t)) for t in (0, 10, 20, 30, 40)] == [1.0, 1.0, 0.5, 0.0, 0.0]
   assert methods.transition_end(cfg) == 30
   assert methods.transition_end(cfg.replace(method="post-shot")) == 0
-  tx = runner._optimizer(1.0, 100, restart_at=30)  # pylint: disable=protected-access
+  tx = training.optimizer(1.0, 100, restart_at=30)
   lr = [float(s) for s in _learning_rates(tx, 100)]
   assert lr[29] < 0.05 and abs(lr[33] - 1.0) < 0.05 and lr[99] < 0.05
   with pytest.raises(ValueError, match="beta_hold"):

@@ -5,10 +5,13 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+import vcon_jax as vj
 from vcon_jax import _paths
-from vcon_experiments import compare, methods, presets, runner, tasks
+from vcon_experiments import compare, methods, model_registry, presets, pretrain, runner, tasks
 from vcon_experiments.config import Config
 
 TINY = Config().replace(model="mlp", model_kwargs={"hidden": (32,)}, train_limit=512,
@@ -53,17 +56,17 @@ def test_transfer_keeps_the_pretrained_network_with_a_fresh_head(tmp_path):
   cfg = TINY.replace(regime="transfer", model="vit",
                      model_kwargs={"patch_size": 7, "dim": 16, "depth": 1, "heads": 2,
                                    "mlp_dim": 32})
-  runner.pretrain(cfg, tmp_path, progress=False)
-  src_model, step = runner._dense_step(cfg)  # pylint: disable=protected-access
-  mgr = runner.vj.CheckpointManager(tmp_path / "dense" / "checkpoints", max_to_keep=None)
+  pretrain.pretrain(cfg, tmp_path, progress=False)
+  src_model, step = pretrain._dense_step(cfg)  # pylint: disable=protected-access
+  mgr = vj.CheckpointManager(tmp_path / "dense" / "checkpoints", max_to_keep=None)
   pre = mgr.restore(step.init()).params
   mgr.close()
-  model, params = runner.dense_model(cfg, tmp_path)
+  model, params = pretrain.dense_model(cfg, tmp_path)
   assert params["head"]["kernel"].shape == (16, 5)
   np.testing.assert_array_equal(params["blocks"][0]["attn"]["query"]["kernel"],
                                 pre["blocks"][0]["attn"]["query"]["kernel"])
   assert pre["head"]["kernel"].shape == (16, 5)  # the source head: other classes
-  r = runner.run_compression(cfg.replace(method="vcon"), tmp_path, progress=False)
+  r = runner.train_and_evaluate(cfg.replace(method="vcon"), tmp_path, progress=False)
   assert 0.0 <= r["test_accuracy"] <= 1.0
 
 
@@ -78,9 +81,9 @@ def test_text_transfer_pretrains_a_masked_byte_lm(tmp_path):
                          max_len=24, train_limit=256, test_limit=128, batch_size=32,
                          pretrain_steps=3, steps=2, eval_every=2, eval_examples=64,
                          checkpoint_every=2)
-  dense = runner.pretrain(cfg, tmp_path, progress=False)
+  dense = pretrain.pretrain(cfg, tmp_path, progress=False)
   assert dense["task"] == "masked-byte LM" and 0.0 <= dense["test_accuracy"] <= 1.0
-  model, params = runner.dense_model(cfg, tmp_path)
+  model, params = pretrain.dense_model(cfg, tmp_path)
   assert params["head"]["kernel"].shape == (16, 45) and "lm_head" not in params
   assert params["embed"]["embedding"].shape[0] == 258  # bytes, padding and [MASK]
 
@@ -88,9 +91,8 @@ def test_text_transfer_pretrains_a_masked_byte_lm(tmp_path):
 def test_experiments_leave_head_and_stem_dense():
   cfg = TINY.replace(model="vit", model_kwargs={"patch_size": 7, "dim": 16, "depth": 1,
                                                 "heads": 2, "mlp_dim": 32})
-  model = runner.build_model(cfg)
-  step = runner.vj.make_train_step(model, runner.vj.identity(), runner.vj.constant(1.0),
-                                   runner.optax.sgd(0.0))
+  model = model_registry.build_model(cfg)
+  step = vj.make_train_step(model, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
   params = step.init().params
   for comp in ("prune", "binarize", "quantize", "low-rank"):
     transform, _, _ = methods.build(cfg.replace(compression=comp), params)
@@ -150,22 +152,21 @@ def test_paper_preset_runs_a_few_steps_from_init_weights_on_mock_cifar10(tmp_pat
   tiny_kw = {"image_size": 64, "patch_size": 16, "dim": 16, "depth": 1, "heads": 2,
              "mlp_dim": 32, "resize_inputs": True}
   # "pretrained" weights with a 1000-class head: the head is replaced, the rest kept
-  src = ViT(in_channels=3, num_classes=1000, rngs=runner.nnx.Rngs(3), **tiny_kw)
-  step = runner.vj.make_train_step(src, runner.vj.identity(), runner.vj.constant(1.0),
-                                   runner.optax.sgd(0.0))
+  src = ViT(in_channels=3, num_classes=1000, rngs=nnx.Rngs(3), **tiny_kw)
+  step = vj.make_train_step(src, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
   flat = {p: np.asarray(v) for p, v in _paths.leaf_paths(step.init().params)}
   np.savez(tmp_path / "vit.npz", **flat)
   cfg = paper.replace(model_kwargs=tiny_kw, init_from=str(tmp_path / "vit.npz"), epochs=0.0,
                       steps=3, batch_size=8, eval_every=3, eval_examples=16,
                       checkpoint_every=3, train_limit=32, test_limit=16)
   with tfds.testing.mock_data(num_examples=64):
-    model, params = runner.dense_model(cfg, tmp_path)
+    model, params = pretrain.dense_model(cfg, tmp_path)
     np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"],
                                   flat["blocks/0/mlp/fc1/kernel"])
     assert params["head"]["kernel"].shape == (16, 10)
-    r = runner.run_compression(cfg.replace(method="vcon"), tmp_path / "w", progress=False)
+    r = runner.train_and_evaluate(cfg.replace(method="vcon"), tmp_path / "w", progress=False)
   assert r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
   bad = tmp_path / "bad.npz"
   np.savez(bad, **{k: v for k, v in flat.items() if "fc1" not in k})
   with pytest.raises(ValueError, match="has no leaf 'blocks/0/mlp/fc1/bias'"):
-    runner.dense_model(cfg.replace(init_from=str(bad)), tmp_path)
+    pretrain.dense_model(cfg.replace(init_from=str(bad)), tmp_path)

@@ -12,7 +12,7 @@ import pytest
 
 import vcon_jax as vj
 from vcon_experiments import config as config_lib
-from vcon_experiments import runner
+from vcon_experiments import pretrain, runner, tasks
 from vcon_experiments.io import RunDir, RunLockedError
 
 TINY = config_lib.Config(model="mlp", model_kwargs={"hidden": (16,)}, train_limit=512,
@@ -45,7 +45,7 @@ def test_skip_nonfinite_leaves_state_and_flags_the_step():
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-  real = runner.batch_at
+  real = tasks.batch_at
 
   def poisoned(arrays, step, batch_size, seed):
     b = real(arrays, step, batch_size, seed)
@@ -53,16 +53,16 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, mon
       b = {**b, "inputs": np.full_like(b["inputs"], np.nan)}
     return b
 
-  runner.pretrain(TINY, tmp_path, progress=False)
-  monkeypatch.setattr(runner, "batch_at", poisoned)
+  pretrain.pretrain(TINY, tmp_path, progress=False)
+  monkeypatch.setattr(tasks, "batch_at", poisoned)
   with pytest.raises(FloatingPointError, match=r"at step 6 .*checkpoint \(step 4\)"):
-    runner.run_compression(TINY, tmp_path, progress=False)
+    runner.train_and_evaluate(TINY, tmp_path, progress=False)
   run = tmp_path / TINY.run_name()
   assert sorted(os.listdir(run / "checkpoints")) == ["4"]
   assert not (run / "result.json").exists() and not (run / "LOCK").exists()
   # with the skip option the same data finishes and counts the bad step
-  result = runner.run_compression(TINY.replace(seed=1), tmp_path, progress=False,
-                           on_nonfinite="skip")
+  result = runner.train_and_evaluate(TINY.replace(seed=1), tmp_path, progress=False,
+                                     on_nonfinite="skip")
   rows = \
       [json.loads(l) for l in (tmp_path / TINY.replace(seed=1).run_name() /
                                "metrics.jsonl").read_text().splitlines()]
@@ -91,17 +91,17 @@ def test_different_config_in_the_same_directory_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
-  runner.pretrain(TINY, tmp_path, progress=False)
+  pretrain.pretrain(TINY, tmp_path, progress=False)
   cfg = TINY.replace(steps=8)
   run = tmp_path / cfg.run_name()
   # run the first 8 steps, then pretend the last checkpoint write was torn
-  result = runner.run_compression(cfg, tmp_path, progress=False)
+  result = runner.train_and_evaluate(cfg, tmp_path, progress=False)
   os.remove(run / "result.json")
   for f in (run / "checkpoints" / "8").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
   with pytest.warns(UserWarning, match="checkpoints/8 is unreadable"):
-    again = runner.run_compression(cfg, tmp_path, progress=False)
+    again = runner.train_and_evaluate(cfg, tmp_path, progress=False)
   assert again["test_accuracy"] == result["test_accuracy"]  # redone from step 4, same
   shutil.rmtree(run)
 
@@ -110,12 +110,12 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
 def test_a_dense_result_committed_without_its_checkpoint_is_pretrained_again(tmp_path):
   """Results are committed without checkpoints: a fresh clone must still be able to run
   the compressions that need the dense model, and get the same dense model."""
-  first = runner.pretrain(TINY, tmp_path, progress=False)
+  first = pretrain.pretrain(TINY, tmp_path, progress=False)
   run = next(tmp_path.glob("dense"))
   shutil.rmtree(run / "checkpoints")
-  again = runner.pretrain(TINY, tmp_path, progress=False)
+  again = pretrain.pretrain(TINY, tmp_path, progress=False)
   assert again["test_accuracy"] == first["test_accuracy"]  # seeded: the same weights
-  r = runner.run_compression(TINY.replace(method="post-shot"), tmp_path, progress=False)
+  r = runner.train_and_evaluate(TINY.replace(method="post-shot"), tmp_path, progress=False)
   assert 0.0 <= r["test_accuracy"] <= 1.0
 
 
@@ -123,9 +123,9 @@ def test_an_unfinished_pretraining_is_not_the_dense_model(tmp_path):
   """While another process pretrains again (a fresh clone, two --shard processes), the
   committed dense result and that process's earlier checkpoints are on disk: they must not
   pass for the finished dense model (a run would start from a half-trained one)."""
-  first = runner.pretrain(TINY, tmp_path, progress=False)
+  first = pretrain.pretrain(TINY, tmp_path, progress=False)
   run = RunDir(tmp_path / "dense", TINY.dense_key())
   final = run.path / "checkpoints" / str(first["steps"])
-  assert runner._has_checkpoint(run, first["steps"])  # pylint: disable=protected-access
+  assert pretrain._has_checkpoint(run, first["steps"])  # pylint: disable=protected-access
   final.rename(run.path / "checkpoints" / "1")
-  assert not runner._has_checkpoint(run, first["steps"])  # pylint: disable=protected-access
+  assert not pretrain._has_checkpoint(run, first["steps"])  # pylint: disable=protected-access

@@ -27,83 +27,96 @@ from vcon_experiments import presets
 DEFAULT_WORKDIR = "workdir"
 
 
+#: The flag of each ``Config`` field: (option group, help, metavar). ``{default}`` in a help
+#: is the field's default; the type, and the choices (``config.CHOICES``), come from the
+#: field. Group ``None``: not among the shared options (``compress`` adds them).
+_FLAGS = {
+    "dataset": ("data and model", "fashion_mnist (default), wordnet, or a prepared TFDS "
+                "dataset such as tfds:cifar10; sets the model defaults of that dataset"),
+    "model": ("data and model", "model (default: cnn for images, transformer for text)"),
+    "model_kwargs": ("data and model", "model constructor arguments as JSON, e.g. "
+                     '\'{"hidden": [128]}\'', "JSON"),
+    "data_dir": ("data and model", "prepared TFDS data directory"),
+    "source_dir": ("data and model",
+                   "raw files of a local dataset (default: the Debian package's)"),
+    "max_len": ("data and model", "text length ({default})"),
+    "train_limit": ("data and model", "use only the first N training examples (0: all)"),
+    "test_limit": ("data and model", "use only the first N test examples (0: all)"),
+    "batch_size": ("training", "global batch ({default})"),
+    "pretrain_steps": ("training", "dense training steps ({default})"),
+    "pretrain_lr": ("training", "dense peak learning rate ({default})"),
+    "regime": ("training", "same-task: compress a dense model trained on the target task "
+               "(default); transfer: pretrain on a source task, then compress while "
+               "adapting to the target with a fresh dense head"),
+    "epochs": ("training", "fine-tuning budget in epochs of the training set, equal for "
+               "every method (sets the steps; default: --steps)"),
+    "steps": ("training", "fine-tuning steps, equal for every method, when --epochs is not "
+              "given ({default})"),
+    "mixup": ("training", "mixup alpha for fine-tuning (0: off; the paper uses 1)"),
+    "augment": ("training", "light image augmentation in fine-tuning (shifts, flips)"),
+    "lr": ("training", "fine-tuning peak learning rate, AdamW + cosine decay ({default})"),
+    "compression": ("compression", "what to compress to ({default})"),
+    "sparsity": ("compression",
+                 "prune: fraction of weights removed, in [0, 1) ({default})"),
+    "pattern": ("compression", "prune: n:m sparsity instead of --sparsity, e.g. 2:4", "N:M"),
+    "bits": ("compression", "quantize: bit width ({default})"),
+    "group_size": ("compression", "quantize: a scale per this many inputs of each output "
+                   "unit (0: per output unit, the default)"),
+    "rank": ("compression", "low-rank: rank ({default})"),
+    "method": (None, "post-shot, gradual, vcon (default) or vcon-distill"),
+    "transition": ("compression", "VCON transition Q (and gradual ramp) as a fraction of "
+                   "--steps ({default})"),
+    "beta_schedule": ("compression", "shape of beta from 1 to 0 ({default})"),
+    "beta_hold": ("compression", "VCON: hold beta at 1 for this fraction of --steps before "
+                  "the transition ({default})"),
+    "lr_schedule": ("compression", "cosine: one warm-up + cosine decay; restart: a second "
+                    "one from the end of the transition ({default})"),
+    "distill_weight": ("compression",
+                       "vcon-distill: weight of the distillation term ({default})"),
+    "update_every": ("compression", "prune: mask refresh interval in steps ({default})"),
+    "eval_every": ("training", "steps between test evaluations ({default})"),
+    "eval_examples": ("training", "test examples per intermediate evaluation ({default})"),
+    "checkpoint_every": ("training", "steps between checkpoints ({default})"),
+    "seed": (None, "seed of data order and dropout ({default})"),
+    "init_from": ("compression", "start from these weights instead of pretraining: an .npz "
+                  "of the model's params keyed by /-joined paths, or an Orbax checkpoint; a "
+                  "fresh head when the class count differs", "PATH"),
+}
+#: ``argparse`` types of the field annotations (``None``: a string).
+_TYPES = {"str": None, "str | None": None, "int": int, "float": float, "dict": json.loads}
+
+
+def _flag(name: str) -> tuple:
+  if name not in _FLAGS:
+    raise KeyError(f"Config field {name!r} has no entry in cli._FLAGS (its help text).")
+  return _FLAGS[name]
+
+
+def _add_flag(p, name: str) -> None:
+  """Adds ``--name`` (underscores as dashes) for ``Config`` field ``name`` to ``p``."""
+  field = config_lib.FIELDS[name]
+  _, text, *metavar = _flag(name)
+  kwargs = {"default": None,
+            "help": text.replace("{default}", f"{getattr(config_lib.Config(), name)}")}
+  if field.type == "bool":
+    kwargs.update(action="store_const", const=True)
+  elif _TYPES[field.type] is not None:
+    kwargs["type"] = _TYPES[field.type]
+  if name in config_lib.CHOICES:
+    kwargs["choices"] = config_lib.CHOICES[name]
+  if metavar:
+    kwargs["metavar"] = metavar[0]
+  p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-  d = config_lib.Config()
-  g = p.add_argument_group("data and model")
-  g.add_argument("--dataset", default=None,
-                 help="fashion_mnist (default), wordnet, or a prepared TFDS dataset such as "
-                      "tfds:cifar10; sets the model defaults of that dataset")
-  g.add_argument("--model", choices=config_lib.MODELS, default=None,
-                 help="model (default: cnn for images, transformer for text)")
-  g.add_argument("--model-kwargs", type=json.loads, default=None, metavar="JSON",
-                 help='model constructor arguments as JSON, e.g. \'{"hidden": [128]}\'')
-  g.add_argument("--data-dir", default=None, help="prepared TFDS data directory")
-  g.add_argument("--source-dir", default=None,
-                 help="raw files of a local dataset (default: the Debian package's)")
-  g.add_argument("--max-len", type=int, default=None, help=f"text length ({d.max_len})")
-  g.add_argument("--train-limit", type=int, default=None,
-                 help="use only the first N training examples (0: all)")
-  g.add_argument("--test-limit", type=int, default=None,
-                 help="use only the first N test examples (0: all)")
-  g = p.add_argument_group("training")
-  g.add_argument("--batch-size", type=int, default=None, help=f"global batch ({d.batch_size})")
-  g.add_argument("--pretrain-steps", type=int, default=None,
-                 help=f"dense training steps ({d.pretrain_steps})")
-  g.add_argument("--pretrain-lr", type=float, default=None,
-                 help=f"dense peak learning rate ({d.pretrain_lr})")
-  g.add_argument("--epochs", type=float, default=None,
-                 help="fine-tuning budget in epochs of the training set, equal for every "
-                      "method (sets the steps; default: --steps)")
-  g.add_argument("--steps", type=int, default=None,
-                 help=f"fine-tuning steps, equal for every method, when --epochs is not "
-                      f"given ({d.steps})")
-  g.add_argument("--regime", choices=config_lib.REGIMES, default=None,
-                 help="same-task: compress a dense model trained on the target task "
-                      "(default); transfer: pretrain on a source task, then compress while "
-                      "adapting to the target with a fresh dense head")
-  g.add_argument("--mixup", type=float, default=None,
-                 help="mixup alpha for fine-tuning (0: off; the paper uses 1)")
-  g.add_argument("--augment", action="store_const", const=True, default=None,
-                 help="light image augmentation in fine-tuning (shifts, flips)")
-  g.add_argument("--lr", type=float, default=None,
-                 help=f"fine-tuning peak learning rate, AdamW + cosine decay ({d.lr})")
-  g.add_argument("--eval-every", type=int, default=None,
-                 help=f"steps between test evaluations ({d.eval_every})")
-  g.add_argument("--eval-examples", type=int, default=None,
-                 help=f"test examples per intermediate evaluation ({d.eval_examples})")
-  g.add_argument("--checkpoint-every", type=int, default=None,
-                 help=f"steps between checkpoints ({d.checkpoint_every})")
-  g = p.add_argument_group("compression")
-  g.add_argument("--compression", choices=config_lib.COMPRESSIONS, default=None,
-                 help=f"what to compress to ({d.compression})")
-  g.add_argument("--sparsity", type=float, default=None,
-                 help=f"prune: fraction of weights removed, in [0, 1) ({d.sparsity})")
-  g.add_argument("--pattern", default=None, metavar="N:M",
-                 help="prune: n:m sparsity instead of --sparsity, e.g. 2:4")
-  g.add_argument("--bits", type=int, default=None, help=f"quantize: bit width ({d.bits})")
-  g.add_argument("--group-size", type=int, default=None,
-                 help="quantize: a scale per this many inputs of each output unit "
-                      "(0: per output unit, the default)")
-  g.add_argument("--rank", type=int, default=None, help=f"low-rank: rank ({d.rank})")
-  g.add_argument("--transition", type=float, default=None,
-                 help=f"VCON transition Q (and gradual ramp) as a fraction of --steps "
-                      f"({d.transition})")
-  g.add_argument("--beta-schedule", choices=config_lib.BETA_SCHEDULES, default=None,
-                 help=f"shape of beta from 1 to 0 ({d.beta_schedule})")
-  g.add_argument("--beta-hold", type=float, default=None,
-                 help="VCON: hold beta at 1 for this fraction of --steps before the "
-                      f"transition ({d.beta_hold})")
-  g.add_argument("--lr-schedule", choices=config_lib.LR_SCHEDULES, default=None,
-                 help="cosine: one warm-up + cosine decay; restart: a second one from the "
-                      f"end of the transition ({d.lr_schedule})")
-  g.add_argument("--distill-weight", type=float, default=None,
-                 help=f"vcon-distill: weight of the distillation term ({d.distill_weight})")
-  g.add_argument("--update-every", type=int, default=None,
-                 help=f"prune: mask refresh interval in steps ({d.update_every})")
-  g.add_argument("--init-from", default=None, metavar="PATH",
-                 help="start from these weights instead of pretraining: an .npz of the "
-                      "model's params keyed by /-joined paths, or an Orbax checkpoint; a "
-                      "fresh head when the class count differs")
+  groups = {}
+  for f in dataclasses.fields(config_lib.Config):
+    group = _flag(f.name)[0]
+    if group is not None:
+      if group not in groups:
+        groups[group] = p.add_argument_group(group)
+      _add_flag(groups[group], f.name)
   p.add_argument("--config", default=None,
                  help="JSON file of config keys (command-line options override it)")
   p.add_argument("--workdir", default=DEFAULT_WORKDIR,
@@ -159,9 +172,8 @@ def _parser() -> argparse.ArgumentParser:
                      description="Fine-tunes from the dense checkpoint with one method; "
                                  "checkpoints as it goes and resumes if restarted.")
   _add_config_options(p)
-  p.add_argument("--method", choices=config_lib.ALL_METHODS, default=None,
-                 help="post-shot, gradual, vcon (default) or vcon-distill")
-  p.add_argument("--seed", type=int, default=None, help="seed of data order and dropout (0)")
+  _add_flag(p, "method")
+  _add_flag(p, "seed")
   p = sub.add_parser("compare", help="the main job: every method across seeds, table, plots",
                      description="Dense pretraining, then every method for a compression "
                                  "across seeds; writes table.md, results.json and plots.")
@@ -243,18 +255,19 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"--workdir={str(workdir)!r} exists and is not a directory.")
   except (ValueError, FileNotFoundError) as err:
     parser.exit(2, f"vcon-jax {args.command}: error: {err}\n")
-  from vcon_experiments import compare, report, runner, tasks  # pylint: disable=import-outside-toplevel
+  from vcon_experiments import compare, pretrain, report, runner, tasks  # pylint: disable=import-outside-toplevel
   from vcon_experiments.io import RunLockedError  # pylint: disable=import-outside-toplevel
   progress = not args.no_progress
   try:
     if args.command == "pretrain":
-      r = runner.pretrain(cfg, workdir / compare.data_key(cfg), progress=progress,
-                          on_nonfinite=args.on_nonfinite)
+      r = pretrain.pretrain(cfg, workdir / compare.data_key(cfg), progress=progress,
+                            on_nonfinite=args.on_nonfinite)
       key = tasks.metric_key(cfg)
       print(f"dense test {key[5:]} {report.METRICS[key].show(r[key])}")
     elif args.command == "compress":
       root = workdir / compare.data_key(cfg)
-      r = runner.run_compression(cfg, root, progress=progress, on_nonfinite=args.on_nonfinite)
+      r = runner.train_and_evaluate(cfg, root, progress=progress,
+                                    on_nonfinite=args.on_nonfinite)
       key = tasks.metric_key(cfg)
       print(f"{cfg.run_name()}: test {key[5:]} of the compressed model "
             f"{report.METRICS[key].show(r[key])} (at step 0: "

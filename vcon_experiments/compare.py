@@ -13,7 +13,7 @@ import pathlib
 import time
 
 from vcon_experiments import presets as presets_lib
-from vcon_experiments import report, runner, tasks
+from vcon_experiments import pretrain, report, runner, tasks
 from vcon_experiments.config import Config
 from vcon_experiments.io import RunLockedError
 
@@ -84,7 +84,7 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
     for k, (name, c) in enumerate(_jobs(suites, n_seeds, methods)):
       if k % n != i:
         continue
-      r = _retry(lambda c=c: runner.run_compression(
+      r = _retry(lambda c=c: runner.train_and_evaluate(
           c, root / data_key(c), progress=progress, on_nonfinite=on_nonfinite), echo)
       key = tasks.metric_key(c)
       echo(f"{name:44s} {c.method:13s} seed {c.seed}: test {key[5:]} "
@@ -94,9 +94,9 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
   results = {"preset": preset, "suites": {}, "wall_s": {}, "missing": 0}
   for name, cfg, suite_methods in suites:
     suite_root = root / data_key(cfg)
-    dense = _retry(lambda cfg=cfg: runner.pretrain(cfg, suite_root, progress=progress,
-                                                   on_nonfinite=on_nonfinite)
-                   if not collect else runner.pretrain_result(cfg, suite_root), echo)
+    dense = _retry(lambda cfg=cfg: pretrain.pretrain(cfg, suite_root, progress=progress,
+                                                     on_nonfinite=on_nonfinite)
+                   if not collect else pretrain.pretrain_result(cfg, suite_root), echo)
     if dense is None:
       results["missing"] += 1
       continue

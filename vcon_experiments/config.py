@@ -2,6 +2,9 @@
 
 Every field is checked before any work starts (:func:`validate`); a config is saved as
 ``config.json`` beside each run's results, and a run directory refuses a different config.
+The models and compressions, and how run names and tables name a compression's severity,
+come from their registries (:mod:`vcon_experiments.model_registry`,
+:mod:`vcon_experiments.compressions`).
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from vcon_experiments import compressions, model_registry
+from vcon_experiments.compressions import pattern_of
+
 METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
 #: ``dense``: the same fine-tuning without compression (the ceiling at equal budget; in the
 #: transfer regime the dense reference, since the pretrained model has no target head).
 ALL_METHODS = METHODS + ("dense",)
 REGIMES = ("same-task", "transfer")
-COMPRESSIONS = ("prune", "binarize", "quantize", "low-rank", "prune-units")
-MODELS = ("mlp", "cnn", "vit", "transformer", "lm")
+COMPRESSIONS = tuple(compressions.REGISTRY)
+MODELS = tuple(model_registry.REGISTRY)
 BETA_SCHEDULES = ("linear", "cosine")
 #: ``cosine``: one warm-up + cosine decay over the budget; ``restart``: a second warm-up +
 #: cosine decay begins when beta reaches 0 (the compressed model gets a fresh peak).
@@ -150,12 +156,6 @@ class Config:
     return f"e{self.epochs:g}" if self.epochs > 0 else f"s{self.steps}"
 
   def run_name(self) -> str:
-    group = f"g{self.group_size}" if self.group_size else ""
-    prune = (f"prune{self.pattern.replace(':', 'of')}" if self.pattern
-             else f"prune{round(self.sparsity * 100)}")
-    target = {"prune": prune, "binarize": "binarize",
-              "quantize": f"quantize{self.bits}{group}", "low-rank": f"lowrank{self.rank}",
-              "prune-units": f"units{round(self.sparsity * 100)}"}
     extra = ""
     if self.method == "dense":
       return f"{self.regime}/{self.budget_name()}/dense{self._train_extra()}/seed{self.seed}"
@@ -167,12 +167,13 @@ class Config:
         extra += f"-hold{round(self.beta_hold * 100)}"
       if self.lr_schedule != "cosine":
         extra += f"-lr{self.lr_schedule}"
-    if self.update_every != 1 and self.compression == "prune":
+    compression = compressions.REGISTRY[self.compression]
+    if self.update_every != 1 and "update_every" in compression.fields:
       extra += f"-every{self.update_every}"
     extra += self._train_extra()
     if self.method == "vcon-distill" and self.distill_weight != Config.distill_weight:
       extra += f"-kd{self.distill_weight:g}"
-    return (f"{self.regime}/{self.budget_name()}/{target[self.compression]}/"
+    return (f"{self.regime}/{self.budget_name()}/{compression.run_name(self.to_dict())}/"
             f"{self.method}{extra}/seed{self.seed}")
 
   def _train_extra(self) -> str:
@@ -232,14 +233,15 @@ _RANGES = {
 }
 
 
+#: The fields with a fixed set of values, checked in this order.
+CHOICES = {"model": MODELS, "compression": COMPRESSIONS, "method": ALL_METHODS,
+           "regime": REGIMES, "beta_schedule": BETA_SCHEDULES, "lr_schedule": LR_SCHEDULES}
+
+
 def validate(cfg: Config) -> Config:
   """Checks every field; raises ``ValueError`` naming the field, value and what is allowed."""
-  _choice("model", cfg.model, MODELS)
-  _choice("compression", cfg.compression, COMPRESSIONS)
-  _choice("method", cfg.method, ALL_METHODS)
-  _choice("regime", cfg.regime, REGIMES)
-  _choice("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
-  _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+  for name, choices in CHOICES.items():
+    _choice(name, getattr(cfg, name), choices)
   if not isinstance(cfg.dataset, str) or not cfg.dataset:
     _fail("dataset", cfg.dataset, "a dataset name such as fashion_mnist or wordnet")
   if not isinstance(cfg.model_kwargs, dict):
@@ -272,15 +274,6 @@ def validate(cfg: Config) -> Config:
       _fail("mixup" if cfg.mixup else "augment", cfg.mixup or cfg.augment,
             "0 / false with model=lm")
   return cfg
-
-
-def pattern_of(text: str) -> tuple[int, int] | None:
-  """``(n, m)`` of an ``"n:m"`` pattern, or ``None`` if it is not one."""
-  parts = text.split(":") if isinstance(text, str) else []
-  if len(parts) != 2 or not all(p.isdigit() for p in parts):
-    return None
-  n, m = int(parts[0]), int(parts[1])
-  return (n, m) if 1 <= n < m else None
 
 
 def from_dict(d: dict) -> Config:
@@ -321,11 +314,7 @@ DATASET_DEFAULTS = {
 
 def severity_name(cfg: Config | Mapping) -> str:
   """How hard a config (or its ``to_dict()``) compresses, as tables and suite names say
-  it: ``prune 90%``, ``binary``, ``4-bit`` or ``rank 4``."""
+  it: ``prune 90%``, ``binary``, ``4-bit`` or ``rank 4`` (its compression's
+  ``severity``)."""
   d = cfg.to_dict() if isinstance(cfg, Config) else cfg
-  group = f" g{d['group_size']}" if d.get("group_size") else ""
-  prune = (f"prune {d['pattern']}" if d.get("pattern")
-           else f"prune {round(d['sparsity'] * 100)}%")
-  return {"prune": prune, "binarize": "binary",
-          "quantize": f"{d['bits']}-bit{group}", "low-rank": f"rank {d['rank']}",
-          "prune-units": f"units {round(d['sparsity'] * 100)}%"}[d["compression"]]
+  return compressions.REGISTRY[d["compression"]].severity(d)

@@ -21,11 +21,11 @@ import numpy as np
 
 import vcon_jax as vj
 from vcon_experiments import config as config_lib
+from vcon_experiments import model_registry
 
 
 def load_served(run_dir: str | pathlib.Path):
   """``(config, jitted tokens -> logits)`` of the exported model in ``run_dir``."""
-  from vcon_experiments import runner  # pylint: disable=import-outside-toplevel
   run_dir = pathlib.Path(run_dir)
   for name in ("config.json", "model.npz"):
     if not (run_dir / name).is_file():
@@ -36,16 +36,15 @@ def load_served(run_dir: str | pathlib.Path):
   if cfg.model != "lm":
     raise ValueError(f"{run_dir} is a run of model={cfg.model!r}; generate needs a "
                      f"model=lm run.")
-  model = runner.build_model(cfg)
+  model = model_registry.build_model(cfg)
   return cfg, vj.load_compressed(run_dir / "model.npz").apply_fn(model)
 
 
 def load_cached(run_dir: str | pathlib.Path):
   """``(config, CausalLM)`` holding the export in ``run_dir`` (weights and state put in by
   :meth:`vcon_jax.CompressedModel.update`), for :func:`generate_cached`."""
-  from vcon_experiments import runner  # pylint: disable=import-outside-toplevel
   cfg, _ = load_served(run_dir)
-  model = runner.build_model(cfg)
+  model = model_registry.build_model(cfg)
   vj.load_compressed(pathlib.Path(run_dir) / "model.npz").update(model)
   return cfg, model
 

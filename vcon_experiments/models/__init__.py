@@ -1,4 +1,4 @@
-"""Flax NNX classifiers and a causal LM for the compression experiments, and a registry.
+"""Flax NNX classifiers and a causal LM for the compression experiments, by name.
 
 All models take ``rngs: nnx.Rngs``, return logits, and switch between training and
 evaluation with ``model.train()`` / ``model.eval()`` (Dropout and BatchNorm). Weight maps
@@ -12,6 +12,7 @@ from typing import Any
 
 from flax import nnx
 
+from vcon_experiments.model_registry import REGISTRY
 from vcon_experiments.models.cnn import CNN
 from vcon_experiments.models.lm import CausalLM
 from vcon_experiments.models.mlp import MLP
@@ -24,14 +25,8 @@ from vcon_experiments.models.transformer import (
     ViT,
 )
 
-#: Registry of model constructors by name.
-MODELS: dict[str, type[nnx.Module]] = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "vit": ViT,
-    "transformer": TextTransformer,
-    "lm": CausalLM,
-}
+#: Model constructors by name (:data:`vcon_experiments.model_registry.REGISTRY`'s).
+MODELS: dict[str, type[nnx.Module]] = {name: spec.load() for name, spec in REGISTRY.items()}
 
 
 def get_model(name: str, **kwargs: Any) -> nnx.Module:
