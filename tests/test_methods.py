@@ -85,3 +85,12 @@ def _learning_rates(tx, steps):
     u, state = tx.update(jnp.ones(()), state, jnp.zeros(()))
     out.append(-u)
   return out
+
+
+def test_post_shot_distill_is_post_shot_with_the_distillation_term():
+  cfg = config_lib.Config(method="post-shot-distill", steps=100, distill_weight=1.0)
+  assert cfg.run_name() == "same-task/s100/prune90/post-shot-distill-kd1/seed0"
+  assert "post-shot-distill" not in config_lib.METHODS  # no preset runs it by default
+  _, schedule, distill = methods.build(cfg, {"w": np.zeros((4, 4), np.float32)})
+  assert float(schedule(0)) == 0.0 and distill == 1.0
+  assert methods.transition_end(cfg.replace(lr_schedule="restart")) == 0

@@ -22,7 +22,10 @@ from vcon_experiments.compressions import pattern_of
 METHODS = ("post-shot", "gradual", "vcon", "vcon-distill")
 #: ``dense``: the same fine-tuning without compression (the ceiling at equal budget; in the
 #: transfer regime the dense reference, since the pretrained model has no target head).
-ALL_METHODS = METHODS + ("dense",)
+#: ``post-shot-distill``: post-shot with the distillation term of ``vcon-distill`` (the
+#: QAT + KD baseline); neither is run by a preset unless it lists them.
+ALL_METHODS = METHODS + ("dense", "post-shot-distill")
+DISTILL_METHODS = ("vcon-distill", "post-shot-distill")
 REGIMES = ("same-task", "transfer")
 COMPRESSIONS = tuple(compressions.REGISTRY)
 MODELS = tuple(model_registry.REGISTRY)
@@ -80,7 +83,8 @@ class Config:
       (VCON and gradual: a second warm-up + cosine decay starts where the transition
       ends, so the compressed model trains from a fresh peak; post-shot and dense have no
       transition and keep ``cosine``).
-    distill_weight: weight of the distillation term (``vcon-distill``).
+    distill_weight: weight of the distillation term (``vcon-distill``,
+      ``post-shot-distill``).
     update_every: prune mask refresh interval (1: every step, the paper's online mask).
     eval_every: steps between evaluations on ``eval_examples`` test examples.
     checkpoint_every: steps between Orbax checkpoints (and at the end).
@@ -171,7 +175,7 @@ class Config:
     if self.update_every != 1 and "update_every" in compression.fields:
       extra += f"-every{self.update_every}"
     extra += self._train_extra()
-    if self.method == "vcon-distill" and self.distill_weight != Config.distill_weight:
+    if self.method in DISTILL_METHODS and self.distill_weight != Config.distill_weight:
       extra += f"-kd{self.distill_weight:g}"
     return (f"{self.regime}/{self.budget_name()}/{compression.run_name(self.to_dict())}/"
             f"{self.method}{extra}/seed{self.seed}")

@@ -5,7 +5,10 @@
   cubic ramp, over the same ``transition`` as VCON's Q): sparsity 0 -> s, bit width
   8 -> k (binary at the end for ``binarize``), rank full -> r.
 - ``vcon``: the target compression, beta 1 -> 0 over Q steps (linear or cosine).
-- ``vcon-distill``: ``vcon`` plus a distillation term from the dense path (beta = 1 logits).
+- ``vcon-distill``: ``vcon`` with the loss ``(1 - w) task + w KD``, KD the distillation
+  from the frozen dense model it starts from (``make_train_step(distill_weight=w)``).
+- ``post-shot-distill``: ``post-shot`` with the same loss (the QAT + KD baseline; no
+  preset runs it unless it lists it).
 - ``dense``: the same fine-tuning without compression (the ceiling at equal budget).
 
 The transform of each compression, target or ramp, is its entry in
@@ -22,7 +25,7 @@ from typing import Any, Callable
 
 import vcon_jax as vj
 from vcon_experiments import compressions
-from vcon_experiments.config import Config
+from vcon_experiments.config import DISTILL_METHODS, Config
 
 
 def hold_steps(cfg: Config) -> int:
@@ -32,7 +35,7 @@ def hold_steps(cfg: Config) -> int:
 
 def transition_end(cfg: Config) -> int:
   """The step where beta reaches 0 (VCON) or the ramp ends (gradual); 0 for the others."""
-  if cfg.method in ("post-shot", "dense"):
+  if cfg.method in ("post-shot", "post-shot-distill", "dense"):
     return 0
   q = int(round(cfg.transition * cfg.steps))
   return q + (hold_steps(cfg) if cfg.method != "gradual" else 0)
@@ -47,11 +50,11 @@ def build(cfg: Config, params: Any, model: Any = None,
     return vj.identity(), vj.constant(1.0), 0.0
   transform = compressions.REGISTRY[cfg.compression].build(
       cfg, params, model, example, cfg.method == "gradual", q)
-  if cfg.method in ("post-shot", "gradual"):
+  if cfg.method in ("post-shot", "post-shot-distill", "gradual"):
     schedule = vj.linear_vanish(0)
   elif cfg.beta_schedule == "cosine":
     schedule = vj.cosine_vanish(q, begin_step=hold_steps(cfg))
   else:
     schedule = vj.linear_vanish(q, begin_step=hold_steps(cfg))
-  distill = cfg.distill_weight if cfg.method == "vcon-distill" else 0.0
+  distill = cfg.distill_weight if cfg.method in DISTILL_METHODS else 0.0
   return transform, schedule, distill
