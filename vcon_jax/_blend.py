@@ -16,21 +16,30 @@ import jax.numpy as jnp
 from vcon_jax._transform import Transform, TransformState, compress
 
 
-def blend_outputs(apply_fn: Callable[[Any, Any], jax.Array], params: Any,
-                  compressed_params: Any, beta: Any, inputs: Any) -> jax.Array:
+def blend_outputs(apply_fn: Callable[[Any, Any], Any], params: Any,
+                  compressed_params: Any, beta: Any, inputs: Any, *,
+                  has_aux: bool = False) -> Any:
   r"""``beta * f(params, x) + (1 - beta) * f(compressed_params, x)``.
 
   .. math:: \bar g_\beta(x) = \beta f(x) + (1 - \beta) g(x)
 
+  The one output-space blend: the reference of the tests, and what
+  ``make_train_step(blend="outputs")`` runs (with its straight-through compressed params).
+
   Args:
-    apply_fn: ``(params, inputs) -> outputs``.
+    apply_fn: ``(params, inputs) -> outputs`` (or ``(outputs, aux)`` with ``has_aux``).
     params, compressed_params: the dense and compressed parameter trees.
     beta: blend factor in ``[0, 1]``.
     inputs: the model inputs.
+    has_aux: ``apply_fn`` also returns an auxiliary value (the model state); the
+      compressed pass's is returned beside the blended outputs.
   """
   beta = jnp.asarray(beta, jnp.float32)
   dense = apply_fn(params, inputs)
   comp = apply_fn(compressed_params, inputs)
+  if has_aux:
+    (dense, _), (comp, aux) = dense, comp
+    return beta * dense + (1.0 - beta) * comp, aux
   return beta * dense + (1.0 - beta) * comp
 
 

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vcon_jax import _checks, _core, _model, _sharding, _trace, _validate
+from vcon_jax._blend import blend_outputs
 from vcon_jax._core import TrainState, VconState
 from vcon_jax._losses import Distillation, accuracy, distill, softmax_cross_entropy
 from vcon_jax._transform import Transform, compress, reselected
@@ -164,10 +165,9 @@ class TrainStep:
       if self.blend == "weights":
         logits, new_ms = forward(blended(trainable))
       else:  # the reference form: two forward passes, outputs blended
-        dense, _ = forward(trainable[0])
         compressed = _core.blend_fn(self.transform, aux, 0.0, count)(trainable)
-        logits, new_ms = forward(compressed)
-        logits = beta * dense + (1.0 - beta) * logits
+        logits, new_ms = blend_outputs(lambda p, _: forward(p), trainable[0], compressed,
+                                       beta, inputs, has_aux=True)
       if self.distillation is None:
         out = self.loss_fn(logits, batch)
       else:
