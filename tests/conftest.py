@@ -19,7 +19,7 @@ import pytest  # noqa: E402  (after the XLA flags, which must precede any JAX im
 
 #: The slowest tests of the fast tier (``pytest -m "not slow" --durations``, measured on
 #: the 2-core CPU), each with a sibling that stays in the tier and runs the same code on
-#: another format, dtype or model: marked ``slow`` so that the tier stays under about 3
+#: another format, dtype or model (or a test in CI's full run that covers it): marked ``slow`` so that the tier stays under about 3
 #: minutes. CI runs them all.
 SLOW_IN_FAST_TIER = {
     "test_native.py::test_native_linen_bfloat16",
@@ -53,6 +53,19 @@ SLOW_IN_FAST_TIER = {
     "test_train_correctness.py::test_make_train_step_leaves_the_nnx_mode_alone[eval-NNXConvBNDrop]",
     "test_selection.py::test_biases_norms_untouched_on_attention_models[neuron]",
     "test_group_quantize.py::test_export_packs_codes_with_a_scale_per_group_exactly[<lambda>-4-False0-float32]",
+    "test_reselect.py::test_linen_scanned_stack_gets_a_threshold_per_layer_from_the_example",
+    "test_export.py::test_decode_modes_inputs_and_caching",
+    "test_qwix_interop.py::test_refusals",
+    "test_lm.py::test_cached_decode_gives_the_forward_pass_logits[bfloat16]",
+    "test_lm.py::test_logits_are_causal_and_float32",
+    "test_train_correctness.py::test_make_train_step_leaves_the_nnx_mode_alone[train-NNXConvBNDrop]",
+    "test_native.py::test_native_equals_once_linen[prune+quantize8]",
+    "test_native.py::test_native_equals_once_nnx[prune_2_4-bfloat16]",
+    "test_native.py::test_native_equals_once_nnx[quantize3_g16_asym-float32]",
+    "test_prune_units.py::test_the_shrunk_model_exports_with_its_smaller_shapes_and_runs_loaded",
+    "test_models.py::test_output_shapes_in_train_and_eval_mode[vit]",
+    "test_models.py::test_output_shapes_in_train_and_eval_mode[transformer]",
+    "test_properties.py::test_prune_n_m_keeps_n_of_every_m",
 }
 
 
