@@ -2,6 +2,7 @@
 
 import pytest
 
+from vcon_experiments import config as config_lib
 from vcon_experiments.config import Config, severity_name
 
 
@@ -54,3 +55,17 @@ def test_registries_name_each_compression_as_run_dirs_and_tables_always_have():
     assert severity_name(c) == severity_name(c.to_dict()) == severity
   assert cfg.replace(update_every=5).run_name() == "same-task/s100/prune90/vcon-Q20-every5/seed0"
   assert "every" not in cfg.replace(compression="prune-units", update_every=5).run_name()
+
+
+def test_distillation_in_the_transfer_regime_is_refused():
+  """Its frozen teacher would be the pretrained network with an untrained target head."""
+  from vcon_experiments import presets  # pylint: disable=import-outside-toplevel
+  for method in ("vcon-distill", "post-shot-distill"):
+    with pytest.raises(ValueError, match="regime=transfer"):
+      config_lib.Config(regime="transfer", method=method).replace()
+  config_lib.Config(regime="same-task", method="vcon-distill").replace()
+  suites, _ = presets.suites("map", config_lib.Config())
+  assert all("vcon-distill" not in methods for _, cfg, methods in suites
+             if cfg.regime == "transfer")
+  assert any("vcon-distill" in methods for _, cfg, methods in suites
+             if cfg.regime == "same-task")

@@ -270,6 +270,10 @@ def validate(cfg: Config) -> Config:
     n_m = pattern_of(cfg.pattern)
     if n_m is None:
       _fail("pattern", cfg.pattern, "'n:m' with 1 <= n < m, e.g. '2:4' (or '' for none)")
+  if cfg.regime == "transfer" and cfg.method in DISTILL_METHODS:
+    _fail("method", cfg.method, "post-shot, gradual, vcon or dense with regime=transfer (a "
+          "distillation teacher is the frozen starting model, whose head for the target "
+          "classes is untrained; distil with regime=same-task)")
   if cfg.model == "lm":
     if cfg.regime != "same-task":
       _fail("regime", cfg.regime, "same-task with model=lm (the LM is pretrained and "

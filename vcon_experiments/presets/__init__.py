@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 
-from vcon_experiments.config import FIELDS, METHODS, Config, severity_name
+from vcon_experiments.config import DISTILL_METHODS, FIELDS, METHODS, Config, severity_name
 from vcon_experiments.config import _did_you_mean  # pylint: disable=protected-access
 
 _KEYS = ("__doc__", "seeds", "fixed_data", "suites", "grid")
@@ -104,7 +104,7 @@ def _suite(suite: dict, base: Config):
 def grid_suites(grid: dict, base: Config):
   """The suites of a grid, budget by budget: the k-th budget of every data set (in file
   order), each regime, each severity; ``headline_only`` methods only at
-  ``headline_epochs``."""
+  ``headline_epochs``; the distillation methods only in the same-task regime."""
   out = []
   rounds = max(len(d["budgets"]) for d in grid["datasets"].values())
   for k in range(rounds):
@@ -115,8 +115,10 @@ def grid_suites(grid: dict, base: Config):
       methods = tuple(m for m in grid["methods"]
                       if epochs == grid["headline_epochs"] or m not in grid["headline_only"])
       for regime in grid["regimes"]:
+        # no distillation in transfer: the frozen teacher's target head is untrained
+        kept = tuple(m for m in methods if regime != "transfer" or m not in DISTILL_METHODS)
         for severity in severities:
           cfg = base.replace(**spec["config"], regime=regime, epochs=float(epochs),
                              **grid["severities"][severity])
-          out.append((f"{data} {regime} {severity_name(cfg)} {epochs:g} ep", cfg, methods))
+          out.append((f"{data} {regime} {severity_name(cfg)} {epochs:g} ep", cfg, kept))
   return out
