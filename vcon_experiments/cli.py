@@ -63,7 +63,8 @@ _FLAGS = {
     "group_size": ("compression", "quantize: a scale per this many inputs of each output "
                    "unit (0: per output unit, the default)"),
     "rank": ("compression", "low-rank: rank ({default})"),
-    "method": (None, "post-shot, gradual, vcon (default) or vcon-distill"),
+    "method": (None, "post-shot, gradual, vcon (default), vcon-distill, post-shot-distill "
+               "(post-shot with the same distillation term) or dense"),
     "transition": ("compression", "VCON transition Q (and gradual ramp) as a fraction of "
                    "--steps ({default})"),
     "beta_schedule": ("compression", "shape of beta from 1 to 0 ({default})"),

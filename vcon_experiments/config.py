@@ -242,6 +242,12 @@ CHOICES = {"model": MODELS, "compression": COMPRESSIONS, "method": ALL_METHODS,
            "regime": REGIMES, "beta_schedule": BETA_SCHEDULES, "lr_schedule": LR_SCHEDULES}
 
 
+def method_fits_regime(method: str, regime: str) -> bool:
+  """No distillation in the transfer regime: its teacher would be the frozen starting
+  model, whose head for the target classes is untrained."""
+  return not (regime == "transfer" and method in DISTILL_METHODS)
+
+
 def validate(cfg: Config) -> Config:
   """Checks every field; raises ``ValueError`` naming the field, value and what is allowed."""
   for name, choices in CHOICES.items():
@@ -270,7 +276,7 @@ def validate(cfg: Config) -> Config:
     n_m = pattern_of(cfg.pattern)
     if n_m is None:
       _fail("pattern", cfg.pattern, "'n:m' with 1 <= n < m, e.g. '2:4' (or '' for none)")
-  if cfg.regime == "transfer" and cfg.method in DISTILL_METHODS:
+  if not method_fits_regime(cfg.method, cfg.regime):
     _fail("method", cfg.method, "post-shot, gradual, vcon or dense with regime=transfer (a "
           "distillation teacher is the frozen starting model, whose head for the target "
           "classes is untrained; distil with regime=same-task)")

@@ -133,7 +133,8 @@ def split(joined: Any, params: Any, trainable: Any) -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------------------- the core
-def _copy(tree):
+def copy_tree(tree):
+  """A copy of every array (the caller may donate the originals)."""
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
@@ -176,7 +177,7 @@ def init_state(optimizer: optax.GradientTransformation, transform: Transform,
   the params' mesh when they have one, so the caller's jitted step sees the same input
   shardings at every call and compiles once.
   """
-  dense = _copy(params)  # the caller may donate its params; the copy keeps their sharding
+  dense = copy_tree(params)  # the caller may donate its params; the copy keeps their sharding
   tstate = _place_transform_state(_init_transform(transform, dense), dense)
   inner = optimizer.init(join(dense, tstate.trainable))
   state = VconState(step=jnp.zeros((), jnp.int32), params=dense, transform_state=tstate,

@@ -39,10 +39,6 @@ __all__ = ["TrainState", "TrainStep", "make_train_step", "softmax_cross_entropy"
 _NEVER = 2**31 - 1
 
 
-def _copy_tree(tree):
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-
-
 class TrainStep:
   """Built by :func:`make_train_step`; see there for the arguments."""
 
@@ -140,9 +136,9 @@ class TrainStep:
     seed = self.seed if seed is None else seed
     teacher = None
     if self.distillation and self.distillation.teacher == "initial":
-      teacher = _copy_tree(state.params)
+      teacher = _core.copy_tree(state.params)
     state = dataclasses.replace(
-        state, model_state=_copy_tree(model_state),
+        state, model_state=_core.copy_tree(model_state),
         rng=jax.random.key_data(jax.random.key(seed)), teacher=teacher)
     if self.mesh is not None:
       state = jax.tree.map(self._on_mesh, state)
@@ -196,12 +192,12 @@ class TrainStep:
       # as they were (the step counter and beta still advance) and is flagged: the
       # optimiser is wrapped in optax.apply_if_finite, which skips on a non-finite
       # gradient; a non-finite loss makes the gradient non-finite for it.
-      finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-          [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
       grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+    new = _core.apply_gradients(self.optimizer, state, grads)
+    if self.skip_nonfinite:  # apply_if_finite's own verdict on this step
+      finite = new.opt_state.last_finite
       new_ms = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_ms, state.model_state)
       metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    new = _core.apply_gradients(self.optimizer, state, grads)
     return dataclasses.replace(new, model_state=new_ms), metrics
 
   def check_batch(self, batch: Any, *, training: bool = True) -> None:

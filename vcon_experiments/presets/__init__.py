@@ -27,7 +27,8 @@ from __future__ import annotations
 import importlib.resources
 import json
 
-from vcon_experiments.config import DISTILL_METHODS, FIELDS, METHODS, Config, severity_name
+from vcon_experiments.config import (FIELDS, METHODS, Config, method_fits_regime,
+                                     severity_name)
 from vcon_experiments.config import _did_you_mean  # pylint: disable=protected-access
 
 _KEYS = ("__doc__", "seeds", "fixed_data", "suites", "grid")
@@ -115,8 +116,7 @@ def grid_suites(grid: dict, base: Config):
       methods = tuple(m for m in grid["methods"]
                       if epochs == grid["headline_epochs"] or m not in grid["headline_only"])
       for regime in grid["regimes"]:
-        # no distillation in transfer: the frozen teacher's target head is untrained
-        kept = tuple(m for m in methods if regime != "transfer" or m not in DISTILL_METHODS)
+        kept = tuple(m for m in methods if method_fits_regime(m, regime))
         for severity in severities:
           cfg = base.replace(**spec["config"], regime=regime, epochs=float(epochs),
                              **grid["severities"][severity])
