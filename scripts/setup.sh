@@ -16,15 +16,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# PYTHON picks the interpreter, VENV the environment's folder (default .venv): CI also
+# builds .venv312 with Python 3.12, where pip resolves the newest JAX.
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv"
-  "$PY" -m venv .venv
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV ($("$PY" --version))"
+  "$PY" -m venv "$VENV"
 fi
-if ! .venv/bin/python -c "import vcon_jax, vcon_experiments, tensorflow_datasets, pytest, hypothesis, xdist" >/dev/null 2>&1 \
-   || [ pyproject.toml -nt .venv/.installed ]; then
-  echo "[setup] installing vcon_jax and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[experiments,test]"
-  touch .venv/.installed
+if ! "$VENV/bin/python" -c "import vcon_jax, vcon_experiments, tensorflow_datasets, pytest, hypothesis, xdist, tunix" >/dev/null 2>&1 \
+   || [ pyproject.toml -nt "$VENV/.installed" ]; then
+  echo "[setup] installing vcon_jax and its dependencies into $VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[experiments,test]"
+  touch "$VENV/.installed"
 fi

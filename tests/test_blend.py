@@ -17,7 +17,8 @@ LAYERS = {
 }
 TRANSFORMS = {
     "prune": lambda in_axes: vj.prune(sparsity=0.6, in_axes=in_axes),
-    "binarize": lambda in_axes: vj.binarize(),
+    "binarize": lambda in_axes: vj.binarize(
+        selection=vj.Selection(in_axes=in_axes) if in_axes else None),
     "quantize": lambda in_axes: vj.quantize(bits=2, in_axes=in_axes),
     "low_rank": lambda in_axes: vj.low_rank(rank=2, in_axes=in_axes),
 }

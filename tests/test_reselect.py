@@ -46,7 +46,7 @@ def _selected(transform, params):
 def test_without_an_example_names_select_and_gemma_weights_are_refused():
   step = vj.make_train_step(Gemmaish(nnx.Rngs(0)), vj.quantize(4), vj.linear_vanish(4),
                             optax.adam(1e-3), loss_fn=_lm_loss)
-  with pytest.raises(ValueError, match="selects no parameter"):
+  with pytest.raises(ValueError, match=r"^quantize: cannot tell what o .*Pass example="):
     step.init()
 
 

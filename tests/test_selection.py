@@ -168,15 +168,16 @@ def test_where_narrows_the_kernel_set():
 def test_readme_example_paths_select():
   params = linen_params(LinenAttention(), jnp.ones((1, 3, IN)))
   assert selected(vj.prune(0.5, where=r"Dense_0/kernel"), params) == ["Dense_0/kernel"]
-  with pytest.raises(ValueError, match="selects no parameter.*include_non_kernels"):
+  with pytest.raises(ValueError, match="selects no parameter.*example="):
     vj.prune(0.5, where=r"params/Dense_0/kernel").init(params)
 
 
-def test_plain_dict_needs_opt_in_and_says_so():
+def test_plain_dict_weight_not_named_kernel_is_refused_naming_example_first():
   params = {"w": jnp.ones((4, 4))}
-  with pytest.raises(ValueError, match="named 'kernel'"):
+  with pytest.raises(ValueError, match=r"^prune: cannot tell what w .*: its name does not "
+                                       r"say.* Pass example="):
     vj.prune(0.5).init(params)
-  t = vj.prune(0.5, include_non_kernels=True)
+  t = vj.prune(0.5, selection=vj.Selection(include_non_kernels=True))
   assert selected(t, params) == ["w"]
 
 
@@ -290,7 +291,8 @@ def test_dense_general_refused_then_declared():
     vj.low_rank(4).init(params)
   with pytest.raises(ValueError, match="cannot tell"):
     vj.quantize(bits=4).init(params)
-  vj.prune(0.9).init(params)  # a layer-wide threshold needs no axes
+  with pytest.raises(ValueError, match="a stack of"):  # or a scanned stack: never guessed
+    vj.prune(0.9).init(params)
   t = vj.low_rank(4, in_axes={"DenseGeneral_0": 1})
   out = vj.compress(t, params, t.init(params))
   assert np.linalg.matrix_rank(_true_map(out["DenseGeneral_0"]["kernel"], 1), tol=1e-4) <= 4

@@ -72,10 +72,13 @@ def _prune(cfg: Config, params, model, example, gradual: bool, q: int) -> Transf
     n, m = pattern_of(cfg.pattern)
     if gradual:
       return vj.prune(sparsity=vj.polynomial_ramp(1 - n / m, 0, q), granularity="group",
-                      group_size=m, update_every=cfg.update_every, exclude=KEEP_DENSE)
-    return vj.prune(n=n, m=m, update_every=cfg.update_every, exclude=KEEP_DENSE)
+                      group_size=m, update_every=cfg.update_every,
+                      selection=vj.Selection(exclude=KEEP_DENSE))
+    return vj.prune(n=n, m=m, update_every=cfg.update_every,
+                    selection=vj.Selection(exclude=KEEP_DENSE))
   sparsity = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
-  return vj.prune(sparsity=sparsity, update_every=cfg.update_every, exclude=KEEP_DENSE)
+  return vj.prune(sparsity=sparsity, update_every=cfg.update_every,
+                  selection=vj.Selection(exclude=KEEP_DENSE))
 
 
 def _binarize(cfg: Config, params, model, example, gradual: bool, q: int) -> Transform:
@@ -83,8 +86,8 @@ def _binarize(cfg: Config, params, model, example, gradual: bool, q: int) -> Tra
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
   if gradual:
     return vj.quantize(bits=vj.polynomial_ramp(1, 0, q, initial=8), per_channel=False,
-                       exclude=KEEP_DENSE)
-  return vj.binarize(exclude=KEEP_DENSE)
+                       selection=vj.Selection(exclude=KEEP_DENSE))
+  return vj.binarize(selection=vj.Selection(exclude=KEEP_DENSE))
 
 
 def _quantize(cfg: Config, params, model, example, gradual: bool, q: int) -> Transform:
@@ -92,7 +95,8 @@ def _quantize(cfg: Config, params, model, example, gradual: bool, q: int) -> Tra
   (gradual: the bit width ramped from 8)."""
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
   bits = vj.polynomial_ramp(cfg.bits, 0, q, initial=8) if gradual else cfg.bits
-  return vj.quantize(bits=bits, group_size=cfg.group_size or None, exclude=KEEP_DENSE)
+  return vj.quantize(bits=bits, group_size=cfg.group_size or None,
+                     selection=vj.Selection(exclude=KEEP_DENSE))
 
 
 def _low_rank_full(params: Any) -> int:
@@ -100,7 +104,7 @@ def _low_rank_full(params: Any) -> int:
   the transform's own selection and each kernel's real input axes."""
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
   from vcon_jax import _paths  # pylint: disable=import-outside-toplevel
-  select = vj.low_rank(1, exclude=KEEP_DENSE).select
+  select = vj.low_rank(1, selection=vj.Selection(exclude=KEEP_DENSE)).select
   declared = _paths.compile_in_axes(None)
   sizes = [min(_paths.matricize_shape(leaf.shape,
                                       _paths.input_axes(path, leaf.shape, declared)))
@@ -115,8 +119,8 @@ def _low_rank(cfg: Config, params, model, example, gradual: bool, q: int) -> Tra
   if gradual:
     full = _low_rank_full(params)
     return vj.low_rank(rank=vj.polynomial_ramp(cfg.rank, 0, q, initial=full),
-                       exclude=KEEP_DENSE)
-  return vj.low_rank(rank=cfg.rank, exclude=KEEP_DENSE)
+                       selection=vj.Selection(exclude=KEEP_DENSE))
+  return vj.low_rank(rank=cfg.rank, selection=vj.Selection(exclude=KEEP_DENSE))
 
 
 def _prune_units(cfg: Config, params, model, example, gradual: bool,

@@ -15,6 +15,7 @@ from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import prune
 from vcon_jax._quantize import binarize, quantize
 from vcon_jax._replicate import replicate, unreplicate
+from vcon_jax._selection import Selection
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._shrink import Shrunk, shrink
 from vcon_jax._spec import LeafSpec
@@ -41,7 +42,7 @@ __all__ = [
     "softmax_cross_entropy", "compressed_params", "blended_params", "dense_params",
     "compress", "replicate", "unreplicate",
     # selecting what to compress
-    "discover", "Discovery", "reselect", "find_units", "Units", "UnitGroup", "Member",
+    "Selection", "discover", "Discovery", "reselect", "find_units", "Units", "UnitGroup", "Member",
     "DEFAULT_EXCLUDE",
     # export and serving
     "export", "load_compressed", "summary", "Summary", "CompressedModel", "to_qwix",

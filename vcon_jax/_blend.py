@@ -37,10 +37,13 @@ def blend_outputs(apply_fn: Callable[[Any, Any], Any], params: Any,
   beta = jnp.asarray(beta, jnp.float32)
   dense = apply_fn(params, inputs)
   comp = apply_fn(compressed_params, inputs)
+  # any output structure (a dict, a dataclass of logits and cache): blended leaf by leaf
+  mix = lambda d, c: (beta * d + (1.0 - beta) * c  # noqa: E731
+                      if jnp.issubdtype(jnp.result_type(d), jnp.inexact) else c)
   if has_aux:
     (dense, _), (comp, aux) = dense, comp
-    return beta * dense + (1.0 - beta) * comp, aux
-  return beta * dense + (1.0 - beta) * comp
+    return jax.tree.map(mix, dense, comp), aux
+  return jax.tree.map(mix, dense, comp)
 
 
 def blend_weights(transform: Transform, params: Any, state: TransformState, beta: Any,

@@ -188,8 +188,15 @@ def preflight(step: Any, state: Any, batch: Mapping, *, training: bool) -> None:
       if type(err).__name__ == "ScopeCollectionNotFound":
         raise missing_collection_error(err) from None
       raise
+    # the output is whatever the model returns (an array, a dict, a dataclass): only the
+    # default loss needs it to be the logits array
+    shape = getattr(logits, "shape", None)
+    if step.needs_labels and shape is None:
+      raise ValueError(f"the model returns {type(logits).__name__!r}, not a logits array, "
+                       f"so the default loss cannot use it; pass loss_fn=lambda outputs, "
+                       f"batch: ... (e.g. softmax cross-entropy of outputs.logits).")
     if step.needs_labels and labels is not None:
-      check_labels(labels, logits.shape, step.label_key)
+      check_labels(labels, shape, step.label_key)
     if training or labels is not None:
       try:
         loss_fn = getattr(step.loss_fn, "loss_fn", step.loss_fn)  # distillation: its task loss
@@ -197,6 +204,6 @@ def preflight(step: Any, state: Any, batch: Mapping, *, training: bool) -> None:
       except Exception as err:  # pylint: disable=broad-except
         raise loss_fn_error(step.loss_fn, err, sorted(batch)) from None
       check_loss_output(out)
-    cache[key] = logits.shape
+    cache[key] = shape
   elif step.needs_labels and labels is not None:
     check_labels(labels, cache[key], step.label_key)

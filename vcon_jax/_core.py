@@ -71,8 +71,28 @@ class VconState:
     """A copy with ``changes`` (as a NamedTuple's ``_replace``)."""
     return dataclasses.replace(self, **changes)
 
+  # Trainers read the learning rate by walking the optimiser state as optax chains are
+  # walked (Tunix's PeftTrainer: ``opt_state.hyperparams``, else ``for part in
+  # opt_state``): the wrapper's state answers both with the inner optimiser's state.
+  def __iter__(self):
+    """The inner optimiser's state, part by part (a chain's members; else the state)."""
+    inner = self.opt_state
+    return iter(inner if isinstance(inner, tuple) and not hasattr(inner, "_fields")
+                else (inner,))
+
+  def __getattr__(self, name: str) -> Any:
+    # only reached for names the dataclass does not have: ``hyperparams`` (and any other
+    # field of an ``optax.inject_hyperparams`` state) is the inner optimiser's
+    if name.startswith("__") or name in _FIELDS:
+      raise AttributeError(name)
+    inner = self.__dict__.get("opt_state")
+    if inner is not None and hasattr(inner, "_fields") and name in inner._fields:
+      return getattr(inner, name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
 
 jax.tree_util.register_dataclass(VconState)
+_FIELDS = frozenset(f.name for f in dataclasses.fields(VconState))
 
 #: The name :func:`vcon_jax.make_train_step`'s documentation uses; the same class.
 TrainState = VconState

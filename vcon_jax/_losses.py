@@ -29,6 +29,8 @@ def accuracy(logits, labels):
   """Top-1 accuracy, or ``None`` when ``labels`` are not integer class indices."""
   if labels is None or not jnp.issubdtype(labels.dtype, jnp.integer):
     return None
+  if not hasattr(logits, "ndim"):  # a structured output (a dataclass, a dict): the
+    return None  # user's loss_fn knows what in it the logits are
   if logits.ndim != labels.ndim + 1:
     return None
   return jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -9,6 +9,7 @@ import numpy as np
 
 from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
+from vcon_jax._selection import Selection
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
 
@@ -29,7 +30,8 @@ def svd_factors(w, rank: int, in_axes: tuple[int, ...] | None = None):
 
 
 def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
-             where: str | None = None, exclude: str | None = None,
+             selection: Selection | None = None, where: str | None = None,
+             exclude: str | None = None,
              in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
              stacked: dict | None = None) -> Transform:
   r"""Low-rank factorisation ``W ~ A B`` with trained factors.
@@ -52,14 +54,11 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
       are masked out (the SVD orders them by importance). A schedule is checked at a few
       counts when ``low_rank`` is called (its rounded values must be >= 1).
     max_rank: factor size when ``rank`` is a schedule.
-    where, exclude: regexes narrowing the default selection (every ``kernel`` with
-      ``ndim >= 2`` outside lookup tables).
-    in_axes: ``{path regex: n or (axis, ...)}``: input axes of multi-axis kernels whose
-      layout Flax's names do not tell (an ambiguous kernel raises at ``init``).
-    include_non_kernels: also select other leaves with ``ndim >= 1``.
-    stacked: ``{path regex: k}``: leaves whose first ``k`` axes index a stack of layers
-      (``nn.scan`` / ``nnx.scan``; :meth:`vcon_jax.Discovery.selection` gives it), each
-      layer compressed on its own.
+    selection: which leaves, and how each is read (:class:`vcon_jax.Selection`); default:
+      the linear maps a trace finds (``make_train_step(example=)``), else Flax's
+      ``kernel`` leaves by names, refusing what the names cannot settle.
+    where, exclude, in_axes, include_non_kernels, stacked: deprecated (0.3); the fields of
+      :class:`vcon_jax.Selection` of the same names.
 
   >>> import vcon_jax as vj
   >>> t = vj.low_rank(rank=16)
@@ -92,6 +91,5 @@ def low_rank(rank: int | Callable = 16, *, max_rank: int | None = None,
                     factors=(trainable["a"], trainable["b"]))
 
   return leafwise(LeafRule(init, compress, None, describe, needs_axes=True, gradient="true"),
-                  where=where,
-                  exclude=exclude, name="low_rank", in_axes=in_axes,
-                  include_non_kernels=include_non_kernels, stacked=stacked)
+                  name="low_rank", selection=selection, where=where, exclude=exclude,
+                  in_axes=in_axes, include_non_kernels=include_non_kernels, stacked=stacked)

@@ -31,12 +31,14 @@ import numpy as np
 #: leaves are not kernels anyway; this also keeps e.g. a ``Dense`` named ``embed`` dense).
 #: Whole segments only: ``patch_embedding/kernel`` (a convolution),
 #: ``TimestepEmbedder/Dense_0/kernel`` and ``PositionwiseFeedForward_0/Dense_0/kernel`` are
-#: kernels and are selected. Not applied with ``include_non_kernels=True``.
+#: kernels and are selected. ``lm_head`` (an untied output projection) is kept dense by
+#: name, as LLM quantisers keep it; with a trace the output layer is found whatever its
+#: name. Applied under every option.
 DEFAULT_EXCLUDE = (
     r"(?i)(^|/)(embed|embeds|embedding|embeddings|embedder|wte|wpe|"
     r"pos_embed|pos_embeds|pos_embedding|pos_embeddings|pos_emb|posemb|"
     r"position_embedding|position_embeddings|positional_embedding|positional_embeddings|"
-    r"cls_token|class_token|dist_token|mask_token)(/|$)")
+    r"cls_token|class_token|dist_token|mask_token|lm_head)(/|$)")
 
 #: Leaf names of linear-map and convolution kernels (Flax Linen and NNX).
 KERNEL_NAMES = ("kernel",)
@@ -46,6 +48,7 @@ _ATTENTION_OUT = ("out",)  # Flax MHA output: (heads, head_dim, out)
 _LINEN_EINSUM = re.compile(r"^Einsum_\d+$")
 _LINEN_GENERAL = re.compile(r"^(DenseGeneral|Einsum)_\d+$")
 _CONV = re.compile(r"(?i)conv")
+_DENSE = re.compile(r"(?i)^(dense|linear)(_?\d+)?$")
 
 InAxes = Mapping[str, "int | Sequence[int]"] | None
 
@@ -210,13 +213,12 @@ def _declared(path: str, shape: tuple, spec: Any) -> tuple[int, ...]:
 
 
 def _ambiguous(path: str, shape: tuple, why: str, trace: bool = False) -> ValueError:
-  first = 1 if len(shape) == 3 else len(shape) - 1
-  how = ("Trace the model (make_train_step(..., example=x), or wrap_optax(..., apply_fn=, "
-         "params=, example=)), or declare them" if trace else "Declare them")
+  del trace  # every refusal names the trace first
   return ValueError(
       f"cannot tell which axes of {path} (shape {tuple(shape)}) are the inputs of its "
-      f"linear map: {why}. {how} with in_axes={{{path!r}: n}} (its first n axes are "
-      f"inputs, e.g. n={first}) or in_axes={{{path!r}: (axis, ...)}}.")
+      f"linear map: {why}. Pass example= (make_train_step(..., example=x), or "
+      f"wrap_optax(..., apply_fn=, params=, example=)) so a trace of the model tells, or "
+      f"declare them with vj.Selection(in_axes={{{path!r}: (axis, ...)}}).")
 
 
 def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tuple[int, ...]:
@@ -274,9 +276,12 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
     return (0,)
   if ndim == 3 and parent in _ATTENTION_OUT:
     return (0, 1)
+  if parent in _ATTENTION_IN + _ATTENTION_OUT:  # 4 or more axes: a scanned stack of them
+    raise _ambiguous(path, shape, "an attention projection of more than 3 axes is a stack "
+                     "of layers (nn.scan) or a layout Flax's attention does not have")
   if any(_CONV.search(s) for s in modules):
     return tuple(range(ndim - 1))
-  if ndim >= 4 and not any(_LINEN_GENERAL.match(s) for s in modules):
+  if ndim >= 4 and not any(_LINEN_GENERAL.match(s) or _DENSE.match(s) for s in modules):
     return tuple(range(ndim - 1))
   raise _ambiguous(path, shape, "a multi-axis kernel that is neither a Flax attention "
                    "projection nor a convolution may have several input or output axes")

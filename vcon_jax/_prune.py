@@ -16,6 +16,7 @@ from jax import lax
 
 from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
+from vcon_jax._selection import Selection
 from vcon_jax._topk import topk_mask
 from vcon_jax._transform import LeafRule, Transform, leafwise
 
@@ -69,9 +70,10 @@ def magnitude_mask(w: jax.Array, sparsity: Any, granularity: str = "layer",
 
 def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer",
           group_size: int | None = None, n: int | None = None, m: int | None = None,
-          update_every: int | None = 1, where: str | None = None,
-          exclude: str | None = None, in_axes: _paths.InAxes = None,
-          include_non_kernels: bool = False, stacked: dict | None = None) -> Transform:
+          update_every: int | None = 1, selection: Selection | None = None,
+          where: str | None = None, exclude: str | None = None,
+          in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
+          stacked: dict | None = None) -> Transform:
   r"""Magnitude pruning with a straight-through gradient.
 
   .. math:: C(W) = W \odot M(|W|), \quad \partial C / \partial W := I
@@ -90,16 +92,11 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
     update_every: recompute the mask every this many optimiser steps (1: online, as in the
       paper); ``None``: a fixed mask computed once from the initial weights. With values
       above 1 the mask is stored in the transform state and refreshed in ``refresh``.
-    where, exclude: regexes narrowing the selection by path (default: every ``kernel``
-      with ``ndim >= 2`` outside lookup tables, see the README's Selection paragraph).
-    in_axes: ``{path regex: n or (axis, ...)}`` declaring the input axes of multi-axis
-      kernels whose layout Flax's names do not tell (needed by ``"neuron"``, ``"group"``
-      and n:m only; an ambiguous kernel raises at ``init`` saying so).
-    include_non_kernels: also select biases, norm scales and tables (every floating leaf
-      with ``ndim >= 1``), narrowed by ``where``/``exclude``.
-    stacked: ``{path regex: k}``: leaves whose first ``k`` axes index a stack of layers
-      (``nn.scan`` / ``nnx.scan``; :meth:`vcon_jax.Discovery.selection` gives it), each
-      layer compressed on its own.
+    selection: which leaves, and how each is read (:class:`vcon_jax.Selection`); default:
+      the linear maps a trace finds (``make_train_step(example=)``), else Flax's
+      ``kernel`` leaves by names, refusing what the names cannot settle.
+    where, exclude, in_axes, include_non_kernels, stacked: deprecated (0.3); the fields of
+      :class:`vcon_jax.Selection` of the same names.
 
   Returns:
     A :class:`Transform`.
@@ -166,5 +163,5 @@ def prune(sparsity: float | Callable | None = None, *, granularity: str = "layer
 
   return leafwise(LeafRule(init, compress, refresh if stored else None, describe,
                            needs_axes=granularity != "layer"),
-                  where=where, exclude=exclude, name="prune", in_axes=in_axes,
-                  include_non_kernels=include_non_kernels, stacked=stacked)
+                  name="prune", selection=selection, where=where, exclude=exclude,
+                  in_axes=in_axes, include_non_kernels=include_non_kernels, stacked=stacked)

@@ -12,6 +12,7 @@ from jax import lax
 
 from vcon_jax import _paths, _validate
 from vcon_jax._spec import LeafSpec
+from vcon_jax._selection import Selection
 from vcon_jax._transform import LeafRule, Transform, leafwise, rounded
 
 #: Dtypes scales may be rounded to (``quantize(scale_dtype=...)``); None is float32.
@@ -120,9 +121,8 @@ def _asymmetric(x: jax.Array, bits: Any, axes, traced: bool, scale_dtype) -> jax
   return (q - zero) * scale
 
 
-def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
-               include_non_kernels=False, group_size=None, symmetric=True,
-               stacked=None, scale_dtype=None) -> Transform:
+def _quantizer(bits, per_channel, name, selection, group_size=None, symmetric=True,
+               scale_dtype=None, **old) -> Transform:
   def bits_at(count):
     if callable(bits):
       return jnp.round(jnp.asarray(bits(count), jnp.float32)).astype(jnp.int32)
@@ -147,12 +147,12 @@ def _quantizer(bits, per_channel, where, exclude, name, in_axes=None,
 
   needs_axes = per_channel or group_size is not None
   return leafwise(LeafRule(init, compress, None, describe, needs_axes=needs_axes),
-                  where=where, exclude=exclude, name=name, in_axes=in_axes,
-                  include_non_kernels=include_non_kernels, stacked=stacked)
+                  name=name, selection=selection, **old)
 
 
 def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
              group_size: int | None = None, symmetric: bool = True,
+             selection: Selection | None = None,
              where: str | None = None, exclude: str | None = None,
              in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
              stacked: dict | None = None, scale_dtype: Any = None) -> Transform:
@@ -182,14 +182,11 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
     scale_dtype: ``jnp.bfloat16`` or ``jnp.float16`` rounds every scale to that dtype
       during training, and the export then stores the scales in it (2 bytes each: int4
       with ``group_size=32`` takes 4.5 bits per weight instead of 5); ``None``: float32.
-    where, exclude: regexes narrowing the default selection (every ``kernel`` with
-      ``ndim >= 2`` outside lookup tables).
-    in_axes: ``{path regex: n or (axis, ...)}``: input axes of multi-axis kernels whose
-      layout Flax's names do not tell (needed with ``per_channel`` only).
-    include_non_kernels: also select biases, norm scales and tables.
-    stacked: ``{path regex: k}``: leaves whose first ``k`` axes index a stack of layers
-      (``nn.scan`` / ``nnx.scan``; :meth:`vcon_jax.Discovery.selection` gives it), each
-      layer compressed on its own.
+    selection: which leaves, and how each is read (:class:`vcon_jax.Selection`); default:
+      the linear maps a trace finds (``make_train_step(example=)``), else Flax's
+      ``kernel`` leaves by names, refusing what the names cannot settle.
+    where, exclude, in_axes, include_non_kernels, stacked: deprecated (0.3); the fields of
+      :class:`vcon_jax.Selection` of the same names.
 
   >>> import vcon_jax as vj
   >>> t = vj.quantize(bits=4)
@@ -211,8 +208,9 @@ def quantize(bits: int | Callable = 8, *, per_channel: bool = True,
     scale_dtype = None if name == "float32" else jnp.dtype(name)
   if not symmetric and (callable(bits) or bits < 2):
     raise ValueError(f"symmetric=False needs a fixed bits >= 2, got bits={bits!r}.")
-  return _quantizer(bits, per_channel, where, exclude, "quantize", in_axes,
-                    include_non_kernels, group_size, symmetric, stacked, scale_dtype)
+  return _quantizer(bits, per_channel, "quantize", selection, group_size, symmetric,
+                    scale_dtype, where=where, exclude=exclude, in_axes=in_axes,
+                    include_non_kernels=include_non_kernels, stacked=stacked)
 
 
 def _is_dtype(x: Any) -> bool:
@@ -223,17 +221,24 @@ def _is_dtype(x: Any) -> bool:
     return False
 
 
-def binarize(*, where: str | None = None, exclude: str | None = None,
+def binarize(*, selection: Selection | None = None, where: str | None = None,
+             exclude: str | None = None,
              in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
              stacked: dict | None = None) -> Transform:
   r"""Binary weights as in the paper: ``sign(W) * mean|W|`` per layer (straight-through).
 
   .. math:: C(W) = \mathrm{sign}(W)\,\frac{1}{|W|}\sum |W_{ij}|
 
+  Args:
+    selection: which leaves, and how each is read (:class:`vcon_jax.Selection`); default:
+      the linear maps a trace finds (``make_train_step(example=)``), else Flax's
+      ``kernel`` leaves by names, refusing what the names cannot settle.
+    where, exclude, in_axes, include_non_kernels, stacked: deprecated (0.3); the fields of
+      :class:`vcon_jax.Selection` of the same names.
+
   >>> import vcon_jax as vj
   >>> t = vj.binarize()
   """
-  # in_axes: binary weights need none (one scale per layer); accepted so that one
-  # selection (vj.discover(...).selection()) applies to every transform
-  return _quantizer(1, False, where, exclude, "binarize", in_axes=in_axes,
-                    include_non_kernels=include_non_kernels, stacked=stacked)
+  return _quantizer(1, False, "binarize", selection, where=where, exclude=exclude,
+                    in_axes=in_axes, include_non_kernels=include_non_kernels,
+                    stacked=stacked)

@@ -26,7 +26,6 @@ transform takes.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from vcon_jax import _paths
+from vcon_jax._selection import Selection, Traced
 
 _IDENTITY = ("convert_element_type", "copy", "copy_p", "reduce_precision",
              "optimization_barrier")
@@ -132,21 +132,40 @@ class _Tracer:
     if view.stacked:
       u.stack_axes = tuple(sorted(set(u.stack_axes) | set(view.stacked)))
 
-  def run(self, jaxpr, env_in: list):
-    env = {}
+  def run(self, jaxpr, env_in: list, tags_in: list | None = None):
+    """Reads ``jaxpr``; returns the views and the output tags of its outputs. A tag is
+    the set of linear maps whose result a value is, through elementwise and layout ops
+    only (a bias, a softcap, a reshape): the model's output layer is the tag of its
+    output."""
+    env, tags = {}, {}
     for var, view in zip(jaxpr.invars, env_in):
       if view is not None:
         env[var] = view
-    read = lambda v: env.get(v) if not isinstance(v, jex_core.Literal) else None  # noqa: E731
+    for var, tag in zip(jaxpr.invars, tags_in or ()):
+      if tag:
+        tags[var] = tag
+    lit = lambda v: isinstance(v, jex_core.Literal)  # noqa: E731
+    read = lambda v: env.get(v) if not lit(v) else None  # noqa: E731
+    tag_of = lambda v: tags.get(v) if not lit(v) else None  # noqa: E731
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
-      if not any(ins):
+      tin = [tag_of(v) for v in eqn.invars]
+      if not any(ins) and not any(tin):
         continue
-      outs = self.eqn(eqn, ins)
+      name = eqn.primitive.name
+      sub = _sub_jaxpr(eqn)
+      if sub is not None and len(sub.invars) == len(ins) and name != "scan":
+        outs, touts = self.run(sub, ins, tin)
+      else:
+        outs = self.eqn(eqn, ins) if any(ins) else None
+        touts = [_out_tag(eqn, ins, tin)] * len(eqn.outvars)
       for var, view in zip(eqn.outvars, outs or ()):
         if view is not None:
           env[var] = view
-    return [read(v) for v in jaxpr.outvars]
+      for var, tag in zip(eqn.outvars, touts or ()):
+        if tag:
+          tags[var] = tag
+    return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars]
 
   def loop(self, body, env_in: list) -> None:
     self.loops += 1
@@ -162,7 +181,7 @@ class _Tracer:
       return ins[:len(eqn.outvars)]
     if name == "scan":
       sub = p["jaxpr"].jaxpr
-      nc, ncarry = p["num_consts"], p["num_carry"]
+      nc, ncarry = scan_split(p)
       inner = list(ins)
       for k in range(nc + ncarry, len(ins)):
         v = ins[k]
@@ -178,7 +197,7 @@ class _Tracer:
       sub = p.get(_CALLS.get(name, "jaxpr")) or p.get("call_jaxpr") or p.get("fun_jaxpr")
       sub = getattr(sub, "jaxpr", sub)
       if sub is not None and len(sub.invars) == len(ins):
-        return self.run(sub, ins)
+        return self.run(sub, ins)[0]
       for _, v in tracked:
         self.use(v, name)
       return None
@@ -233,6 +252,62 @@ class _Tracer:
     return None
 
 
+#: Ops through which a linear map's result is still that map's output (the model's
+#: output layer is found through them): elementwise math and layout changes.
+_PASS = frozenset(_IDENTITY + (
+    "add", "sub", "mul", "div", "neg", "tanh", "logistic", "max", "min", "select_n",
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "integer_pow",
+    "clamp", "sign", "abs", "add_any"))
+
+
+def _sub_jaxpr(eqn):
+  """The jaxpr a call-like equation runs on its operands as they are, else ``None``."""
+  name, p = eqn.primitive.name, eqn.params
+  if name in ("scan", "while", "cond"):
+    return None
+  if name in _CALLS or "jaxpr" in p or "call_jaxpr" in p:
+    sub = p.get(_CALLS.get(name, "jaxpr")) or p.get("call_jaxpr") or p.get("fun_jaxpr")
+    return getattr(sub, "jaxpr", sub)
+  return None
+
+
+def _out_tag(eqn, ins, tin) -> frozenset | None:
+  name = eqn.primitive.name
+  if name in ("dot_general", "conv_general_dilated"):
+    weight = 1 if name == "conv_general_dilated" else None
+    tracked = [(i, v) for i, v in enumerate(ins) if v is not None]
+    if len(tracked) == 1 and weight in (None, tracked[0][0]):
+      i, v = tracked[0]
+      if name == "dot_general" and eqn.params["dimension_numbers"][1][i]:
+        return None  # batched over the weight: not one linear map
+      return frozenset((v.leaf,))
+    return None
+  if name in _PASS:
+    out = frozenset().union(*(t for t in tin if t))
+    return out or None
+  return None
+
+
+def scan_split(params: dict) -> tuple[int, int]:
+  """``(constants, carries)`` at the front of a ``scan``'s operands (the rest are the
+  scanned ``xs``), on every supported JAX: ``num_consts`` / ``num_carry`` up to 0.10,
+  the three groups of ``ft_in`` (constants, carry, xs) from 0.11 on. The one place that
+  reads these version-dependent params; anything else is refused, not guessed."""
+  if "num_consts" in params:
+    return int(params["num_consts"]), int(params["num_carry"])
+  groups = params.get("ft_in")
+  try:  # a FlatTree of (consts, carry, xs), one value per operand
+    consts, carry, _ = groups.unpack()
+    return len(list(consts.vals)), len(list(carry.vals))
+  except (AttributeError, TypeError, ValueError):
+    pass
+  raise NotImplementedError(
+      f"this JAX ({jax.__version__}) describes a scan's operands by "
+      f"{sorted(k for k in params if k != 'jaxpr')}, which vcon_jax does not read yet; "
+      f"declare the scanned weights with vj.Selection(in_axes=..., stacked=...), or use "
+      f"JAX 0.10 to 0.12.")
+
+
 def _one_layer(eqn) -> bool:
   """Whether a ``dynamic_slice`` takes one index of the leading axis and all of the
   others (``w[i]`` of a stacked weight)."""
@@ -257,47 +332,62 @@ def _classify(u: LeafUse) -> None:
 
 @dataclasses.dataclass
 class Discovery:
-  """The uses of every param leaf (:func:`discover`), and the selection they give."""
+  """The uses of every param leaf (:func:`discover`), and the selection they give.
+
+  Attributes:
+    leaves: ``{path: LeafUse}`` for every leaf.
+    outputs: the paths of the output layer: the linear maps whose result is the model's
+      output (through elementwise ops only: a bias, a softcap). They stay dense by
+      default (``vj.Selection(outputs=regex)`` opts in).
+  """
 
   leaves: dict[str, LeafUse]
+  outputs: tuple[str, ...] = ()
+  #: the arguments of ``vj.find_units(*source)`` on the traced model (``prune_units``
+  #: takes its unit groups from it when no ``units=`` are given)
+  source: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
   def paths(self, kind: str) -> list[str]:
     return [p for p, u in self.leaves.items() if u.kind == kind]
 
-  def selection(self, *, skip_stacked: bool = False, where: str | None = None) -> dict:
-    """``where=``, ``in_axes=``, ``stacked=`` and ``include_non_kernels=True`` selecting
-    exactly the linear maps (not lookup tables, tied embeddings, biases or norms), for
-    any transform: ``vj.quantize(4, **found.selection())``. A stack of layers (a weight
-    consumed one slice per ``scan`` iteration) is compressed layer by layer; with
-    ``skip_stacked=True`` stacks stay dense. ``where``: only the maps whose path matches
-    it (``re.search``).
+  def linear_maps(self) -> dict:
+    """``{path: Traced(in_axes, stack)}`` of every linear map (stacks included).
+
+    Raises:
+      ValueError: a stack's layer axes are not its leading axes (a scan over a
+        transposed weight).
+    """
+    out = {}
+    for p, u in self.leaves.items():
+      if u.kind == "stacked" and u.stack_axes != tuple(range(len(u.stack_axes))):
+        raise ValueError(f"{p!r} {u.shape} is a stack over axes {u.stack_axes}, not its "
+                         f"leading axes; transpose it so the layer axis comes first.")
+      if u.kind in ("linear", "stacked"):
+        out[p] = Traced(tuple(u.in_axes), len(u.stack_axes))
+    return out
+
+  def selection(self, *, skip_stacked: bool = False, where: str | None = None,
+                outputs: str | None = None) -> Any:
+    """The :class:`vcon_jax.Selection` of exactly the linear maps (not lookup tables,
+    tied embeddings, biases, norms or the output layer), for any transform:
+    ``vj.quantize(4, selection=found.selection())``. A stack of layers is compressed
+    layer by layer; with ``skip_stacked=True`` stacks stay dense. ``where``: only the
+    maps whose path matches it (``re.search``); ``outputs``: output layers to compress
+    anyway.
 
     Raises:
       ValueError: no linear map was found, or a stack's layer axes are not its leading
-        axes (a scan over a transposed weight).
+        axes.
     """
-    stacked = [] if skip_stacked else self.paths("stacked")
-    for p in stacked:
-      u = self.leaves[p]
-      if u.stack_axes != tuple(range(len(u.stack_axes))):
-        raise ValueError(f"{p!r} {u.shape} is a stack over axes {u.stack_axes}, not its "
-                         f"leading axes; transpose it so the layer axis comes first.")
-    linear = self.paths("linear") + stacked
-    if where is not None:
-      rx = _paths.compile_pattern("where", where)
-      linear = [p for p in linear if rx.search(p)]
-      stacked = [p for p in stacked if rx.search(p)]
-    if not linear:
+    sel = Selection(where=where, outputs=outputs).traced(self)
+    if skip_stacked:
+      sel = sel.replace(leaves={p: t for p, t in sel.leaves.items() if not t.stack})
+    rx = _paths.compile_pattern("where", where)
+    if not [p for p in sel.leaves if rx is None or rx.search(p)]:
       raise ValueError("the trace found no linear map (no dot_general or convolution "
                        "takes a param as its weight)"
                        f"{'' if where is None else f' matching where={where!r}'}.")
-    where = "^(" + "|".join(re.escape(p) for p in linear) + ")$"
-    in_axes = {f"^{re.escape(p)}$": self.leaves[p].in_axes for p in linear}
-    out = {"where": where, "in_axes": in_axes, "include_non_kernels": True}
-    if stacked:
-      out["stacked"] = {f"^{re.escape(p)}$": len(self.leaves[p].stack_axes)
-                        for p in stacked}
-    return out
+    return sel
 
   def table(self) -> str:
     """One line per leaf: path, shape, kind, input axes."""
@@ -327,8 +417,10 @@ def discover(apply_fn: Callable, params: Any, *example: Any) -> Discovery:
   n = len(flat)
   views = [_View(k, tuple((a,) for a in range(len(uses[k].shape)))) for k in range(n)]
   rest = len(closed.jaxpr.invars) - n
-  _Tracer(uses).run(closed.jaxpr, views + [None] * rest)
+  _, out_tags = _Tracer(uses).run(closed.jaxpr, views + [None] * rest)
   for u in uses:
     _classify(u)
-  return Discovery({u.path: u for u in uses})
+  last = sorted(set().union(*(t for t in out_tags if t)))
+  outputs = tuple(uses[k].path for k in last if uses[k].kind == "linear")
+  return Discovery({u.path: u for u in uses}, outputs, (apply_fn, params) + example)
 

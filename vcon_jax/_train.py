@@ -427,4 +427,6 @@ def _reselect_by_trace(adapter, model, transform, example, train_kwargs, eval_kw
   pure, model_state = adapter.split(variables)
   found = _trace.discover(lambda p, x: adapter.apply(p, model_state, x, None, False)[0],
                           pure, example)
+  # unit groups (prune_units) from the module itself: BatchNorm statistics join them
+  found = dataclasses.replace(found, source=(model, variables, example))
   return reselected(transform, found), found

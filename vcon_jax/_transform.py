@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vcon_jax import _paths, _validate
+from vcon_jax import _paths, _selection, _validate
 from vcon_jax._spec import LeafSpec
 
 Params = Any
@@ -49,10 +49,12 @@ class Transform(NamedTuple):
       for a leaf it does not select).
     reselect: ``Discovery -> Transform | None``: the same compression on the linear maps a
       trace of the model found (:func:`vcon_jax.discover`), with their traced input axes
-      and stacks; ``None`` (the field, or its result) keeps the selection as given. Built
-      transforms re-select only when their selection was left at the default (no
-      ``in_axes``, ``stacked`` or ``include_non_kernels``); ``where`` / ``exclude`` still
-      narrow.
+      and stacks; ``None`` (the field, or its result) keeps the selection as given. For
+      built transforms it is a replace of their :class:`vcon_jax.Selection`
+      (:meth:`~vcon_jax.Selection.traced`): ``where`` / ``exclude`` / ``outputs`` still
+      narrow and declared ``in_axes`` / ``stacked`` still win.
+    selection: the :class:`vcon_jax.Selection` of a built transform (``None`` for a
+      custom one).
 
   A custom transform is exported by :func:`vcon_jax.export` when:
 
@@ -74,6 +76,7 @@ class Transform(NamedTuple):
   select: Callable[[str, Any], bool]
   describe: Callable[..., tuple[LeafSpec, ...]]
   reselect: Callable[[Any], Any] | None = None
+  selection: Any = None
 
 
 class RuleInit(Protocol):
@@ -187,7 +190,7 @@ def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
   return (dense + comp).astype(w.dtype)
 
 
-def _no_match_error(where_desc: str, params: Params, include_non_kernels: bool) -> ValueError:
+def _no_match_error(name: str, sel: Any, params: Params) -> ValueError:
   leaves = _paths.leaf_paths(params)
   paths = [f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in leaves]
   shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
@@ -195,59 +198,50 @@ def _no_match_error(where_desc: str, params: Params, include_non_kernels: bool) 
                if getattr(l, "ndim", 0) >= 1 and not _paths.is_floating(l)]
   why = (f" Not floating, so never compressed: {', '.join(not_float[:6])}"
          f"{' ...' if len(not_float) > 6 else ''}." if not_float else "")
+  how = ("The trace found no linear map there (lookup tables, tied embeddings, biases, "
+         "norms and the model's output layer stay dense)." if sel.is_traced else
+         "Without a trace the candidates are Flax's 'kernel' leaves outside lookup tables "
+         "(vj.DEFAULT_EXCLUDE); pass example= (make_train_step(..., example=x), or "
+         "wrap_optax(..., apply_fn=, params=, example=)) so a trace finds the linear maps.")
   return ValueError(
-      f"{where_desc} selects no parameter to compress. "
-      f"{_paths.selection_help(include_non_kernels)} Patterns match (`re.search`) "
-      f"/-joined leaf paths; the params have: {shown}.{why} For weights not named "
-      f"'kernel', vj.discover(apply_fn, params, x).selection() finds the linear maps.")
+      f"{name}(where={sel.where!r}, exclude={sel.exclude!r}) selects no parameter to "
+      f"compress. {how} Patterns match (`re.search`) /-joined leaf paths; the params "
+      f"have: {shown}.{why}")
 
 
-def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: str,
-             in_axes: _paths.InAxes = None, include_non_kernels: bool = False,
+def leafwise(rule: LeafRule, *, name: str, selection: Any = None, where: str | None = None,
+             exclude: str | None = None, in_axes: _paths.InAxes = None,
+             include_non_kernels: bool = False,
              stacked: Mapping[str, int] | None = None) -> Transform:
-  """Builds a :class:`Transform` applying ``rule`` to every selected leaf.
-
-  Selection: :func:`vcon_jax._paths.make_selector`; the input axes of each leaf (when the
-  rule needs them): :func:`vcon_jax._paths.input_axes` with the ``in_axes`` declarations,
-  resolved (or refused) at ``init``, before any jit. A leaf declared in ``stacked``
-  (``{path regex: k}``: its first ``k`` axes index the layers of a stack, as ``nn.scan``
-  / ``nnx.scan`` store them) gets the rule once per layer (``jax.vmap`` over those axes):
-  every layer its own threshold, scales, mask and factors; its ``in_axes`` are declared
-  in the whole leaf's axes and may not include the stack axes.
+  """Builds a :class:`Transform` applying ``rule`` to every leaf ``selection`` (a
+  :class:`vcon_jax.Selection`) picks, with the input axes it gives (when the rule needs
+  them), resolved (or refused) at ``init``, before any jit. A stack of layers (traced, or
+  declared with ``Selection(stacked=...)``) gets the rule once per layer (``jax.vmap``
+  over its stack axes): every layer its own threshold, scales, mask and factors. The
+  0.3 keywords (``where`` ... ``stacked``) still work, with a ``DeprecationWarning``.
   """
-  select = _paths.make_selector(where, exclude, include_non_kernels)
-  declared = _paths.compile_in_axes(in_axes)
-  stacks = _paths.compile_stacked(stacked)
-  where_desc = f"{name}(where={where!r}, exclude={exclude!r})"
+  sel = _selection.from_keywords(name, selection, where=where, exclude=exclude,
+                                 in_axes=in_axes, include_non_kernels=include_non_kernels,
+                                 stacked=stacked)
+  resolver = sel.resolver(name, rule.needs_axes)
+  select = resolver.select
 
-  def full_axes(path, leaf):
-    if not rule.needs_axes:
-      return None
-    try:
-      return _paths.input_axes(path, getattr(leaf, "shape", ()), declared)
-    except ValueError as err:
-      raise ValueError(f"{name}: {err}") from None
+  def plan(path, leaf):
+    return resolver.plan(path, leaf) or (None, 0)
 
   def axes_of(path, leaf):
     """The input axes the rule sees: of one layer for a stack."""
-    axes, k = full_axes(path, leaf), _paths.stack_depth(path, stacks)
-    if axes is None or k == 0:
-      return axes
-    if any(a < k for a in axes):
-      raise ValueError(f"{name}: the first {k} axes of {path!r} {tuple(leaf.shape)} index "
-                       f"its stacked layers, so they cannot be input axes {tuple(axes)}; "
-                       f"declare the layer's input axes, e.g. in_axes={{{path!r}: "
-                       f"{tuple(range(k, leaf.ndim - 1))}}}.")
-    return tuple(a - k for a in axes)
+    axes, k = plan(path, leaf)
+    return axes if axes is None or k == 0 else tuple(a - k for a in axes)
 
-  def per_layer(path, fn, *args):
-    for _ in range(_paths.stack_depth(path, stacks)):
+  def per_layer(path, leaf, fn, *args):
+    for _ in range(plan(path, leaf)[1]):
       fn = jax.vmap(fn)
     return fn(*args)
 
   def init_per_layer(path, leaf, axes):
     # a rule's init may run host code (the SVD of low rank): one call per layer, stacked
-    k = _paths.stack_depth(path, stacks)
+    k = plan(path, leaf)[1]
     if k == 0:
       return rule.init(path, leaf, axes=axes)
     layers = [rule.init(path, leaf[index], axes=axes) for index in np.ndindex(leaf.shape[:k])]
@@ -257,10 +251,12 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
 
   def init(params: Params) -> TransformState:
     trainable, aux = {}, {}
-    chosen = [(p, l) for p, l in _paths.leaf_paths(params) if select(p, l)]
+    chosen = resolver.check(params)
     if not chosen:
-      raise _no_match_error(where_desc, params, include_non_kernels)
-    for path, leaf in chosen:
+      raise _no_match_error(name, sel, params)
+    flat = dict(_paths.leaf_paths(params))
+    for path in chosen:
+      leaf = flat[path]
       tr, ax = init_per_layer(path, leaf, axes_of(path, leaf))
       if tr is not None:
         trainable[path] = tr
@@ -287,7 +283,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
         return leaf
       leaf = rounded(leaf)
       axes = axes_of(p, leaf)
-      c = per_layer(p, lambda w, tr, ax: compressed(w, axes, tr, ax, count, exact),
+      c = per_layer(p, leaf, lambda w, tr, ax: compressed(w, axes, tr, ax, count, exact),
                     leaf, state.trainable.get(p), state.aux.get(p))
       return blend(leaf, c, beta)
     return jax.tree_util.tree_map_with_path(one, params)
@@ -299,8 +295,9 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
 
     def one(p, a):
       axes = axes_of(p, flat[p])
-      return per_layer(p, lambda w, tr, ax: rule.refresh(w, axes=axes, trainable=tr, aux=ax,
-                                                          count=count),
+      return per_layer(p, flat[p],
+                       lambda w, tr, ax: rule.refresh(w, axes=axes, trainable=tr, aux=ax,
+                                                      count=count),
                        rounded(flat[p]), state.trainable.get(p), a)
     aux = {p: one(p, a) for p, a in state.aux.items()}
     return TransformState(state.trainable, aux)
@@ -308,7 +305,7 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
   def describe(path, leaf, state, count=0):
     if not select(path, leaf):
       return ()
-    axes = full_axes(path, leaf)  # a stack is described (and exported) as one leaf
+    axes = plan(path, leaf)[0]  # a stack is described (and exported) as one leaf
     trainable = None if state is None else state.trainable.get(path)
     spec = rule.describe(leaf, axes=axes, trainable=trainable, count=count)
     if axes is not None and tuple(axes) != tuple(range(leaf.ndim - 1)):
@@ -316,14 +313,11 @@ def leafwise(rule: LeafRule, *, where: str | None, exclude: str | None, name: st
     return (spec,)
 
   def reselect(found):
-    if include_non_kernels or in_axes is not None or stacked is not None:
-      return None  # the user chose the leaves and their axes: kept as given
-    sel = found.selection(where=where)
-    return leafwise(rule, where=sel["where"], exclude=exclude, name=name,
-                    in_axes=sel["in_axes"], include_non_kernels=True,
-                    stacked=sel.get("stacked"))
+    if sel.include_non_kernels:
+      return None  # the user took whole tensors by names: kept as given
+    return leafwise(rule, name=name, selection=sel.traced(found))
 
-  return Transform(init, apply, refresh, select, describe, reselect)
+  return Transform(init, apply, refresh, select, describe, reselect, sel)
 
 
 def _validate_schedule(name: str, schedule: Any) -> None:
@@ -411,7 +405,9 @@ def chain(*transforms: Transform, schedules: Any = None) -> Transform:
       return None
     return chain(*new, schedules=schedules)
 
-  return Transform(init, apply, refresh, select, describe, reselect)
+  traced = [t.selection for t in transforms if getattr(t, "selection", None) is not None]
+  return Transform(init, apply, refresh, select, describe, reselect,
+                   next((s for s in traced if s.is_traced), traced[0] if traced else None))
 
 
 def reselected(transform: Transform, found: Any) -> Transform:
@@ -420,8 +416,11 @@ def reselected(transform: Transform, found: Any) -> Transform:
   Public as ``vj.reselect``.
 
   >>> import jax.numpy as jnp, vcon_jax as vj
-  >>> params = {"w": jnp.ones((3, 4)), "scale": jnp.ones(4)}
-  >>> found = vj.discover(lambda p, x: (x @ p["w"]) * p["scale"], params, jnp.ones((2, 3)))
+  >>> params = {"w": jnp.ones((3, 4)), "scale": jnp.ones(4), "head": jnp.ones((4, 2))}
+  >>> f = lambda p, x: ((x @ p["w"]) * p["scale"]) @ p["head"]
+  >>> found = vj.discover(f, params, jnp.ones((2, 3)))
+  >>> found.outputs  # the output layer: kept dense unless Selection(outputs=...) names it
+  ('head',)
   >>> t = vj.reselect(vj.prune(0.5), found)
   >>> [p for p in params if t.select(p, params[p])]
   ['w']

@@ -161,7 +161,26 @@ def unit_masks(units: Units, flat: dict[str, Any], fraction: Any) -> list[jax.Ar
   return masks
 
 
-def prune_units(fraction: float | Callable, *, units: Any) -> Transform:
+def _awaiting_trace(fraction: Any) -> Transform:
+  """``prune_units`` without ``units``: its groups come from the trace of the step
+  (``make_train_step(example=)``, ``wrap_optax(apply_fn=, params=, example=)``); without
+  one, ``init`` refuses in one line."""
+
+  def init(params):
+    raise ValueError("prune_units: no unit groups; pass example= (make_train_step(..., "
+                     "example=x), or wrap_optax(..., apply_fn=, params=, example=)) so a "
+                     "trace finds them, or units=vj.find_units(model, params, x).")
+
+  def reselect(found):
+    source = getattr(found, "source", None)
+    return None if source is None else prune_units(fraction, units=find_units(*source))
+
+  return Transform(init, lambda params, state, beta, count=0, *, exact=False: params,
+                   lambda params, state, count: state, lambda path, leaf: False,
+                   lambda path, leaf, state, count=0: (), reselect)
+
+
+def prune_units(fraction: float | Callable, *, units: Any = None) -> Transform:
   r"""Removes ``fraction`` of the units of every coupled group, with a straight-through
   gradient.
 
@@ -179,14 +198,19 @@ def prune_units(fraction: float | Callable, *, units: Any) -> Transform:
     fraction: share of each group's units removed, in ``[0, 1)`` (``round(fraction *
       units)`` per group), or a schedule ``count -> fraction`` for gradual removal.
     units: the groups: ``vj.find_units(model, params, x)`` (narrow it with
-      ``.where(regex)``), or a list of :class:`vcon_jax.UnitGroup` you declare.
+      ``.where(regex)``), or a list of :class:`vcon_jax.UnitGroup` you declare;
+      ``None`` (default): the groups the step's trace finds (``make_train_step(...,
+      example=x)`` or ``wrap_optax(..., apply_fn=, params=, example=)``), refused at
+      ``init`` when there is no trace.
 
   >>> import vcon_jax as vj
   >>> group = vj.UnitGroup(4, (vj.Member("a/kernel", 1, 1), vj.Member("b/kernel", 0, 1)))
   >>> t = vj.prune_units(0.5, units=[group])
   """
-  units = _as_units(units)
   fraction = _validate.fraction_or_schedule("fraction", fraction)
+  if units is None:
+    return _awaiting_trace(fraction)
+  units = _as_units(units)
   if not units.groups:
     raise ValueError("prune_units got no unit group: find_units found no removable units "
                      "(print it to see why none qualified), or declare vj.UnitGroup(...).")

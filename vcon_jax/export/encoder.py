@@ -404,11 +404,16 @@ def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
   """``(manifest, arrays)`` of the compact export of a :class:`~vcon_jax.TrainStep`'s
   ``state`` (see ``format``)."""
   _check_step(step, state)
-  found = getattr(step, "discovery", None)
-  roles = {p: u.role() for p, u in found.leaves.items()} if found is not None else None
   return encode(step.transform, state.params, step.compressed_params(state),
                 state.transform_state, state.step, state.model_state, step.adapter.kind,
-                roles=roles)
+                roles=roles_of(step.transform))
+
+
+def roles_of(transform: Any) -> dict | None:
+  """What each leaf is, from the trace that selected ``transform``'s leaves (``None``
+  when it selected by names): ``vj.summary``'s role column, on every path."""
+  sel = getattr(transform, "selection", None)
+  return None if sel is None else sel.roles
 
 
 def encode_wrapped(opt_state: Any, model: Any, model_state: Any = None
@@ -438,7 +443,8 @@ def encode_wrapped(opt_state: Any, model: Any, model_state: Any = None
   elif kind == "linen":
     model_state = {k: v for k, v in dict(model_state).items() if k != "params"}
   return encode(vstate.transform, vstate.params, _optax_wrapper.compressed_params(opt_state),
-                vstate.transform_state, vstate.count, model_state, kind)
+                vstate.transform_state, vstate.count, model_state, kind,
+                roles=roles_of(vstate.transform))
 
 
 def encode(transform: Any, params: Any, compressed: Any, transform_state: Any, count: Any,

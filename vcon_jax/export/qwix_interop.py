@@ -20,6 +20,14 @@ scale groups (set the rule's ``tile_size`` to our ``group_size``; tiles finer th
 groups are fine: our scale is repeated), levels outside its integer type, or a kernel that
 we store as float values (pruned only) or low-rank (leave it out of the qwix rules: it then
 gets our compressed values as a dense kernel). Binary layers carry as levels +-1.
+
+Multi-axis kernels (an einsum's ``(N, D, H)`` q, ``(2, K, D, H)`` fused kv, ``(N, H, D)``
+output) keep their own shape: our codes and scales live on the ``(fan_in, fan_out)``
+matrix over the leaf's input axes (the trace's ``in_axes``), and are put back in the
+kernel's layout before they are matched to qwix's scale, which has one entry per tile of
+each axis (for an einsum weight: per entry of the axes it does not contract, tiles of
+``tile_size`` along its last contracting axis, one shared over the other contracting
+axes). A tile that sees two of our scales is refused naming the axis and both layouts.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vcon_jax import _paths
 from vcon_jax.export import codec, format as fmt_lib
 
 
@@ -51,27 +60,110 @@ def _levels(fmt: dict, arr: dict, fan_in: int, fan_out: int) -> tuple[np.ndarray
   return full.reshape(fan_in, fan_out), zero
 
 
-def _per_tile(name: str, what: str, fmt: dict, a: np.ndarray, fan_in: int, fan_out: int,
-              tiles: tuple) -> np.ndarray:
+def _split(a: np.ndarray, tiles: tuple) -> np.ndarray:
+  """``a`` with each axis ``i`` split into ``(tiles[i], a.shape[i] // tiles[i])``: the
+  even axes index qwix's tiles, the odd ones the entries of a tile."""
+  return a.reshape(tuple(d for n, s in zip(a.shape, tiles) for d in (s, n // s)))
+
+
+def _tile_axes(ndim: int) -> tuple:
+  return tuple(range(1, 2 * ndim, 2))
+
+
+class _Kernel:
+  """One stored kernel: its shape, its input axes (the trace's ``in_axes``; ``None``: all
+  but the last) and the ``(fan_in, fan_out)`` matrix view its codes and scales use."""
+
+  def __init__(self, name: str, fmt: dict, shape: tuple):
+    self.name, self.fmt, self.shape = name, fmt, shape
+    self.in_axes = fmt.get("in_axes")
+    self.ins = (tuple(range(len(shape) - 1)) if self.in_axes is None
+                else tuple(int(a) for a in self.in_axes))
+    self.fan_in, self.fan_out = _paths.matricize_shape(shape, self.in_axes)
+
+  def full(self, mat: np.ndarray) -> np.ndarray:
+    """A ``(fan_in, fan_out)`` matrix in the kernel's own layout."""
+    return np.ascontiguousarray(_paths.from_matrix(mat, self.shape, self.in_axes))
+
+  def runs(self) -> dict:
+    """How many consecutive entries along each input axis share one of our scales (a group
+    of ``g`` flattened inputs covers the last input axis first)."""
+    mode = self.fmt["scale"]
+    if mode != "group":
+      return {a: self.shape[a] for a in self.ins}
+    rem, runs = self.fmt["group_size"], {a: 1 for a in self.ins}
+    for a in reversed(self.ins):
+      runs[a] = min(rem, self.shape[a])
+      rem //= runs[a]
+      if rem <= 1:
+        break
+    return runs
+
+  def ours(self) -> str:
+    """Our layout, in words, for a refusal."""
+    mode = self.fmt["scale"]
+    if mode == "layer":
+      per = "one scale for the whole kernel"
+    elif mode == "channel":
+      per = "a scale per output (over all inputs)"
+    else:
+      runs = [f"{r} of axis {a}" for a, r in self.runs().items() if r > 1]
+      per = (f"a scale per {self.fmt['group_size']} inputs ({' x '.join(runs) or '1'}) of "
+             f"each output")
+    return f"input axes {self.ins}, {per}"
+
+  def cut(self, what: str, axis: int, tiles: tuple) -> ValueError:
+    """The one-line refusal when qwix's ``tiles`` (its scale shape) cut across one of our
+    scale groups along ``axis``."""
+    n = self.shape[axis]
+    words = []
+    for a, (na, sa) in enumerate(zip(self.shape, tiles)):
+      words.append(f"axis {a} " + ("per entry" if sa == na else "shared" if sa == 1
+                                   else f"in tiles of {na // sa}"))
+    qwix_layout = f"scale shape {tiles}: {', '.join(words)}"
+    tiled = [a for a in range(len(tiles)) if tiles[a] < self.shape[a]]  # not channelwise
+    run = self.runs().get(axis)
+    if axis not in self.ins:
+      fix = (f"axis {axis} is an output axis here but the qwix op contracts it (the "
+             f"export's in_axes are not the op's)")
+    elif tiled and axis == tiled[-1] and run and n % run == 0:
+      fix = f"set the qwix rule's tile_size={run} (qwix tiles only that axis)"
+    else:
+      fix = (f"qwix tiles only the last contracting axis and shares a {what} over the "
+             f"others: quantise {self.name} per channel (no group_size) or leave it out "
+             f"of the qwix rules")
+    return ValueError(
+        f"to_qwix: qwix's {what} tiles of {self.name} {self.shape} cut across our groups "
+        f"along axis {axis} (size {n}): ours: {self.ours()}; qwix: {qwix_layout}; {fix}.")
+
+
+def _per_tile(kernel: _Kernel, what: str, a: np.ndarray, tiles: tuple) -> np.ndarray:
   """Our scales (or zero points) as qwix's ``tiles``-shaped array: each of our values
   repeated over the tiles it covers; refused unless every tile sees one value."""
-  full = np.broadcast_to(codec._dense_per_entry(np, fmt, np.asarray(a), fan_in),
-                         (fan_in, fan_out))
-  if len(tiles) != 2 or fan_in % tiles[0] or fan_out % tiles[1]:
-    raise ValueError(f"to_qwix: {name}'s qwix {what} has shape {tuple(tiles)}, which does not "
-                     f"tile its ({fan_in}, {fan_out}) kernel.")
-  t = full.reshape(tiles[0], fan_in // tiles[0], tiles[1], fan_out // tiles[1])
-  if not np.array_equal(t, np.broadcast_to(t[:, :1, :, :1], t.shape)):
-    ours = fmt.get("group_size") if fmt["scale"] == "group" else fan_in
-    raise ValueError(f"to_qwix: {name} has a {what} per {ours} inputs of each output, but "
-                     f"the qwix model tiles it by {fan_in // tiles[0]} x {fan_out // tiles[1]};"
-                     f" set the qwix rule's tile_size={ours} (channelwise outputs).")
-  return np.ascontiguousarray(t[:, 0, :, 0])
+  k = kernel
+  full = k.full(np.broadcast_to(codec._dense_per_entry(np, k.fmt, np.asarray(a), k.fan_in),
+                                (k.fan_in, k.fan_out)))
+  if len(tiles) != len(k.shape) or any(n % s for n, s in zip(k.shape, tiles)):
+    raise ValueError(f"to_qwix: {k.name}'s qwix {what} has shape {tuple(tiles)}, which does "
+                     f"not tile its {k.shape} kernel.")
+  t = _split(full, tiles)
+  first = t[tuple(slice(0, 1) if i % 2 else slice(None) for i in range(t.ndim))]
+  if not np.array_equal(t, np.broadcast_to(first, t.shape)):
+    # the first axis along which a tile sees two values (there is one: a tile constant
+    # along each of its axes is constant)
+    axis = next(a for a in range(len(tiles)) if not np.array_equal(
+        t, np.broadcast_to(np.take(t, [0], axis=2 * a + 1), t.shape)))
+    raise k.cut(what, axis, tuple(tiles))
+  return np.ascontiguousarray(first.reshape(tiles))
 
 
 def _qarray(name: str, leaf: dict, arr: dict, template: Any, target: np.ndarray) -> Any:
   """Our stored leaf as a QArray shaped and typed like qwix's ``template`` QArray, whose
-  dequantised value is ``target`` (our decoded kernel) bit for bit."""
+  dequantised value is ``target`` (our decoded kernel) bit for bit.
+
+  The kernel keeps its own shape (a Dense ``(in, out)`` kernel, an einsum's ``(N, D, H)``
+  or ``(2, K, D, H)``): our codes are put back from their ``(fan_in, fan_out)`` matrix
+  over the leaf's input axes, and our scales repeated over every qwix tile they cover."""
   import qwix
 
   fmt = leaf["format"]
@@ -82,13 +174,14 @@ def _qarray(name: str, leaf: dict, arr: dict, template: Any, target: np.ndarray)
                      f"as {what}, not integer codes; leave it out of the qwix rules "
                      f"(module_path) so it runs dense with our values.")
   shape = tuple(leaf["shape"])
-  if len(shape) != 2 or fmt.get("in_axes") is not None or tuple(template.shape) != shape:
-    raise ValueError(f"to_qwix: {name} is a {shape} kernel here and {tuple(template.shape)} "
-                     f"in the qwix model; only plain (in, out) kernels are carried.")
-  fan_in, fan_out = shape
-  levels, zero = _levels(fmt, arr, fan_in, fan_out)
-  scale32 = _per_tile(name, "scale", fmt, np.asarray(arr["scale"]).astype(np.float32),
-                      fan_in, fan_out, tuple(template.scale.shape))
+  if tuple(template.shape) != shape:
+    raise ValueError(f"to_qwix: {name} is a {shape} kernel in the export but the qwix model "
+                     f"quantises it as {tuple(template.shape)} (reshaped before its op); "
+                     f"only kernels quantised in their own shape are carried.")
+  kernel = _Kernel(name, fmt, shape)
+  levels, zero = _levels(fmt, arr, kernel.fan_in, kernel.fan_out)
+  scale32 = _per_tile(kernel, "scale", np.asarray(arr["scale"]).astype(np.float32),
+                      tuple(template.scale.shape))
   sdtype = np.dtype(template.scale.dtype)
   qtype = template.qvalue.dtype
   info = jnp.iinfo(qtype)
@@ -100,11 +193,10 @@ def _qarray(name: str, leaf: dict, arr: dict, template: Any, target: np.ndarray)
                        f"(weight_calibration_method='minmax').")
     # ours: unsigned codes 0 .. 2**bits - 1 with zero points; qwix: signed codes
     shift = 2 ** (fmt["bits"] - 1)
-    zero = _per_tile(name, "zero point", fmt, zero, fan_in, fan_out,
-                     tuple(template.zero_point.shape)) - shift
+    zero = _per_tile(kernel, "zero point", zero, tuple(template.zero_point.shape)) - shift
   elif template.zero_point is not None:
     zero = np.zeros(template.zero_point.shape, np.int32)
-  q = levels - shift
+  q = kernel.full(levels) - shift
   lo, hi = int(q.min(initial=0)), int(q.max(initial=0))
   if zero is not None:
     lo, hi = min(lo, int(zero.min(initial=0))), max(hi, int(zero.max(initial=0)))
@@ -128,14 +220,14 @@ def _qarray(name: str, leaf: dict, arr: dict, template: Any, target: np.ndarray)
 
 def _carried_scale(name, qarray, scale32, sdtype, target, template):
   """Per tile, a scale of dtype ``sdtype`` with which qwix's dequantisation gives exactly
-  ``target`` (our decoded kernel), tried in order: ours rounded to ``sdtype``, then its two
-  neighbours in that dtype (the export stores the smallest scale that decodes to our values
-  in the model's dtype, which a narrower scale dtype may not hold)."""
+  ``target`` (our decoded kernel, in its own shape), tried in order: ours rounded to
+  ``sdtype``, then its two neighbours in that dtype (the export stores the smallest scale
+  that decodes to our values in the model's dtype, which a narrower scale dtype may not
+  hold)."""
   import qwix
 
   tiles = tuple(template.scale.shape)
-  fan_in, fan_out = target.shape
-  want = _bits(target).reshape(tiles[0], fan_in // tiles[0], tiles[1], fan_out // tiles[1])
+  want = _split(_bits(target), tiles)
   base = np.asarray(jnp.asarray(scale32).astype(sdtype))
   ubits = np.uint16 if sdtype.itemsize == 2 else np.uint32
   step = base.view(ubits)
@@ -143,7 +235,7 @@ def _carried_scale(name, qarray, scale32, sdtype, target, template):
   chosen, done = base.copy(), np.zeros(tiles, bool)
   for cand in candidates:
     got = np.asarray(qwix.dequantize(qarray(cand)).astype(target.dtype))
-    ok = (_bits(got).reshape(want.shape) == want).all(axis=(1, 3)) & ~done
+    ok = (_split(_bits(got), tiles) == want).all(axis=_tile_axes(len(tiles))) & ~done
     chosen[ok], done = cand[ok], done | ok
   if not done.all():
     raise ValueError(f"to_qwix: no {sdtype.name} scale gives the compressed values of {name} "
