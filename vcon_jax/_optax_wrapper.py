@@ -89,6 +89,13 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
   below 1 (post-shot, ``linear_vanish(0)``) start the loop from
   ``params = vj.blended_params(opt_state)``.
 
+  Exactness: ``vj.blended_params`` / ``vj.compressed_params`` (and :func:`export`) give
+  the exact values. The params your loop holds come from ``optax.apply_updates``, one
+  float32 addition ``p + (t - p)``, which lands on the target ``t`` exactly for bfloat16
+  and float16 params (the update is float32) but in float32 only to one rounding when a
+  value jumps far (a quantisation level): take ``params = vj.blended_params(opt_state)``
+  at the end of the loop, as export does.
+
   Args:
     optimizer: any optax optimiser; it sees your params tree (low-rank factors attached
       to their leaf as :class:`WithState` nodes), so ``optax.multi_transform`` labels and

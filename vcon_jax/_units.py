@@ -80,6 +80,10 @@ def find_units(model: Any, params: Any = None, *example: Any) -> Units:
   if not example:
     raise ValueError("find_units needs an example input: find_units(model, params, x).")
   if isinstance(model, (nn.Module, nnx.Module)):
+    if len(example) > 1:
+      raise ValueError(f"find_units(module, params, x) runs the module on one input; "
+                       f"{type(model).__name__} takes {len(example)} here: pass a function "
+                       f"instead, find_units(lambda params, *xs: ..., params, *xs).")
     adapter = _model.make_adapter(model, None, None)
     pure, model_state = adapter.split(params)
     fn = lambda v, *x: adapter.apply(v["params"], v["state"], *x, None, False)[0]  # noqa: E731
