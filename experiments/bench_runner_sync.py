@@ -14,9 +14,12 @@ final evaluation:
 (after one warm-up call per mode that pretrains in each workdir). Results:
 ``experiments/results/runner_sync.md``.
 """
-import sys, time
+import sys
+import time
+
+from vcon_experiments import cli, training
+
 mode, steps, seed, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-from vcon_experiments import training, cli
 if mode == "sync":
   orig = training._first_bad
   def patched(first_bad, loss, done):

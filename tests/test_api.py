@@ -34,4 +34,4 @@ def test_api_groups_and_moved_names():
     with pytest.warns(DeprecationWarning, match=f"moved to vcon_jax.ops.{name}"):
       assert getattr(vj, name) is getattr(vj.ops, name)
   with pytest.raises(AttributeError, match="no attribute"):
-    vj.not_a_name  # pylint: disable=pointless-statement
+    _ = vj.not_a_name

@@ -90,7 +90,7 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
 def _final(workdir):
   run = next(pathlib.Path(workdir).glob("*/same-task/s*/prune90/vcon-Q20/seed0"))
   result = json.loads((run / "result.json").read_text())
-  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   return result, rows
 
 
@@ -162,3 +162,16 @@ def test_bad_config_values(tmp_path, capsys, content, needle):
     cli.main(["compress", "--config", str(path), "--workdir", str(tmp_path / "w")])
   assert exc.value.code == 2 and needle in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
+
+
+def test_config_flags_come_in_the_config_sections():
+  from vcon_experiments import config as config_lib  # pylint: disable=import-outside-toplevel
+  commands = cli._parser()._subparsers._group_actions[0].choices  # pylint: disable=protected-access
+  for command in ("pretrain", "compress", "compare"):
+    groups = {g.title: [a.dest for a in g._group_actions]  # pylint: disable=protected-access
+              for g in commands[command]._action_groups}  # pylint: disable=protected-access
+    for name, section in config_lib.SECTIONS.items():
+      assert groups[name] == [n for n in section.fields if n not in ("method", "seed")], name
+    assert ("method" in groups["options"]) == (command == "compress")
+  text = " ".join(commands["compress"].format_help().split())
+  assert "--pattern N:M" in text and "(default: vcon)" in text

@@ -258,7 +258,7 @@ def test_state_walked_like_an_optax_chain():
   parts = list(s)  # Tunix's fallback: for part in opt_state
   assert any(hasattr(p, "hyperparams") for p in parts)
   with pytest.raises(AttributeError):
-    s.hyperparams  # pylint: disable=pointless-statement
+    _ = s.hyperparams
 
 
 def test_nnx_optimizer_and_orbax_round_trip(tmp_path):

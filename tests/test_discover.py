@@ -135,7 +135,7 @@ def test_each_layer_of_a_stack_gets_its_own_threshold_scale_and_factors(kind):
       np.testing.assert_allclose(mags[0], np.abs(w[layer]).mean(), rtol=1e-5)
     else:  # rank 2 per layer, not a rank-2 matrix of all four
       assert np.linalg.matrix_rank(k[layer], tol=1e-5 * np.abs(k[layer]).max()) == 2
-  assert len({float(np.abs(k[l]).max()) for l in range(4)}) == 4
+  assert len({float(np.abs(k[layer]).max()) for layer in range(4)}) == 4
 
 
 def test_a_param_used_in_a_batched_matmul_is_not_taken_for_a_linear_map():

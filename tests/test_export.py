@@ -410,12 +410,14 @@ def test_bad_paths_give_clear_errors(tmp_path):
 
   step, state = _linen_step("binarize")
   with pytest.raises(ValueError, match="is a directory"):
-    vj.export(step, state, tmp_path)
-  with pytest.raises(ValueError, match="TrainStep"):
+    vj.export(state, tmp_path, model=step.model)
+  with pytest.raises(ValueError, match=r"takes \(state, path, model=...\)"):
     vj.export(object(), state, tmp_path / "x.npz")
-  with pytest.raises(ValueError, match="needs the train state"):
-    vj.summary(step)
-  vj.export(step, state, tmp_path / "sub" / "dir" / "m.npz")  # parent folders are created
+  with pytest.raises(ValueError, match="need the model"):
+    vj.export(state, tmp_path / "x.npz")
+  with pytest.raises(ValueError, match="needs the TrainState"):
+    vj.summary(step)  # the deprecated spelling, without its state
+  vj.export(state, tmp_path / "sub" / "dir" / "m.npz", model=step.model)  # folders created
   loaded = vj.load_compressed(tmp_path / "sub" / "dir" / "m.npz")
   model = _nnx_model("mlp", in_features=300, hidden=(64,))
   with pytest.raises(ValueError, match="Linen model"):
@@ -495,16 +497,16 @@ def test_attention_kernels_export_in_their_real_matrix_view(transform, tmp_path)
        "prune_neuron": lambda: vj.prune(0.75, granularity="neuron")}[transform]()
   step = vj.make_train_step(module, t, vj.linear_vanish(0))
   state = step.init()
-  rows = vj.export(step, state, tmp_path / "m.npz")
+  vj.export(step, state, tmp_path / "m.npz")
   loaded = vj.load_compressed(tmp_path / "m.npz")
   cparams = step.compressed_params(state).to_pure_dict()
   flat_loaded = dict(jax.tree_util.tree_leaves_with_path(loaded.params()))
   for path, ref in jax.tree_util.tree_leaves_with_path(cparams):
     np.testing.assert_allclose(flat_loaded[path], ref, rtol=1e-6, atol=1e-6)
   manifest, _ = export_format.read(tmp_path / "m.npz")
-  query = next(l for l in manifest["leaves"] if l["path"] == "attn/query/kernel")
+  query = next(leaf for leaf in manifest["leaves"] if leaf["path"] == "attn/query/kernel")
   assert query["format"].get("in_axes") == [0]
-  out = next(l for l in manifest["leaves"] if l["path"] == "attn/out/kernel")
+  out = next(leaf for leaf in manifest["leaves"] if leaf["path"] == "attn/out/kernel")
   assert "in_axes" not in out["format"]  # (heads, head_dim, out): Flax's default view
   if transform == "low_rank":
     assert query["format"]["kind"] == "low_rank"

@@ -124,7 +124,7 @@ def test_linen_wrap_optax_loop_exports_with_its_batch_stats(wrap, tmp_path):
 def test_export_of_an_opt_state_says_what_it_needs():
   tx = vj.wrap_optax(optax.sgd(0.1), vj.binarize(), vj.linear_vanish(2))
   opt_state = tx.init({"dense": {"kernel": jnp.ones((4, 4))}})
-  with pytest.raises(ValueError, match="needs the model: pass model="):
+  with pytest.raises(ValueError, match="need the model: pass model="):
     vj.export(opt_state, "/tmp/never_written.npz")
   with pytest.raises(ValueError, match="opt_state of a vj.wrap_optax loop"):
     vj.export(optax.sgd(0.1).init({"k": jnp.ones(2)}), "/tmp/never_written.npz",

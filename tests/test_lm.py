@@ -45,7 +45,7 @@ def test_grouped_query_attention_shapes_and_refusal():
 def test_dtypes(param_dtype, dtype):
   model = get_model("lm", **SMALL, param_dtype=param_dtype, dtype=dtype)
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-  assert {l.dtype for l in leaves} == {jnp.dtype(param_dtype)}
+  assert {leaf.dtype for leaf in leaves} == {jnp.dtype(param_dtype)}
   assert model(_tokens()).dtype == jnp.float32
 
 
@@ -53,8 +53,8 @@ def test_default_selection_is_the_attention_and_mlp_projections():
   model = get_model("lm", **SMALL)
   step = vj.make_train_step(model, vj.quantize(4, group_size=16), vj.linear_vanish(2),
                             optax.sgd(0.1), loss_fn=tasks.token_loss)
-  chosen = sorted(p for p, l in _paths.leaf_paths(step.init().params)
-                  if step.transform.select(p, l))
+  chosen = sorted(p for p, leaf in _paths.leaf_paths(step.init().params)
+                  if step.transform.select(p, leaf))
   names = {p.split("/", 2)[2] for p in chosen}
   assert names == {"attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
                    "attn/out/kernel", "mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel"}

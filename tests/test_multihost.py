@@ -3,7 +3,6 @@ devices each, params split over all 4 devices: train, checkpoint with Orbax, res
 2 new processes, continue; the result equals one process with 4 devices.
 """
 
-import json
 import os
 import socket
 import subprocess
@@ -118,8 +117,8 @@ def _launch(tmp, mode, nproc, deadline):
       p.wait()
   if not all(p.returncode == 0 for p in procs):
     # "[Gloo] Rank i is connected to 1 peer ranks" is gloo's note of a good connection
-    text = ["\n".join(l for l in log.read_text().splitlines()
-                       if not l.startswith("[Gloo] Rank"))[-3000:] for log in logs]
+    text = ["\n".join(line for line in log.read_text().splitlines()
+                       if not line.startswith("[Gloo] Rank"))[-3000:] for log in logs]
     pytest.fail(f"{mode}: exit codes {[p.returncode for p in procs]} after "
                 f"{time.time() - start:.0f} s (-9: killed at the {HANG_S} s deadline, which "
                 "only a hang reaches: a launch takes ~20 s on 2 quiet cores)\n" +

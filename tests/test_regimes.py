@@ -11,7 +11,7 @@ from flax import nnx
 
 import vcon_jax as vj
 from vcon_jax import _paths
-from vcon_experiments import compare, methods, model_registry, presets, pretrain, runner, tasks
+from vcon_experiments import compare, methods, models, presets, pretrain, runner, tasks
 from vcon_experiments.config import Config
 
 TINY = Config().replace(model="mlp", model_kwargs={"hidden": (32,)}, train_limit=512,
@@ -91,7 +91,7 @@ def test_text_transfer_pretrains_a_masked_byte_lm(tmp_path):
 def test_experiments_leave_head_and_stem_dense():
   cfg = TINY.replace(model="vit", model_kwargs={"patch_size": 7, "dim": 16, "depth": 1,
                                                 "heads": 2, "mlp_dim": 32})
-  model = model_registry.build_model(cfg)
+  model = models.build_model(cfg)
   step = vj.make_train_step(model, vj.identity(), vj.constant(1.0), optax.sgd(0.0))
   params = step.init().params
   for comp in ("prune", "binarize", "quantize", "low-rank"):
@@ -141,7 +141,6 @@ def test_cli_refuses_before_writing_anything(tmp_path, args, msg):
 @pytest.mark.slow
 def test_paper_preset_runs_a_few_steps_from_init_weights_on_mock_cifar10(tmp_path):
   """The accelerator preset's config, shrunk to a tiny ViT, on tfds mock data."""
-  import json  # pylint: disable=import-outside-toplevel
   import pathlib  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from vcon_experiments import config as config_lib  # pylint: disable=import-outside-toplevel

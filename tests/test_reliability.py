@@ -64,7 +64,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path, mon
   result = runner.train_and_evaluate(TINY.replace(seed=1), tmp_path, progress=False,
                                      on_nonfinite="skip")
   rows = \
-      [json.loads(l) for l in (tmp_path / TINY.replace(seed=1).run_name() /
+      [json.loads(line) for line in (tmp_path / TINY.replace(seed=1).run_name() /
                                "metrics.jsonl").read_text().splitlines()]
   assert rows[-1]["nonfinite_total"] == 1.0 and np.isfinite(result["test_accuracy"])
 

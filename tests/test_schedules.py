@@ -1,5 +1,7 @@
+import flax.linen as _nn
 import jax
 import numpy as np
+import optax as _optax
 import pytest
 
 import vcon_jax as vj
@@ -51,8 +53,6 @@ def test_bad_schedule_arguments(build, match):
 
 
 # ---- a learning-rate schedule passed as beta is refused by every entry point (issue 19)
-import flax.linen as _nn
-import optax as _optax
 
 LR_SCHEDULES = {
     "linear_from_1e-3": lambda: _optax.linear_schedule(1e-3, 0, 100),

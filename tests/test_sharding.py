@@ -143,7 +143,7 @@ def results(tmp_path_factory):
   proc = subprocess.run([sys.executable, str(script), str(tmp)], env=env,
                         capture_output=True, text=True, timeout=1500, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS")][-1]
+  line = [out for out in proc.stdout.splitlines() if out.startswith("RESULTS")][-1]
   return json.loads(line[len("RESULTS"):])
 
 

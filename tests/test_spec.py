@@ -1,5 +1,7 @@
 """LeafSpec: the typed record transforms give export (Transform.describe)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -75,5 +77,5 @@ def test_a_describe_that_breaks_the_contract_is_recorded_not_trusted(tmp_path):
 
 
 def test_leafspec_is_frozen():
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError):
     LeafSpec("prune").bits = 3  # type: ignore[misc]

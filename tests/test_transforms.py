@@ -230,13 +230,12 @@ def test_bad_selection_raises_at_init(build, match):
 @pytest.mark.parametrize("gradient,expected", [("straight_through", 1.0), ("true", 2.0)])
 def test_leaf_rule_declares_its_gradient(gradient, expected):
   """A rule returns only C(w); the library applies the gradient it declares."""
-  from vcon_jax._transform import LeafRule, leafwise
-
-  rule = LeafRule(init=lambda path, w, *, axes: (None, None),
-                  compress=lambda w, *, axes, trainable, aux, count: 2.0 * w,
-                  refresh=None, describe=lambda w, *, axes, trainable, count: vj.LeafSpec("x2"),
-                  gradient=gradient)
-  t = leafwise(rule, where=None, exclude=None, name="double")
+  rule = vj.LeafRule(init=lambda path, w, *, axes: (None, None),
+                     compress=lambda w, *, axes, trainable, aux, count: 2.0 * w,
+                     refresh=None,
+                     describe=lambda w, *, axes, trainable, count: vj.LeafSpec("x2"),
+                     gradient=gradient)
+  t = vj.leafwise(rule, name="double")
   params = {"Dense_0": {"kernel": jnp.arange(6.0).reshape(2, 3)}}
   state = t.init(params)
   out = t.apply(params, state, 0.0)
@@ -244,4 +243,4 @@ def test_leaf_rule_declares_its_gradient(gradient, expected):
   g = jax.grad(lambda p: t.apply(p, state, 0.0)["Dense_0"]["kernel"].sum())(params)
   np.testing.assert_array_equal(g["Dense_0"]["kernel"], np.full((2, 3), expected))
   with pytest.raises(ValueError, match="gradient must be one of"):
-    leafwise(rule._replace(gradient="ste"), where=None, exclude=None, name="double")
+    vj.leafwise(rule._replace(gradient="ste"), name="double")

@@ -19,16 +19,19 @@ from vcon_jax._selection import Selection
 from vcon_jax._schedules import constant, cosine_vanish, linear_vanish, polynomial_ramp
 from vcon_jax._shrink import Shrunk, shrink
 from vcon_jax._spec import LeafSpec
+from vcon_jax._step_options import BatchKeys, ModelKwargs, Parallel
 from vcon_jax._trace import Discovery, discover
 from vcon_jax._train import TrainStep, make_train_step
-from vcon_jax._transform import Transform, TransformState, chain, compress, identity
+from vcon_jax._transform import (LeafRule, RuleCompress, RuleDescribe, RuleInit, RuleRefresh,
+                                  Transform, TransformState, blend_leaf, chain, compress,
+                                  identity, leafwise)
 from vcon_jax._transform import reselected as reselect
 from vcon_jax._units import Units, find_units, prune_units
 from vcon_jax._validate import check_beta_schedule
 from vcon_jax.export import (CompressedModel, Summary, export, load_compressed, summary,
                              to_qwix)
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 # Grouped as optax groups its API; the pure functions, reference blends and wrap_optax's
 # state parts are in the `vcon_jax.ops` submodule.
@@ -38,7 +41,8 @@ __all__ = [
     # beta schedules
     "linear_vanish", "cosine_vanish", "polynomial_ramp", "constant", "check_beta_schedule",
     # training
-    "make_train_step", "wrap_optax", "TrainStep", "TrainState", "distill", "Distillation",
+    "make_train_step", "Parallel", "BatchKeys", "ModelKwargs", "wrap_optax", "TrainStep",
+    "TrainState", "distill", "Distillation",
     "softmax_cross_entropy", "compressed_params", "blended_params", "dense_params",
     "compress", "replicate", "unreplicate",
     # selecting what to compress
@@ -49,6 +53,9 @@ __all__ = [
     "shrink", "Shrunk",
     # checkpoints
     "save", "restore", "CheckpointManager", "CheckpointMismatchError",
+    # extending: a new compression as a rule on one leaf (ARCHITECTURE.md)
+    "leafwise", "LeafRule", "RuleInit", "RuleCompress", "RuleRefresh", "RuleDescribe",
+    "blend_leaf",
     # types
     "Transform", "TransformState", "LeafSpec", "VconState",
     # the rest

@@ -221,6 +221,28 @@ def blended_weights(state: VconState, count: Any = None) -> Any:
                                  exact=True)
 
 
+# The views run compiled, as the update does: XLA's CPU arithmetic op by op (eager) is
+# not always that of the same operations fused in a program (a reduction's order, a
+# division), and one ulp on a rounding tie is a whole quantisation level. Compiled, a
+# view gives the values a jitted loop holds, bit for bit (tests/test_low_precision). The
+# one implementation of each view: the train step's methods, vj.compressed_params /
+# vj.blended_params (opt_state) and export all call these.
+@jax.jit
+def compressed_view(state: VconState) -> Any:
+  """The exact compressed params (``beta = 0``), same tree as ``state.params``."""
+  return state.transform.apply(state.params, state.transform_state, 0.0, state.step,
+                               exact=True)
+
+
+@jax.jit
+def blended_view(state: VconState, beta: Any = None) -> Any:
+  """The exact weights the model sees at ``beta`` (default: the schedule's, now)."""
+  if beta is None:
+    return blended_weights(state)
+  return state.transform.apply(state.params, state.transform_state,
+                               jnp.asarray(beta, jnp.float32), state.step, exact=True)
+
+
 def apply_gradients(optimizer: optax.GradientTransformation, state: VconState,
                     grads: tuple[Any, Any], **extra_args) -> VconState:
   """One optimiser step from ``grads = (dense grads, trainable-state grads)``.

@@ -21,9 +21,10 @@ import optax
 from flax import nnx
 
 from vcon_jax import _paths, _sharding, _trace, _validate
-from vcon_jax._core import (VconState, apply_gradients, blend_fn, blended_weights, init_state,
-                            join)
-from vcon_jax._transform import Transform, compress, low_precision, reselected, rounded
+from vcon_jax._core import (VconState, apply_gradients, blend_fn, blended_view, blended_weights,
+                            compressed_view, init_state, join)
+from vcon_jax._transform import (Transform, check_transform, low_precision, reselected,
+                                 rounded)
 
 
 def _update_to(target: jax.Array, param: jax.Array) -> jax.Array:
@@ -126,7 +127,7 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
   4
   """
   _validate.check_optimizer(optimizer)
-  _validate.check_transform(transform)
+  check_transform(transform)
   _validate.check_step_schedule(beta_schedule)
   traced = [a is not None for a in (apply_fn, params, example)]
   if any(traced) and not all(traced):
@@ -191,20 +192,6 @@ def _params_placed(state: VconState, tree: Any) -> Any:
   return _sharding.place(tree, state.shardings[1:1 + n])
 
 
-# The views run compiled, as the update does: XLA's CPU arithmetic op by op (eager) is
-# not always that of the same operations fused in a program (a reduction's order, a
-# division), and one ulp on a rounding tie is a whole quantisation level. Compiled, a
-# view gives the values the user's jitted loop holds, bit for bit (tests/test_low_precision).
-@jax.jit
-def _compiled_compress(state: VconState) -> Any:
-  return compress(state.transform, state.params, state.transform_state, state.step)
-
-
-@jax.jit
-def _compiled_blend(state: VconState) -> Any:
-  return blended_weights(state)
-
-
 def compressed_params(opt_state: Any) -> Any:
   """The compressed model (``beta = 0``): exact values, same tree as your params.
 
@@ -214,13 +201,13 @@ def compressed_params(opt_state: Any) -> Any:
   [[2.0, -2.0]]
   """
   state = unwrap_state(vcon_state(opt_state))
-  return _params_placed(state, _compiled_compress(state))
+  return _params_placed(state, compressed_view(state))
 
 
 def blended_params(opt_state: Any) -> Any:
   """The weights the model sees now, ``beta * W + (1 - beta) * C(W)`` (exact values)."""
   state = unwrap_state(vcon_state(opt_state))
-  return _params_placed(state, _compiled_blend(state))
+  return _params_placed(state, blended_view(state))
 
 
 def dense_params(opt_state: Any) -> Any:

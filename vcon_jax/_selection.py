@@ -273,7 +273,7 @@ class Resolver:
                       f"{'; '.join(ways)}.")
 
 
-def _caller_level() -> int:
+def caller_level() -> int:
   """``stacklevel`` of the first frame outside ``vcon_jax`` (the user's call)."""
   frame, level = sys._getframe(2), 2  # pylint: disable=protected-access
   while frame is not None and frame.f_globals.get("__name__", "").startswith("vcon_jax"):
@@ -297,5 +297,5 @@ def from_keywords(name: str, selection: Selection | None, **old: Any) -> Selecti
   spelled = ", ".join(f"{k}={v!r}" for k, v in given.items())
   warnings.warn(f"{name}({spelled}): these keywords are deprecated; pass "
                 f"selection=vj.Selection({spelled}).", DeprecationWarning,
-                stacklevel=_caller_level())
+                stacklevel=caller_level())
   return Selection(**given)

@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vcon_jax import _checks, _core, _model, _sharding, _trace, _validate
 from vcon_jax._blend import blend_outputs
 from vcon_jax._core import TrainState, VconState
-from vcon_jax._losses import Distillation, accuracy, distill, softmax_cross_entropy
-from vcon_jax._transform import Transform, compress, reselected
+from vcon_jax._losses import Distillation, accuracy, softmax_cross_entropy
+from vcon_jax._step_options import BatchKeys, ModelKwargs, Parallel, from_deprecated
+from vcon_jax._transform import Transform, check_transform, compress, reselected
 
 __all__ = ["TrainState", "TrainStep", "make_train_step", "softmax_cross_entropy"]
 
@@ -44,15 +45,17 @@ class TrainStep:
 
   def __init__(self, model: Any, transform: Transform, schedule: Callable,
                optimizer: optax.GradientTransformation | None = None, *,
-               loss_fn: Callable | None = None, mesh: Mesh | None = None,
-               axis_name: str | None = None, seed: int = 0,
-               train_kwargs: dict | None = None, eval_kwargs: dict | None = None,
-               donate: bool = True, input_key: str = "inputs", label_key: str = "labels",
-               blend: str = "weights", skip_nonfinite: bool = False, example: Any = None):
+               loss_fn: Callable | None = None, example: Any = None,
+               parallel: Parallel = Parallel(), keys: BatchKeys = BatchKeys(),
+               model_kwargs: ModelKwargs = ModelKwargs(), seed: int = 0,
+               blend: str = "weights", skip_nonfinite: bool = False):
+    mesh, axis_name, donate = parallel
+    input_key, label_key = keys
+    train_kwargs, eval_kwargs = model_kwargs
     if blend not in ("weights", "outputs"):
       raise ValueError(f"blend must be 'weights' (one forward pass) or 'outputs' (dense "
                        f"and compressed passes, outputs blended), got {blend!r}.")
-    _validate.check_transform(transform)
+    check_transform(transform)
     _validate.check_step_schedule(schedule)
     optimizer = optax.adamw(1e-4, weight_decay=0.0) if optimizer is None else optimizer
     _validate.check_optimizer(optimizer)
@@ -186,7 +189,7 @@ class TrainStep:
       metrics = jax.lax.pmean(metrics, self.axis_name)
       new_ms = jax.tree.map(lambda x: jax.lax.pmean(x, self.axis_name)
                             if jnp.issubdtype(x.dtype, jnp.floating) else x, new_ms)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if self.skip_nonfinite:
       # A step with a non-finite loss or gradient leaves params, optimiser and model state
       # as they were (the step counter and beta still advance) and is flagged: the
@@ -255,11 +258,14 @@ class TrainStep:
     return out
 
   # -------------------------------------------------------------------------- views
-  def _compressed(self, state: TrainState) -> Any:
-    """The exact compressed params, placed like the dense params."""
-    out = compress(self.transform, state.params, state.transform_state, state.step)
+  def _placed(self, state: TrainState, out: Any) -> Any:
+    """``out`` placed like the dense params."""
     shardings = _sharding.shardings_of(state.params)
     return _sharding.place(out, shardings) if self.mesh is not None else out
+
+  def _compressed(self, state: TrainState) -> Any:
+    """The exact compressed params (the core's compiled view), placed like the params."""
+    return self._placed(state, _core.compressed_view(state))
 
   def compressed_params(self, state: TrainState) -> Any:
     """The compressed model (beta = 0), exact values, same tree as the model's params.
@@ -284,10 +290,7 @@ class TrainStep:
   def blended_params(self, state: TrainState, beta: float | None = None) -> Any:
     """The weights the forward pass uses at ``beta`` (default: the schedule's current)."""
     _checks.check_not_replicated(state)
-    beta = self.schedule(state.step) if beta is None else beta
-    params = self.transform.apply(state.params, state.transform_state, beta, state.step,
-                                  exact=True)
-    return self.adapter.wrap_params(params)
+    return self.adapter.wrap_params(self._placed(state, _core.blended_view(state, beta)))
 
   def _eval_fn(self, state, batch, compressed):
     if compressed:
@@ -322,14 +325,11 @@ class TrainStep:
 
 def make_train_step(model: Any, transform: Transform, schedule: Callable,
                     optimizer: optax.GradientTransformation | None = None, *,
-                    loss_fn: Callable | None = None, mesh: Mesh | None = None,
-                    axis_name: str | None = None, seed: int = 0,
-                    train_kwargs: dict | None = None, eval_kwargs: dict | None = None,
-                    distill_weight: float = 0.0, distill_temperature: float = 1.0,
-                    distill_teacher: str = "initial", donate: bool = True,
-                    input_key: str = "inputs", label_key: str = "labels",
+                    loss_fn: Callable | None = None, example: Any = None,
+                    parallel: Parallel | None = None, keys: BatchKeys | None = None,
+                    model_kwargs: ModelKwargs | None = None, seed: int = 0,
                     blend: str = "weights", skip_nonfinite: bool = False,
-                    example: Any = None) -> TrainStep:
+                    **deprecated: Any) -> TrainStep:
   r"""Builds the VCON train step for a Flax model.
 
   Args:
@@ -343,51 +343,51 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
     optimizer: an optax optimiser (default ``adamw(1e-4, weight_decay=0)``, the paper's).
       It sees the params tree (see :func:`wrap_optax`), so masks and labels keyed by it
       work.
-    loss_fn: ``(logits, batch) -> loss`` or ``(loss, metrics)``, called with the whole
-      batch dict; default softmax cross-entropy on integer ``batch['labels']`` (labels are
-      checked before jit: integer, one per example, and, for host arrays, in range; on
-      device a label out of range gives a ``nan`` loss and ``metrics['invalid_labels']``,
-      the fraction of such labels, shows it); or a :func:`distill` wrapper.
-    mesh: a device mesh with a ``'data'`` axis (default: all devices on ``'data'``); the
-      batch is split over ``'data'``, params keep the ``NamedSharding`` they were given on
-      this mesh (e.g. kernels split over a ``'model'`` axis) or are replicated. The step is
-      one ``jax.jit`` over the mesh, so BatchNorm sees the whole global batch, as on one
-      device (tested); under ``jax.pmap`` (``axis_name=``) each device normalises its own
-      batch unless the layers are built with that ``axis_name``.
-    axis_name: instead of jit, return a step meant for ``jax.pmap(step, axis_name=...)``:
-      gradients, metrics and model state are averaged over that axis. Give it
-      ``vj.replicate(step.init(params))`` and read results from ``vj.unreplicate(state)``
-      (README, "Using jax.pmap").
-    seed: seed of the per-step rng, folded with the step number and the device index:
-      Linen dropout draws from it, and for NNX models it salts every ``nnx.Rngs`` stream,
-      so dropout differs per device and per seed (``step.init(seed=...)`` overrides it).
-    train_kwargs, eval_kwargs: extra keyword arguments to a Linen model's ``apply`` in
-      training / evaluation (e.g. ``{'train': True}``). When one is not given and the
-      model's ``__call__`` has exactly one of the arguments ``train``, ``training``,
-      ``is_training`` or ``deterministic``, it is passed for you (``train=True`` /
-      ``deterministic=False`` in training, the opposite in evaluation), so BatchNorm
-      statistics move and dropout is on; with several of them a ``ValueError`` asks for
-      both kwargs. Pass ``{}`` to give no argument.
-    distill_weight, distill_temperature, distill_teacher: shorthand for
-      ``loss_fn=vj.distill(loss_fn, weight=..., temperature=..., teacher=...)``
-      (distillation from the dense model; costs a second forward pass).
-    donate: donate the input state's buffers to the step (saves memory; the old state
-      must not be reused).
-    input_key, label_key: batch keys.
+    loss_fn: ``(outputs, batch) -> loss`` or ``(loss, metrics)``, called with whatever
+      the model returns (an array, a dict, a dataclass such as Gemma's ``Output``) and
+      the whole batch dict; default softmax cross-entropy of a logits array on integer
+      labels (checked before jit: integer, one per example, and, for host arrays, in
+      range; on device a label out of range gives a ``nan`` loss and
+      ``metrics['invalid_labels']``). Distillation from the dense model is a loss:
+      ``loss_fn=vj.distill(task_loss, weight=..., temperature=..., teacher=...)``.
+    example: an input batch (only its shapes are used). With it the model is traced once
+      (:func:`vcon_jax.discover`; a Linen model's params from ``jax.eval_shape`` of its
+      ``init``) and the transform's :class:`vcon_jax.Selection` becomes what the trace
+      found: the linear maps (any weight name: Gemma's ``w``, Equinox-style ``(out,
+      in)``) with their input axes, each layer of a scanned stack on its own; lookup
+      tables, tied embeddings, biases, norms and the output layer stay dense;
+      ``prune_units()`` takes its unit groups from it. Without it, selection is by
+      Flax's names and refuses what they cannot settle.
+    parallel: a :class:`vcon_jax.Parallel`: ``mesh`` (a device mesh with a ``'data'``
+      axis, default all devices on it; the batch is split over ``'data'``, params keep
+      the ``NamedSharding`` they were given on this mesh or are replicated; one
+      ``jax.jit``, so BatchNorm sees the whole global batch), or ``axis_name`` (a step
+      for the user's ``jax.pmap``: gradients, metrics and model state averaged over that
+      axis; give it ``vj.replicate(step.init(params))``), and ``donate`` (the input
+      state's buffers are donated; default ``True``).
+    keys: a :class:`vcon_jax.BatchKeys`: the batch entries of the model's input and of
+      the default loss's labels (default ``"inputs"``, ``"labels"``).
+    model_kwargs: a :class:`vcon_jax.ModelKwargs`: extra keyword arguments to a Linen
+      model's ``apply`` in training / evaluation (e.g. ``{'train': True}``). When one is
+      not given and the model's ``__call__`` has exactly one of the arguments ``train``,
+      ``training``, ``is_training`` or ``deterministic``, it is passed for you
+      (``train=True`` / ``deterministic=False`` in training, the opposite in
+      evaluation); with several a ``ValueError`` asks for both. ``{}`` gives none.
+    seed: seed of the per-step rng, folded with the step number and the device index
+      (Linen dropout draws from it; for NNX models it salts every ``nnx.Rngs`` stream;
+      ``step.init(seed=...)`` overrides it).
     blend: ``'weights'`` (default): one forward pass with ``beta * W + (1 - beta) * C(W)``;
       ``'outputs'``: the reference form, dense and compressed forward passes with their
-      logits blended (equal for layers linear in ``W``; about twice the cost).
+      outputs blended (equal for layers linear in ``W``; about twice the cost).
     skip_nonfinite: a step whose loss or gradients are not finite changes nothing (params,
       optimiser and model state stay; the step count advances) and reports
       ``metrics['nonfinite'] = 1``. Default: the update is applied and the caller checks
       ``metrics['loss']`` (the CLI stops the run, keeping the last good checkpoint).
-    example: an input batch (only its shapes are used). With it the model is traced once
-      (:func:`vcon_jax.discover`; a Linen model's params from ``jax.eval_shape`` of its
-      ``init``) and a transform left at its default selection compresses the linear maps
-      the computation has (any weight name: Gemma's ``w``, Equinox-style ``(out, in)``),
-      with their traced input axes, each layer of a scanned stack on its own
-      (:func:`vcon_jax.reselect`); lookup tables, tied embeddings, biases and norms stay
-      dense. Without it, Flax's ``kernel`` names select (README, Selection).
+    **deprecated: the 0.3 keywords ``mesh`` / ``axis_name`` / ``donate`` (now
+      ``parallel``), ``input_key`` / ``label_key`` (``keys``), ``train_kwargs`` /
+      ``eval_kwargs`` (``model_kwargs``) and ``distill_weight`` / ``distill_temperature``
+      / ``distill_teacher`` (``loss_fn=vj.distill(...)``) work for one release with a
+      ``DeprecationWarning`` naming the new spelling.
 
   Returns:
     A :class:`TrainStep`: ``state = step.init(params)``, ``state, metrics = step(state,
@@ -400,15 +400,11 @@ def make_train_step(model: Any, transform: Transform, schedule: Callable,
   ...                           optax.adam(1e-3))
   >>> state = step.init()
   """
-  distillation = distill(loss_fn, weight=distill_weight, temperature=distill_temperature,
-                         teacher=distill_teacher)  # validates the three even when unused
-  if distillation.weight > 0:
-    loss_fn = distillation
-  return TrainStep(model, transform, schedule, optimizer, loss_fn=loss_fn, mesh=mesh,
-                   axis_name=axis_name, seed=seed, train_kwargs=train_kwargs,
-                   eval_kwargs=eval_kwargs, donate=donate, input_key=input_key,
-                   label_key=label_key, blend=blend, skip_nonfinite=skip_nonfinite,
-                   example=example)
+  parallel, keys, model_kwargs, loss_fn = from_deprecated(
+      deprecated, parallel=parallel, keys=keys, model_kwargs=model_kwargs, loss_fn=loss_fn)
+  return TrainStep(model, transform, schedule, optimizer, loss_fn=loss_fn, example=example,
+                   parallel=parallel, keys=keys, model_kwargs=model_kwargs, seed=seed,
+                   blend=blend, skip_nonfinite=skip_nonfinite)
 
 
 def _reselect_by_trace(adapter, model, transform, example, train_kwargs, eval_kwargs):

@@ -4,6 +4,14 @@ A :class:`Transform` is an optax-style ``NamedTuple`` of pure functions. Its sta
 :class:`TransformState` pytree the caller holds (and checkpoints): ``trainable`` is trained
 by the optimiser together with the params (low-rank factors), ``aux`` is not (stored masks).
 Both are dicts keyed by leaf path.
+
+The extension point (public, as ``vj.LeafRule``, ``vj.leafwise`` ...): a compression is a
+:class:`LeafRule` (what it does to one leaf: ``init``, ``compress``, ``refresh``,
+``describe``, typed by the Protocols :class:`RuleInit`, :class:`RuleCompress`,
+:class:`RuleRefresh`, :class:`RuleDescribe`) that :func:`leafwise` turns into a
+:class:`Transform` over the leaves a :class:`vcon_jax.Selection` picks. Every built-in
+compression but ``prune_units`` is one; ``prune_units`` (a rule over groups of leaves)
+shares its last step, :func:`blend_leaf`.
 """
 
 from __future__ import annotations
@@ -79,31 +87,49 @@ class Transform(NamedTuple):
   selection: Any = None
 
 
+def check_transform(transform: Any) -> None:
+  """Refuses anything but a :class:`Transform` (a ``ValueError`` naming its type)."""
+  if not isinstance(transform, Transform):
+    raise ValueError(f"transform must be a vcon_jax Transform (prune, quantize, "
+                     f"binarize, low_rank, chain), got {type(transform).__name__}.")
+
+
 class RuleInit(Protocol):
-  """``init(path, w, *, axes) -> (trainable, aux)``: a rule's state for one leaf (either
-  may be ``None``); raises ``ValueError`` for a leaf it cannot compress."""
+  """``init(path, w, *, axes) -> (trainable, aux)``: a rule's state for one leaf.
+
+  Called once per selected leaf at ``Transform.init``, outside ``jit`` (host code such as
+  an SVD is fine). ``trainable`` is trained by the optimiser with the params (low-rank
+  factors), ``aux`` is not (a stored mask); either may be ``None``. Raise ``ValueError``
+  (naming ``path``) for a leaf the rule cannot compress: it is reported before training.
+  """
 
   def __call__(self, path: str, w: jax.Array, *, axes: tuple[int, ...] | None
                ) -> tuple[Any, Any]: ...
 
 
 class RuleCompress(Protocol):
-  """``compress(w, *, axes, trainable, aux, count) -> C(w)``: the compressed value only.
-  How the gradient passes is the rule's ``gradient``, applied by :func:`leafwise`."""
+  """``compress(w, *, axes, trainable, aux, count) -> C(w)``: the compressed value only,
+  same shape and dtype as ``w``; ``count`` is the step (maybe traced: use ``jnp``). How
+  the gradient passes is the rule's ``gradient``, applied by :func:`leafwise`."""
 
   def __call__(self, w: jax.Array, *, axes: tuple[int, ...] | None, trainable: Any,
                aux: Any, count: Any) -> jax.Array: ...
 
 
 class RuleRefresh(Protocol):
-  """``refresh(w, *, axes, trainable, aux, count) -> aux`` after an optimiser step."""
+  """``refresh(w, *, axes, trainable, aux, count) -> aux`` after each optimiser step (a
+  stored mask recomputed every few steps); ``None`` in a rule without ``aux``."""
 
   def __call__(self, w: jax.Array, *, axes: tuple[int, ...] | None, trainable: Any,
                aux: Any, count: Any) -> Any: ...
 
 
 class RuleDescribe(Protocol):
-  """``describe(w, *, axes, trainable, count) -> LeafSpec``: what was done to the leaf."""
+  """``describe(w, *, axes, trainable, count) -> LeafSpec``: what was done to the leaf,
+  for export and :func:`vcon_jax.summary`. Called outside ``jit`` with concrete values.
+  ``kind`` is the name shown; ``bits``, ``per_channel``, ``group_size``, ``symmetric``,
+  ``pattern`` and ``rank`` + ``factors`` choose the compact encodings export tries (a
+  wrong field costs size, never exactness: every candidate is decoded and compared)."""
 
   def __call__(self, w: jax.Array, *, axes: tuple[int, ...] | None, trainable: Any,
                count: Any) -> LeafSpec: ...
@@ -128,16 +154,38 @@ def straight_through(w: jax.Array, c: jax.Array) -> jax.Array:
 
 
 class LeafRule(NamedTuple):
-  """How one kind of compression acts on a single selected leaf (:func:`leafwise`).
+  r"""How one kind of compression acts on a single selected leaf; :func:`leafwise` makes
+  it a :class:`Transform`.
 
-  ``axes`` is the leaf's tuple of input axes (:func:`vcon_jax._paths.input_axes`) when
-  ``needs_axes`` is true, else ``None``. The functions take keyword arguments after the
-  leaf (see their Protocols): ``init`` (:class:`RuleInit`), ``compress``
-  (:class:`RuleCompress`, returns only ``C(w)``), ``refresh`` (:class:`RuleRefresh`, or
-  ``None``), ``describe`` (:class:`RuleDescribe`; ``leafwise`` sets the spec's
-  ``in_axes`` when they are not Flax's default, every axis but the last). ``gradient``
-  (one of :data:`GRADIENTS`) says how training differentiates ``C``; evaluation and export
-  (``exact=True``) use ``C(w)`` as it is.
+  The functions take the leaf, then keyword arguments (see their Protocols): ``init``
+  (:class:`RuleInit`), ``compress`` (:class:`RuleCompress`: returns only ``C(w)``),
+  ``refresh`` (:class:`RuleRefresh`, or ``None``), ``describe`` (:class:`RuleDescribe`;
+  ``leafwise`` sets the spec's ``in_axes`` when they are not Flax's default, every axis
+  but the last).
+
+  Attributes:
+    init, compress, refresh, describe: the rule's functions (above).
+    needs_axes: the functions get ``axes``, the leaf's tuple of input axes (per output unit
+      statistics reduce over them with ``keepdims=True``); the
+      selection then refuses, at ``init``, a leaf whose input axes names cannot settle
+      (pass ``example=`` to the step so a trace reads them). ``False``: ``axes=None``.
+    gradient: how training differentiates ``C`` (:data:`GRADIENTS`):
+      ``"straight_through"`` (default: ``compress`` sees ``stop_gradient(w)`` and the
+      gradient passes to ``w`` unchanged, :math:`\partial C / \partial W := I`) or
+      ``"true"`` (``compress`` is differentiated as written: low rank's trained factors).
+      Evaluation and export (``exact=True``) use ``C(w)`` as it is.
+
+  >>> import jax.numpy as jnp, vcon_jax as vj
+  >>> halve = vj.LeafRule(
+  ...     init=lambda path, w, *, axes: (None, None),
+  ...     compress=lambda w, *, axes, trainable, aux, count: w / 2,
+  ...     refresh=None,
+  ...     describe=lambda w, *, axes, trainable, count: vj.LeafSpec("halve"))
+  >>> t = vj.leafwise(halve, name="halve")
+  >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
+  >>> out = t.apply(params, t.init(params), beta=0.0)
+  >>> out["Dense_0"]["kernel"][0], out["Dense_0"]["bias"]
+  (Array([0.5, 0.5, 0.5], dtype=float32), Array([1., 1., 1.], dtype=float32))
   """
 
   init: RuleInit
@@ -190,12 +238,52 @@ def blend(w: jax.Array, c: jax.Array, beta: Any) -> jax.Array:
   return (dense + comp).astype(w.dtype)
 
 
+def blend_leaf(w: jax.Array, c: jax.Array, beta: Any, *, exact: bool = False,
+               gradient: str = "straight_through") -> jax.Array:
+  r"""One compressed leaf blended in: ``beta * w + (1 - beta) * c``, with ``c``'s gradient.
+
+  .. math:: \bar W = \beta W + (1 - \beta) C(W)
+
+  The last step of every compression (:func:`leafwise` and :func:`vcon_jax.prune_units`
+  end with it); a hand-written :class:`Transform` ends with it too. Training
+  (``exact=False``) with ``gradient="straight_through"`` passes the gradient of ``c`` to
+  ``w`` as the library's one straight-through form, ``c + (w - stop_gradient(w))``,
+  exactly ``c`` forward; ``gradient="true"`` or ``exact=True`` use ``c`` as it is. The
+  blend is done in ``w``'s dtype and rounded to it for real, so the result is the same
+  under ``jax.jit`` and eagerly, in every dtype; a Python ``beta`` of 0 or 1 returns ``c``
+  or ``w``.
+
+  Args:
+    w: the leaf (dense weight).
+    c: ``C(w)``, computed from ``jax.lax.stop_gradient(w)`` for a straight-through
+      gradient (from ``w`` itself for ``gradient="true"``).
+    beta: blend factor in ``[0, 1]`` (may be traced).
+    exact: ``True`` for evaluation and export: ``c`` without the straight-through term.
+    gradient: ``"straight_through"`` or ``"true"`` (:attr:`LeafRule.gradient`).
+
+  >>> import jax, jax.numpy as jnp, vcon_jax as vj
+  >>> w = jnp.array([0.3, -1.2, 2.0])
+  >>> prune_small = lambda w: jnp.where(jnp.abs(w) > 0.5, w, 0.0)
+  >>> vj.blend_leaf(w, prune_small(jax.lax.stop_gradient(w)), 0.5)
+  Array([ 0.15, -1.2 ,  2.  ], dtype=float32)
+  >>> jax.grad(lambda w: vj.blend_leaf(w, prune_small(jax.lax.stop_gradient(w)), 0.0)
+  ...          .sum())(w)  # straight-through: the gradient passes the pruned entry too
+  Array([1., 1., 1.], dtype=float32)
+  """
+  if gradient not in GRADIENTS:
+    raise ValueError(f"blend_leaf: gradient must be one of {GRADIENTS}, got {gradient!r}.")
+  w = rounded(w)
+  if not exact and gradient == "straight_through":
+    c = straight_through(w, c)
+  return blend(w, c, beta)
+
+
 def _no_match_error(name: str, sel: Any, params: Params) -> ValueError:
   leaves = _paths.leaf_paths(params)
-  paths = [f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in leaves]
+  paths = [f"{p} {tuple(getattr(leaf, 'shape', ()))}" for p, leaf in leaves]
   shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
-  not_float = [f"{p} ({getattr(l, 'dtype', type(l).__name__)})" for p, l in leaves
-               if getattr(l, "ndim", 0) >= 1 and not _paths.is_floating(l)]
+  not_float = [f"{p} ({getattr(leaf, 'dtype', type(leaf).__name__)})" for p, leaf in leaves
+               if getattr(leaf, "ndim", 0) >= 1 and not _paths.is_floating(leaf)]
   why = (f" Not floating, so never compressed: {', '.join(not_float[:6])}"
          f"{' ...' if len(not_float) > 6 else ''}." if not_float else "")
   how = ("The trace found no linear map there (lookup tables, tied embeddings, biases, "
@@ -213,12 +301,53 @@ def leafwise(rule: LeafRule, *, name: str, selection: Any = None, where: str | N
              exclude: str | None = None, in_axes: _paths.InAxes = None,
              include_non_kernels: bool = False,
              stacked: Mapping[str, int] | None = None) -> Transform:
-  """Builds a :class:`Transform` applying ``rule`` to every leaf ``selection`` (a
-  :class:`vcon_jax.Selection`) picks, with the input axes it gives (when the rule needs
-  them), resolved (or refused) at ``init``, before any jit. A stack of layers (traced, or
-  declared with ``Selection(stacked=...)``) gets the rule once per layer (``jax.vmap``
-  over its stack axes): every layer its own threshold, scales, mask and factors. The
-  0.3 keywords (``where`` ... ``stacked``) still work, with a ``DeprecationWarning``.
+  r"""A :class:`Transform` applying ``rule`` to every leaf ``selection`` picks: the public
+  way to add a compression (every built-in leaf-by-leaf one is built with it).
+
+  .. math:: \bar W = \beta W + (1 - \beta) C(W) \text{ for each selected leaf } W
+
+  The leaves and their input axes (when ``rule.needs_axes``) are resolved, or refused, at
+  ``init``, before any ``jit``; ``make_train_step(example=)`` and ``wrap_optax(apply_fn=,
+  params=, example=)`` re-select the transform onto the linear maps a trace finds. A stack
+  of layers (traced, or declared with ``Selection(stacked=...)``) gets the rule once per
+  layer (``jax.vmap`` over its stack axes): every layer its own statistics and state. Each
+  leaf ends with :func:`blend_leaf`, the library's one blend and straight-through step;
+  the state, the train step, the optax wrapper and export then treat the result as any
+  built-in.
+
+  Args:
+    rule: what the compression does to one leaf (:class:`LeafRule`).
+    name: the compression's name, used in error messages (and by convention the
+      ``kind`` its ``describe`` returns).
+    selection: which leaves, and how each is read (:class:`vcon_jax.Selection`); default:
+      the linear maps a trace finds, else Flax's ``kernel`` leaves by names.
+    where, exclude, in_axes, include_non_kernels, stacked: deprecated (0.3); the fields of
+      :class:`vcon_jax.Selection` of the same names (a ``DeprecationWarning``).
+
+  Returns:
+    A :class:`Transform`, like :func:`vcon_jax.prune` returns.
+
+  Raises:
+    ValueError: ``rule.gradient`` is not one of :data:`GRADIENTS` (here); no leaf
+      selected, or ``rule.init`` refuses one (at ``init``).
+
+  >>> import jax.numpy as jnp, vcon_jax as vj
+  >>> def sign_mean(w, *, axes, trainable, aux, count):  # sign times each unit's mean |w|
+  ...   return jnp.where(w >= 0, 1.0, -1.0) * jnp.mean(jnp.abs(w), axis=axes, keepdims=True)
+  >>> rule = vj.LeafRule(
+  ...     init=lambda path, w, *, axes: (None, None), compress=sign_mean, refresh=None,
+  ...     describe=lambda w, *, axes, trainable, count: vj.LeafSpec(
+  ...         "sign_mean", bits=1, per_channel=True),
+  ...     needs_axes=True)
+  >>> t = vj.leafwise(rule, name="sign_mean", selection=vj.Selection(where="Dense_0"))
+  >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, -2.0], [-3.0, 4.0]])},
+  ...           "Dense_1": {"kernel": jnp.ones((2, 2))}}
+  >>> state = t.init(params)
+  >>> t.apply(params, state, 0.0)["Dense_0"]["kernel"]
+  Array([[ 2., -3.],
+         [-2.,  3.]], dtype=float32)
+  >>> t.select("Dense_1/kernel", params["Dense_1"]["kernel"])
+  False
   """
   sel = _selection.from_keywords(name, selection, where=where, exclude=exclude,
                                  in_axes=in_axes, include_non_kernels=include_non_kernels,
@@ -269,12 +398,10 @@ def leafwise(rule: LeafRule, *, name: str, selection: Any = None, where: str | N
                      f"{rule.gradient!r}.")
 
   def compressed(w, axes, trainable, aux, count, exact):
-    """``C(w)``, for training with the rule's gradient."""
-    if exact or rule.gradient == "true":
-      return rule.compress(w, axes=axes, trainable=trainable, aux=aux, count=count)
-    c = rule.compress(lax.stop_gradient(w), axes=axes, trainable=trainable, aux=aux,
-                      count=count)
-    return straight_through(w, c)
+    """``C(w)``, from ``stop_gradient(w)`` when training straight-through."""
+    if not exact and rule.gradient == "straight_through":
+      w = lax.stop_gradient(w)
+    return rule.compress(w, axes=axes, trainable=trainable, aux=aux, count=count)
 
   def apply(params, state, beta, count=0, *, exact=False):
     def one(path, leaf):
@@ -285,7 +412,7 @@ def leafwise(rule: LeafRule, *, name: str, selection: Any = None, where: str | N
       axes = axes_of(p, leaf)
       c = per_layer(p, leaf, lambda w, tr, ax: compressed(w, axes, tr, ax, count, exact),
                     leaf, state.trainable.get(p), state.aux.get(p))
-      return blend(leaf, c, beta)
+      return blend_leaf(leaf, c, beta, exact=exact, gradient=rule.gradient)
     return jax.tree_util.tree_map_with_path(one, params)
 
   def refresh(params, state, count):

@@ -28,7 +28,7 @@ from vcon_jax import _coupling, _model, _paths, _validate
 from vcon_jax._coupling import Member, UnitGroup
 from vcon_jax._spec import LeafSpec
 from vcon_jax._topk import topk_mask
-from vcon_jax._transform import Transform, TransformState, blend, rounded, straight_through
+from vcon_jax._transform import Transform, TransformState, blend_leaf, rounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,8 +248,8 @@ def prune_units(fraction: float | Callable, *, units: Any = None) -> Transform:
       if p not in masks:
         return leaf
       w = rounded(leaf)
-      c = jnp.where(masks[p], w, jnp.zeros_like(w))
-      return blend(w, c if exact else straight_through(w, lax.stop_gradient(c)), beta)
+      c = jnp.where(masks[p], lax.stop_gradient(w), jnp.zeros_like(w))
+      return blend_leaf(w, c, beta, exact=exact)
     return jax.tree_util.tree_map_with_path(one, params)
 
   def refresh(params, state, count):

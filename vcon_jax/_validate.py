@@ -3,9 +3,10 @@
 Numbers (:func:`as_int`, :func:`is_number`, :func:`fraction_or_schedule`,
 :func:`int_or_schedule`), schedules (:func:`schedule_values`, :func:`check_schedule`,
 :func:`check_beta_schedule`, :func:`check_step_schedule`) and the training pieces
-(:func:`check_transform`, :func:`check_optimizer`). Each raises a ``ValueError`` that
-names the argument, its value and what is allowed. What a call receives at run time
-(batches, labels, states, loss outputs) is checked in ``_checks``.
+(:func:`check_optimizer`; ``_transform.check_transform`` sits beside the type it checks,
+so this module imports none of the library's). Each raises a ``ValueError`` that names the
+argument, its value and what is allowed. What a call receives at run time (batches,
+labels, states, loss outputs) is checked in ``_checks``.
 """
 
 from __future__ import annotations
@@ -183,13 +184,6 @@ def check_step_schedule(schedule: Any) -> None:
                      f"{np.shape(beta0)}.")
   # values in [0, 1], starting at 1 (VCON) or 0 (post-shot): refuses an lr schedule
   check_beta_schedule(schedule, "beta_schedule")
-
-
-def check_transform(transform: Any) -> None:
-  from vcon_jax._transform import Transform  # pylint: disable=import-outside-toplevel
-  if not isinstance(transform, Transform):
-    raise ValueError(f"transform must be a vcon_jax Transform (prune, quantize, "
-                     f"binarize, low_rank, chain), got {type(transform).__name__}.")
 
 
 def check_optimizer(optimizer: Any) -> None:

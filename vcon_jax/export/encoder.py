@@ -24,7 +24,7 @@ which encodings to try; the values themselves decide which one is exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
 from typing import Any
 
 import jax
@@ -32,6 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcon_jax import _paths, _spec
+from vcon_jax._checks import check_not_replicated
+from vcon_jax._core import compressed_view
+from vcon_jax._model import make_adapter, model_kind
+from vcon_jax._optax_wrapper import unwrap_state, vcon_state
+from vcon_jax._selection import caller_level
 from vcon_jax._spec import LeafSpec
 from vcon_jax.export import codec, format as fmt_lib
 
@@ -390,23 +395,27 @@ def is_train_step(x: Any) -> bool:
   return all(hasattr(x, a) for a in ("transform", "compressed_params", "adapter"))
 
 
-def _check_step(step, state):
-  if not is_train_step(step):
-    raise ValueError(f"export/summary take (step, state) from vj.make_train_step, or the "
-                     f"opt_state of a vj.wrap_optax loop with model=...; got "
-                     f"{type(step).__name__}.")
-  if not hasattr(state, "params") or not hasattr(state, "transform_state"):
-    raise ValueError(f"export/summary need the TrainState from step.init / step(...), got "
-                     f"{type(state).__name__}.")
-
-
-def encode_model(step: Any, state: Any) -> tuple[dict, dict]:
-  """``(manifest, arrays)`` of the compact export of a :class:`~vcon_jax.TrainStep`'s
-  ``state`` (see ``format``)."""
-  _check_step(step, state)
-  return encode(step.transform, state.params, step.compressed_params(state),
-                state.transform_state, state.step, state.model_state, step.adapter.kind,
-                roles=roles_of(step.transform))
+def legacy_step_call(name: str, first: Any, rest: tuple, model: Any) -> tuple:
+  """``(state, path, model)`` of ``export`` / ``summary``: from the one signature
+  ``(state, path, model=)``, or from the 0.3 spelling ``(step, state, path)`` (a
+  ``DeprecationWarning`` naming the new one)."""
+  rest = tuple(rest) + (None, None)
+  if not is_train_step(first):
+    if rest[1] is not None:
+      raise ValueError(f"{name} takes (state, path, model=...): a train state or a "
+                       f"wrap_optax opt_state, then the path; got {type(first).__name__!r} "
+                       f"and three positional arguments.")
+    return first, rest[0], model
+  warnings.warn(f"{name}(step, state, ...) is deprecated; pass {name}(state, ..., "
+                f"model=step.model).", DeprecationWarning, stacklevel=caller_level())
+  if model is not None:
+    raise ValueError(f"{name}(step, state, ...) takes the model from the step; model= is "
+                     f"for {name}(state, ..., model=...).")
+  step, state = first, rest[0]
+  if state is None or not hasattr(state, "params") or not hasattr(state, "transform_state"):
+    raise ValueError(f"{name}(step, state) needs the TrainState from step.init / "
+                     f"step(...), got {type(state).__name__}.")
+  return state, rest[1], step.model
 
 
 def roles_of(transform: Any) -> dict | None:
@@ -416,34 +425,35 @@ def roles_of(transform: Any) -> dict | None:
   return None if sel is None else sel.roles
 
 
-def encode_wrapped(opt_state: Any, model: Any, model_state: Any = None
-                   ) -> tuple[dict, dict]:
-  """``(manifest, arrays)`` of the compressed model of a :func:`~vcon_jax.wrap_optax`
-  loop's ``opt_state`` (found inside chains, ``MultiSteps``, ``nnx.Optimizer``).
+def encode_state(state: Any, model: Any, model_state: Any = None) -> tuple[dict, dict]:
+  """``(manifest, arrays)`` of the compressed model of a train state or of a
+  :func:`~vcon_jax.wrap_optax` loop's ``opt_state`` (found inside chains,
+  ``MultiSteps``, ``nnx.Optimizer``).
 
-  ``model`` (the Linen or NNX module) names the kind of model; ``model_state`` is what it
-  needs besides params: Linen's other collections (``{"batch_stats": ...}``, default
-  none), or for NNX the module's non-param state (default: read from ``model``, e.g.
-  the BatchNorm statistics an ``nnx.Optimizer`` loop keeps in it).
+  ``model`` (the Linen or NNX module) names the kind of model; the model state is the
+  train state's, else ``model_state``: Linen's other collections (``{"batch_stats":
+  ...}``, default none), or for NNX the module's non-param state (default: read from
+  ``model``, e.g. the BatchNorm statistics an ``nnx.Optimizer`` loop keeps in it).
   """
-  from vcon_jax import _model, _optax_wrapper  # pylint: disable=import-outside-toplevel
   if model is None:
-    raise ValueError("exporting a vj.wrap_optax opt_state needs the model: pass "
-                     "model=your_module (the Linen or NNX module the params belong to).")
+    raise ValueError("export/summary need the model: pass model=your_module (the Linen or "
+                     "NNX module the params belong to).")
   try:
-    vstate = _optax_wrapper.vcon_state(opt_state)
+    vstate = unwrap_state(vcon_state(state))
   except ValueError as err:
-    raise ValueError(f"export/summary take (step, state) from vj.make_train_step, or the "
+    raise ValueError(f"export/summary take the state of vj.make_train_step or the "
                      f"opt_state of a vj.wrap_optax loop: {err}") from None
-  kind = _model.model_kind(model)
-  vstate = _optax_wrapper.unwrap_state(vstate)
+  check_not_replicated(vstate)
+  kind = model_kind(model)
   if model_state is None:
-    model_state = _model.make_adapter(model, None, None).split(None)[1] if kind == "nnx" \
-        else {}
+    if vstate.model_state is not None:  # a train step's state holds it
+      model_state = vstate.model_state
+    else:
+      model_state = make_adapter(model, None, None).split(None)[1] if kind == "nnx" else {}
   elif kind == "linen":
     model_state = {k: v for k, v in dict(model_state).items() if k != "params"}
-  return encode(vstate.transform, vstate.params, _optax_wrapper.compressed_params(opt_state),
-                vstate.transform_state, vstate.count, model_state, kind,
+  return encode(vstate.transform, vstate.params, compressed_view(vstate),
+                vstate.transform_state, vstate.step, model_state, kind,
                 roles=roles_of(vstate.transform))
 
 

@@ -112,11 +112,12 @@ def summary(target: Any, state: Any = None, *, model: Any = None, model_state: A
   """Per-layer size table of a compressed model; printed, and returned as data.
 
   Args:
-    target: a :class:`~vcon_jax.TrainStep` (with ``state``), the ``opt_state`` of a
-      :func:`~vcon_jax.wrap_optax` loop (with ``model=``), a path written by
-      :func:`~vcon_jax.export`, or a :class:`~vcon_jax.CompressedModel`.
-    state: the train state when ``target`` is a step.
-    model, model_state: with an ``opt_state`` (see :func:`~vcon_jax.export`).
+    target: a train state of :func:`~vcon_jax.make_train_step` or the ``opt_state`` of a
+      :func:`~vcon_jax.wrap_optax` loop (with ``model=``, as :func:`~vcon_jax.export`),
+      a path written by :func:`~vcon_jax.export`, or a
+      :class:`~vcon_jax.CompressedModel`. (0.3: ``summary(step, state)``, deprecated.)
+    state: only in the deprecated ``summary(step, state)``.
+    model, model_state: as :func:`~vcon_jax.export`.
     print_fn: called with the table text (default ``print``); ``None`` to only return it.
 
   Returns:
@@ -129,14 +130,9 @@ def summary(target: Any, state: Any = None, *, model: Any = None, model_state: A
     out = from_manifest(manifest, file_bytes=os.path.getsize(target))
   elif hasattr(target, "manifest"):  # a CompressedModel
     out = from_manifest(target.manifest, file_bytes=_file_bytes(getattr(target, "path", None)))
-  elif not encoder.is_train_step(target):
-    manifest, _ = encoder.encode_wrapped(target, model, model_state)
-    out = from_manifest(manifest)
   else:
-    if state is None:
-      raise ValueError("summary(step, state) needs the train state (or pass an export "
-                       "path).")
-    manifest, _ = encoder.encode_model(target, state)
+    target, _, model = encoder.legacy_step_call("summary", target, (state,), model)
+    manifest, _ = encoder.encode_state(target, model, model_state)
     out = from_manifest(manifest)
   if print_fn is not None:
     print_fn(out.table())
