@@ -131,7 +131,7 @@ def bench_width(width, batches, repeats, target_s, tmpdir, log, modes=tuple(MODE
     step = vj.make_train_step(model, transform, vj.linear_vanish(0), optax.sgd(0.0))
     state = step.init(nnx.state(model, nnx.Param))
     path = os.path.join(tmpdir, f"w{width}_{base}.npz")
-    rows = vj.export(step, state, path)
+    rows = vj.export(state, path, model=step.model)
     export_s = time.perf_counter() - t0
     t = rows.totals
     formats = sorted({r["format"] for r in rows if r["transform"]})

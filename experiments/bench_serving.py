@@ -128,7 +128,7 @@ def build(width, x, tmpdir, log):
     model = _model(width)
     step = vj.make_train_step(model, transform, vj.linear_vanish(0), optax.sgd(0.0))
     path = os.path.join(tmpdir, f"{name.replace(' ', '_').replace('%', 'pc')}.npz")
-    file_rows = vj.export(step, step.init(model), path)
+    file_rows = vj.export(step.init(model), path, model=step.model)
     paths[name] = path
     log(f"  export {name}: {time.perf_counter() - t0:.1f} s, file "
         f"{file_rows.totals['compressed_bytes'] / 2**20:.2f} MiB")

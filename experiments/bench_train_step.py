@@ -68,7 +68,7 @@ def bench_model(key, repeats, steps, devices, low_rank):
   for vname, (t, blend) in variants.items():
     model = get_model(name, rngs=nnx.Rngs(0), **kwargs)
     step = vj.make_train_step(model, t, vj.linear_vanish(10 ** 9), optax.adamw(1e-4),
-                              mesh=mesh, blend=blend)
+                              parallel=vj.Parallel(mesh=mesh), blend=blend)
     runs[vname] = prepare(step, batch)
   time_rounds(runs, batch, repeats, steps)
   return summarize(runs)

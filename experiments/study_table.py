@@ -2,8 +2,9 @@
 
 RUNS holds ``.../<cell>/<method>/seed<k>/result.json`` files (a ``vcon-jax compare``
 workdir or the study's committed ``runs/``). One row per (cell, method): the compressed
-model's test metric, mean +- std over seeds, and the method minus post-shot paired by seed,
-positive where the method is better (accuracy points up, or bits per byte saved).
+model's test metric, mean +- std over seeds, and the method minus the baseline
+(post-shot) paired by seed, positive where the method is better (accuracy points up, or
+bits per byte saved).
 """
 import collections
 import json
@@ -11,6 +12,8 @@ import pathlib
 import sys
 
 import numpy as np
+
+from vcon_experiments.method_registry import BASELINE
 
 #: metric key -> (column title, difference title, scale, decimals, sign of "better")
 METRICS = {"test_bpb": ("test bpb", "saved vs post-shot (paired)", 1.0, 3, -1),
@@ -33,10 +36,10 @@ def table(root: pathlib.Path) -> str:
   title, diff_title, _, dp, sign = METRICS[metric]
   out = [f"| cell | method | {title} | {diff_title} | seeds |", "|---|---|---|---|---|"]
   for (cell, method), by in sorted(rows.items()):
-    base = rows.get((cell, "post-shot"), {})
+    base = rows.get((cell, BASELINE), {})
     v = np.array([by[s] for s in sorted(by)])
     d = [sign * (by[s] - base[s]) for s in sorted(by) if s in base]
-    diff = "-" if method == "post-shot" else f"{np.mean(d):+.{dp}f} +- {_std(d):.{dp}f}"
+    diff = "-" if method == BASELINE else f"{np.mean(d):+.{dp}f} +- {_std(d):.{dp}f}"
     out.append(f"| {cell} | {method} | {v.mean():.{dp}f} +- {_std(v):.{dp}f} | {diff} | "
                f"{len(v)} |")
   return "\n".join(out)

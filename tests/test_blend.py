@@ -11,7 +11,7 @@ import vcon_jax as vj
 # layer, input shape, the kernel's input axes (a DenseGeneral kernel does not say them)
 LAYERS = {
     "dense": (nn.Dense(7), (5, 9), None),
-    "conv": (nn.Conv(6, (3, 3)), (2, 8, 8, 4), None),
+    "conv": (nn.Conv(6, (3, 3)), (2, 8, 8, 4), {"kernel": (0, 1, 2)}),
     "attention_qkv": (nn.DenseGeneral((2, 4), use_bias=False), (3, 5, 8), {"kernel": 1}),
     "attention_out": (nn.DenseGeneral(8, axis=(-2, -1)), (3, 5, 2, 4), {"kernel": 2}),
 }

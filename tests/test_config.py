@@ -39,9 +39,11 @@ def test_severity_name_of_a_config_or_its_dict():
 def test_registries_name_each_compression_as_run_dirs_and_tables_always_have():
   # pylint: disable=import-outside-toplevel
   from vcon_experiments import model_registry
-  from vcon_experiments.config import COMPRESSIONS, MODELS
-  assert COMPRESSIONS == ("prune", "binarize", "quantize", "low-rank", "prune-units")
-  assert MODELS == ("mlp", "cnn", "vit", "transformer", "lm")
+  CHOICES = config_lib.CHOICES
+  assert CHOICES["compression"] == ("prune", "binarize", "quantize", "low-rank", "prune-units")
+  assert CHOICES["model"] == ("mlp", "cnn", "vit", "transformer", "lm")
+  assert CHOICES["method"] == ("post-shot", "gradual", "vcon", "vcon-distill", "dense",
+                               "post-shot-distill")
   assert model_registry.KEEP_DENSE == r"(^|/)(head|lm_head|patch_proj)(/|$)|(^|/)convs/0(/|$)"
   cfg = Config().replace(steps=100)
   cases = [({}, "prune90", "prune 90%"), ({"pattern": "2:4"}, "prune2of4", "prune 2:4"),
@@ -69,3 +71,31 @@ def test_distillation_in_the_transfer_regime_is_refused():
              if cfg.regime == "transfer")
   assert any("vcon-distill" in methods for _, cfg, methods in suites
              if cfg.regime == "same-task")
+
+
+def test_the_fields_come_in_six_sections_each_declared_once():
+  sections = config_lib.SECTIONS
+  assert list(sections) == ["data", "model", "pretraining", "fine-tuning", "compression",
+                            "method"]
+  assert [n for s in sections.values() for n in s.fields] == list(config_lib.FIELDS)
+  assert sections["model"].fields == ("model", "model_kwargs")
+  assert sections["method"].fields == ("method", "transition", "beta_schedule", "beta_hold",
+                                       "distill_weight")
+  # the fields added after runs were stored are left out at their defaults (old run
+  # directories stay valid), and only they
+  omitted = {n for n, info in config_lib.INFO.items() if info.omit_default}
+  assert omitted == {"init_from", "pattern", "group_size", "beta_hold", "lr_schedule"}
+  assert set(config_lib.FIELDS) - set(Config().to_dict()) == omitted
+  # the dense pretraining depends on the data, model and pretraining sections
+  assert set(Config().dense_key()) == {
+      "dataset", "model", "model_kwargs", "data_dir", "source_dir", "max_len",
+      "train_limit", "batch_size", "pretrain_steps", "pretrain_lr", "regime"}
+  assert Config(init_from=".").replace().dense_key()["init_from"] == "."
+
+
+def test_a_field_declares_its_checks():
+  assert config_lib.INFO["sparsity"].range == config_lib.Range("a number", 0, 1, hi_open=True)
+  assert config_lib.INFO["regime"].choices == ("same-task", "transfer")
+  with pytest.raises(ValueError, match=r"regime='transfr' is not allowed \(did you mean "
+                                       r"'transfer'\?\); choose one of same-task, transfer"):
+    Config().replace(regime="transfr")

@@ -99,7 +99,7 @@ def test_scan_stack_traced_gets_a_threshold_per_layer_and_the_head_stays_dense()
 def test_dense_general_suggestion_with_real_axes_gives_a_correct_map():
   model = nn.DenseGeneral((2, 4), axis=-1)
   params = model.init(jax.random.key(0), jnp.ones((1, 6)))["params"]
-  with pytest.raises(ValueError, match=r"Pass example=.*stacked=.*in_axes=\{'\^kernel\$': \(0,\)\}"):
+  with pytest.raises(ValueError, match=r"Pass example=.*stacked=.*in_axes=\{'\^kernel\$': \(axis, \.\.\.\)\}"):
     vj.quantize(4).init(params)
   t = vj.quantize(2, selection=vj.Selection(in_axes={"^kernel$": (0,)}))
   k = np.asarray(_compressed(t, params)["kernel"])  # (in, 2, 4): a scale per output unit
@@ -298,3 +298,98 @@ def test_scan_operand_groups_are_read_on_this_jax():
   assert (consts, carry) == (len(eqn.invars) - 4, 2)
   with pytest.raises(NotImplementedError, match=r"Selection\(in_axes=.*stacked="):
     _trace.scan_split({"length": 3})
+
+
+# ---------------------------------------------------------- review cases (issue 30)
+def _residual(p, x):
+  h = x
+  for i in range(3):
+    h = h + jnp.tanh(h @ p[f"l{i}"]["up"]) @ p[f"l{i}"]["down"]
+  return {"logits": h @ p["head"], "hidden_states": h}
+
+
+def test_the_output_layer_is_not_a_layer_whose_result_is_read_again():
+  params = {f"l{i}": {"up": jnp.ones((4, 8)), "down": jnp.ones((8, 4))} for i in range(3)}
+  params["head"] = jnp.ones((4, 5))
+  x = jnp.ones((2, 4))
+  assert vj.discover(_residual, params, x).outputs == ("head",)  # hidden_states returned
+  softmax = lambda p, x: jax.nn.softmax(x @ p["head"])  # noqa: E731
+  assert vj.discover(softmax, {"head": jnp.ones((4, 5))}, x).outputs == ("head",)
+
+
+def test_weights_in_cond_branches_are_linear_maps():
+  f = lambda p, x: jax.lax.cond(  # noqa: E731
+      x.sum() > 0, lambda x: x @ p["a"], lambda x: x @ p["b"], x) @ p["c"]
+  params = {k: jnp.ones((4, 4)) for k in "abc"}
+  found = vj.discover(f, params, jnp.ones((2, 4)))
+  assert [found.leaves[k].kind for k in "abc"] == ["linear"] * 3
+
+
+def test_a_weight_the_trace_cannot_read_is_refused_then_declared():
+  f = lambda p, x: x @ ((p["w"] - p["w"].mean(0)) / p["w"].std(0)) @ p["head"]  # noqa: E731
+  params = {"w": jnp.asarray(np.random.RandomState(0).randn(4, 4), jnp.float32),
+            "head": jnp.ones((4, 3))}
+  found = vj.discover(f, params, jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match=r"^quantize: cannot tell what w .*reduce_sum"):
+    vj.reselect(vj.quantize(4), found).init(params)
+  t = vj.reselect(vj.quantize(2, selection=vj.Selection(in_axes={"^w$": (0,)})), found)
+  assert [p for p in params if t.select(p, params[p])] == ["w"]
+
+
+def test_a_declaration_keeps_a_traced_stack_and_skips_biases():
+  params = _scan_params()
+  found = vj.discover(_apply, params, X)
+  sel = vj.Selection(in_axes={"ScanBlock_0/Dense_0": (1,)}).traced(found)
+  r = sel.resolver("q", True)
+  assert r.plan(STACK, params["ScanBlock_0"]["Dense_0"]["kernel"]) == ((1,), 1)
+  assert r.plan("ScanBlock_0/Dense_0/bias", params["ScanBlock_0"]["Dense_0"]["bias"]) is None
+  t = vj.quantize(2, selection=vj.Selection(in_axes={"linear": (0,)}))
+  assert not t.select("linear/b", jnp.array([-1.6, -2.8, -1.5, 1.1]))  # a 1-D bias
+
+
+def test_outputs_opts_lm_head_in_and_old_where_still_narrows():
+  t = vj.quantize(4, selection=vj.Selection(outputs="lm_head"))
+  assert t.select("lm_head/kernel", jnp.ones((4, 6)))
+  f = lambda p, x: jnp.tanh(x @ p["attn"]["w"]) @ p["mlp"]["w"] @ p["head"]  # noqa: E731
+  params = {"attn": {"w": jnp.ones((4, 4))}, "mlp": {"w": jnp.ones((4, 4))},
+            "head": jnp.ones((4, 2))}
+  d = vj.discover(f, params, jnp.ones((1, 4)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    old = vj.prune(0.5, **d.selection(where="mlp"))
+  assert [p for p in ("attn/w", "mlp/w") if old.select(p, jnp.ones((4, 4)))] == ["mlp/w"]
+
+
+def test_include_non_kernels_under_a_trace_keeps_the_axes_and_the_output_layer():
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), x.dtype), _scan_params())
+  tx = vj.wrap_optax(optax.sgd(0.1), vj.prune(0.5, selection=vj.Selection(
+      include_non_kernels=True)), vj.linear_vanish(2), apply_fn=_apply, params=params,
+                     example=X)
+  c = vj.compressed_params(tx.init(params))
+  np.testing.assert_array_equal(c["head"]["kernel"], params["head"]["kernel"])
+  assert _layer_sparsity(c) == [pytest.approx(0.5)] * 3  # per layer, a stack
+  assert float((c["Dense_0"]["bias"] == 0).mean()) == pytest.approx(0.5)  # a whole tensor
+
+
+def test_a_scanned_dense_named_like_attention_is_refused_and_real_attention_is_not():
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(8, name="query")(x), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Scanned, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)(name="stack")(x, None)[0]
+
+  params = Net().init(jax.random.key(0), X)["params"]  # stack/query/kernel (3, 8, 8)
+  with pytest.raises(ValueError, match=r"stack/query/kernel .*Pass example="):
+    vj.quantize(4).init(params)
+  attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  params = attn.init(jax.random.key(0), jnp.ones((1, 3, 8)))["params"]
+  t = vj.quantize(4)
+  t.init(params)  # query/key/value (in, heads, head_dim) and out (heads, head_dim, out)
+  assert all(t.select(f"{n}/kernel", params[n]["kernel"])
+             for n in ("query", "key", "value", "out"))

@@ -129,5 +129,5 @@ def test_export_of_an_opt_state_says_what_it_needs():
   with pytest.raises(ValueError, match="opt_state of a vj.wrap_optax loop"):
     vj.export(optax.sgd(0.1).init({"k": jnp.ones(2)}), "/tmp/never_written.npz",
               model=nn.Dense(4))
-  with pytest.raises(ValueError, match=r"\(opt_state, path, model=...\)"):
+  with pytest.raises(ValueError, match=r"\(state, path, model=...\)"):
     vj.export(opt_state, "/tmp/a.npz", "/tmp/b.npz", model=nn.Dense(4))

@@ -112,12 +112,7 @@ def test_relative_imports_resolve_from_modules_and_packages(tmp_path):
   assert sorted(_imports("p.q", tmp_path / "__init__.py", known)) == [("p.c", 2), ("p.q.b", 1)]
 
 
-@pytest.mark.parametrize("package", [
-    "vcon_jax",
-    pytest.param("vcon_experiments", marks=pytest.mark.xfail(
-        strict=False, reason="config <-> compressions <-> model_registry <-> models: being "
-        "untangled by the suite's restructuring (issue 31)")),
-])
+@pytest.mark.parametrize("package", ["vcon_jax", "vcon_experiments"])
 def test_no_import_cycles(package):
   graph = _graph()
   cycles = [c for c in _cycles(graph) if any(m.split(".")[0] == package for m in c)]

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from vcon_experiments import compressions
 from vcon_experiments import config as config_lib
-from vcon_experiments import methods
+from vcon_experiments import method_registry, methods
 from vcon_experiments.models import get_model
 
 
-@pytest.mark.parametrize("compression", config_lib.COMPRESSIONS)
-@pytest.mark.parametrize("method", config_lib.METHODS)
+@pytest.mark.parametrize("compression", tuple(compressions.REGISTRY))
+@pytest.mark.parametrize("method", method_registry.HEADLINE)
 @pytest.mark.parametrize("model", ["cnn"])
 def test_method_builds_on_model(method, compression, model):
   kwargs = {"features": (16, 32), "hidden": 64} if model == "cnn" else {}
@@ -90,7 +91,34 @@ def _learning_rates(tx, steps):
 def test_post_shot_distill_is_post_shot_with_the_distillation_term():
   cfg = config_lib.Config(method="post-shot-distill", steps=100, distill_weight=1.0)
   assert cfg.run_name() == "same-task/s100/prune90/post-shot-distill-kd1/seed0"
-  assert "post-shot-distill" not in config_lib.METHODS  # no preset runs it by default
+  assert "post-shot-distill" not in method_registry.HEADLINE  # no preset runs it by default
   _, schedule, distill = methods.build(cfg, {"w": np.zeros((4, 4), np.float32)})
   assert float(schedule(0)) == 0.0 and distill == 1.0
   assert methods.transition_end(cfg.replace(lr_schedule="restart")) == 0
+
+
+@pytest.mark.parametrize("method, run, end, beta0, distill", [
+    ("post-shot", "prune90/post-shot", 0, 0.0, 0.0),
+    ("gradual", "prune90/gradual-Q20-lrrestart", 20, 0.0, 0.0),
+    ("vcon", "prune90/vcon-Q20-cosine-hold10-lrrestart", 30, 1.0, 0.0),
+    ("vcon-distill", "prune90/vcon-distill-Q20-cosine-hold10-lrrestart-kd0.7", 30, 1.0, 0.7),
+    ("dense", "dense", 0, 1.0, 0.0),
+    ("post-shot-distill", "prune90/post-shot-distill-kd0.7", 0, 0.0, 0.7),
+])
+def test_each_method_entry_decides_its_run_name_transition_and_distillation(
+    method, run, end, beta0, distill):
+  """A method's transition names Q and the LR schedule (beta's shape and hold only where
+  beta vanishes), its distillation the weight; one without compression no severity."""
+  cfg = config_lib.Config(method=method, steps=100, beta_hold=0.1, beta_schedule="cosine",
+                          lr_schedule="restart", distill_weight=0.7).replace()
+  assert cfg.run_name() == f"same-task/s100/{run}/seed0"
+  assert methods.transition_end(cfg) == end
+  _, schedule, weight = methods.build(cfg, {"w": np.zeros((4, 4), np.float32)})
+  assert (float(schedule(0)), weight) == (beta0, distill)
+  assert method_registry.fits_regime(method, "transfer") == (distill == 0.0)
+
+
+def test_the_method_flag_describes_every_registered_method():
+  text = config_lib.INFO["method"].help
+  assert all(f"{name}: {m.label}" in text for name, m in method_registry.REGISTRY.items())
+  assert config_lib.CHOICES["method"] == tuple(method_registry.REGISTRY)

@@ -15,8 +15,8 @@ import optax
 import pytest
 from flax import nnx
 
-from vcon_experiments.models import (CNN, MLP, MODELS, MaskedByteLM, TextTransformer, ViT,
-                                     get_model)
+from vcon_experiments.model_registry import REGISTRY
+from vcon_experiments.models import CNN, MLP, MaskedByteLM, TextTransformer, ViT, get_model
 
 # Same rule as the library's default selection: lookup tables stay dense.
 _TABLE_RE = re.compile(r"(?i)(embed|cls_token|class_token|pos_emb|position)")
@@ -30,7 +30,7 @@ _SMALL = {
     "transformer": dict(max_len=32, dim=16, depth=1, heads=2, mlp_dim=16),
 }
 # The classifiers; the causal LM (``"lm"``) has its own tests (tests/test_lm.py).
-CLASSIFIERS = sorted(n for n in MODELS if n != "lm")
+CLASSIFIERS = sorted(n for n, spec in REGISTRY.items() if spec.classifier)
 _IMAGES = jnp.asarray(np.random.default_rng(0).random((3, 28, 28, 1)), jnp.float32)
 _LENGTHS = (16, 7, 0)  # a full row, a padded row and a row made only of padding
 
@@ -207,15 +207,16 @@ def test_invalid_transformer_shapes():
 
 
 def test_registry():
-  assert set(MODELS) == {"mlp", "cnn", "vit", "transformer", "lm"}
+  assert set(REGISTRY) == {"mlp", "cnn", "vit", "transformer", "lm"}
   assert isinstance(_small("mlp"), MLP)
+  assert REGISTRY["vit"].load() is ViT and REGISTRY["transformer"].source() is MaskedByteLM
   # rngs may be given as a seed or as nnx.Rngs; the same seed gives the same weights.
   a, b = _small("mlp", rngs=5), _small("mlp", rngs=nnx.Rngs(5))
   np.testing.assert_array_equal(a.head.kernel[...], b.head.kernel[...])
   with pytest.raises(ValueError, match="Unknown model 'resnet'") as err:
     get_model("resnet")
   message = str(err.value).split(";", 1)[1]
-  assert all(name in message for name in MODELS)
+  assert all(name in message for name in REGISTRY)
 
 
 _DEFAULT_PARAMS = {"mlp": 269_322, "cnn": 421_738, "vit": 139_018, "transformer": 94_765}

@@ -8,8 +8,8 @@ import tomllib
 
 import pytest
 
-from vcon_experiments import cli, compare, presets, runner
-from vcon_experiments.config import DISTILL_METHODS, Config
+from vcon_experiments import cli, compare, method_registry, presets, runner
+from vcon_experiments.config import Config
 
 ROOT = pathlib.Path(__file__).parents[1]
 #: Captured from the code before presets became files (tests/data/capture_presets.py).
@@ -21,7 +21,8 @@ def _frozen(name: str) -> dict:
   """The capture, with the one deliberate change since: no distillation methods in the
   transfer regime (the suite refuses them; their teacher's target head is untrained)."""
   frozen = FROZEN["presets"][name]
-  suites = [{**s, "methods": [m for m in s["methods"] if m not in DISTILL_METHODS]}
+  suites = [{**s, "methods": [m for m in s["methods"]
+                              if not method_registry.REGISTRY[m].distill]}
             if s["config"]["regime"] == "transfer" else s for s in frozen["suites"]]
   jobs = [j for j in frozen["jobs"]
           if not (j[1].startswith("transfer/") and "-distill" in j[1].split("/")[3])]
@@ -136,6 +137,9 @@ def test_unknown_presets_and_keys_fail_naming_what_is_allowed():
     presets.check("mine", {"seeds": 1, "suites": [{"name": "x", "method": ["vcon"]}]})
   with pytest.raises(ValueError, match="preset 'mine' has no 'seeds'"):
     presets.check("mine", {"suites": []})
+  with pytest.raises(ValueError, match=r"suite 'x' has the unknown method 'vcn' \(did you "
+                                       r"mean 'vcon'\?\); allowed: post-shot, gradual"):
+    presets.check("mine", {"seeds": 1, "suites": [{"name": "x", "methods": ["vcn"]}]})
 
 
 def test_fixed_data_presets_refuse_another_dataset(tmp_path):

@@ -48,7 +48,7 @@ from vcon_jax import _paths
 
 
 # The leaf under test, selected whatever its number of axes (1-D leaves are not kernels).
-SEL = {"where": "^kernel$", "include_non_kernels": True}
+SEL = {"selection": vj.Selection(where="^conv/kernel$", include_non_kernels=True)}
 
 
 def props(max_examples):
@@ -94,26 +94,29 @@ def f32(x):
 
 
 def params_of(w):
-  """``{"kernel": w}`` plus a leaf the transforms must leave alone."""
-  return {"kernel": w, "other": jnp.arange(3, dtype=jnp.float32)}
+  """``{"conv": {"kernel": w}}`` plus a leaf the transforms must leave alone: under a
+  ``conv`` segment, Flax's names settle every layout drawn here (``(in, out)``, and
+  ``(kh, kw, in, out)``: every axis but the last is an input)."""
+  return {"conv": {"kernel": w}, "other": jnp.arange(3, dtype=jnp.float32)}
 
 
 def check_outputs(p, out, train0):
   """The selected leaf keeps dtype and shape, others are untouched, and the training view
   at beta = 0 (``exact=False``, straight-through) holds exactly the compressed values."""
   np.testing.assert_array_equal(out["other"], p["other"])
-  assert out["kernel"].dtype == p["kernel"].dtype and out["kernel"].shape == p["kernel"].shape
-  np.testing.assert_array_equal(f32(train0["kernel"]), f32(out["kernel"]))
+  k, w = out["conv"]["kernel"], p["conv"]["kernel"]
+  assert k.dtype == w.dtype and k.shape == w.shape
+  np.testing.assert_array_equal(f32(train0["conv"]["kernel"]), f32(out["conv"]["kernel"]))
 
 
 def compressed(t, w):
-  """``compress(t, {"kernel": w, ...})["kernel"]`` as float32 numpy, checked by ``check_outputs``."""
+  """``compress(t, params_of(w))``'s kernel as float32 numpy, checked by ``check_outputs``."""
   p = params_of(w)
   s = t.init(p)
   out, train0 = jax.jit(lambda p, s: (vj.compress(t, p, s),
                                       t.apply(p, s, jnp.float32(0.0), 0, exact=False)))(p, s)
   check_outputs(p, out, train0)
-  return f32(out["kernel"])
+  return f32(out["conv"]["kernel"])
 
 
 def rows_of(x, granularity, group_size=None):
@@ -148,14 +151,14 @@ def prune_outputs(t, w, mask_args):
   @jax.jit
   def run(p, s, traced_sparsity):
     return (vj.compress(t, p, s), t.apply(p, s, jnp.float32(0.0), 0, exact=False),
-            vj.ops.magnitude_mask(p["kernel"], sparsity, *rest),
-            vj.ops.magnitude_mask(p["kernel"], traced_sparsity, *rest))
+            vj.ops.magnitude_mask(p["conv"]["kernel"], sparsity, *rest),
+            vj.ops.magnitude_mask(p["conv"]["kernel"], traced_sparsity, *rest))
 
   out, train0, mask, traced_mask = run(p, s, jnp.float32(0.0 if sparsity is None
                                                          else sparsity))
   check_outputs(p, out, train0)
   assert mask.shape == w.shape and mask.dtype == jnp.bool_
-  return f32(out["kernel"]), np.asarray(mask), np.asarray(traced_mask)
+  return f32(out["conv"]["kernel"]), np.asarray(mask), np.asarray(traced_mask)
 
 
 @pytest.mark.slow
@@ -290,7 +293,7 @@ def test_low_rank_on_1d_leaf(w, r):
   c = compressed(vj.low_rank(rank=1, **SEL), w)
   eps = 1e-6 if w.dtype == jnp.float32 else 2 ** -7
   np.testing.assert_allclose(c, f32(w), rtol=0, atol=eps * np.abs(f32(w)).max())
-  with pytest.raises(ValueError, match=rf"rank={r} is larger than leaf k"):
+  with pytest.raises(ValueError, match=rf"rank={r} is larger than leaf conv/kernel"):
     vj.low_rank(rank=r, **SEL).init(params_of(w))
 
 
@@ -331,13 +334,13 @@ def test_blend_endpoints(w, name, exact, beta):
   (dense, zero, mid), comp = run(p, s, (jnp.float32(1.0), jnp.float32(0.0),
                                         jnp.float32(beta)))
   for out, expect in ((dense, p), (zero, comp)):
-    assert out["kernel"].dtype == w.dtype
-    np.testing.assert_array_equal(f32(out["kernel"]), f32(expect["kernel"]))
+    assert out["conv"]["kernel"].dtype == w.dtype
+    np.testing.assert_array_equal(f32(out["conv"]["kernel"]), f32(expect["conv"]["kernel"]))
     np.testing.assert_array_equal(out["other"], p["other"])
-  expect = beta * f32(w).astype(np.float64) + (1 - beta) * f32(comp["kernel"])
-  scale = np.abs(f32(w)).max() + np.abs(f32(comp["kernel"])).max()
+  expect = beta * f32(w).astype(np.float64) + (1 - beta) * f32(comp["conv"]["kernel"])
+  scale = np.abs(f32(w)).max() + np.abs(f32(comp["conv"]["kernel"])).max()
   tol = (1e-6 if w.dtype == jnp.float32 else 2 ** -8) * scale
-  np.testing.assert_allclose(f32(mid["kernel"]), expect, atol=tol, rtol=0)
+  np.testing.assert_allclose(f32(mid["conv"]["kernel"]), expect, atol=tol, rtol=0)
 
 
 @pytest.mark.slow
@@ -351,8 +354,8 @@ def test_gradients_pass_straight_through(w, name, beta):
 
   @jax.jit
   def grad(p, beta):
-    return jax.grad(lambda p: jnp.sum(g * t.apply(p, s, beta, 0, exact=False)["kernel"]))(
-        p)["kernel"]
+    return jax.grad(lambda p: jnp.sum(
+        g * t.apply(p, s, beta, 0, exact=False)["conv"]["kernel"]))(p)["conv"]["kernel"]
 
   np.testing.assert_array_equal(f32(grad(p, jnp.float32(0.0))), f32(g))
   tol = 1e-6 if w.dtype == jnp.float32 else 2 ** -8
@@ -371,15 +374,15 @@ def test_low_rank_gradient_split(case, beta):
 
   def f(p, trainable):
     out = t.apply(p, vj.TransformState(trainable, s.aux), jnp.float32(beta), 0, exact=False)
-    return jnp.sum(g * out["kernel"])
+    return jnp.sum(g * out["conv"]["kernel"])
 
   gw, gf = jax.jit(jax.grad(f, argnums=(0, 1)))(p, s.trainable)
   fan_in, fan_out = _paths.matricize_shape(w.shape)
   gm = np.asarray(g, np.float64).reshape(fan_in, fan_out)
-  a, b = (np.asarray(s.trainable["kernel"][n], np.float64) for n in "ab")
-  np.testing.assert_allclose(gw["kernel"], beta * np.asarray(g), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(gf["kernel"]["a"], (1 - beta) * gm @ b.T, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gf["kernel"]["b"], (1 - beta) * a.T @ gm, rtol=1e-4, atol=1e-5)
+  a, b = (np.asarray(s.trainable["conv/kernel"][n], np.float64) for n in "ab")
+  np.testing.assert_allclose(gw["conv"]["kernel"], beta * np.asarray(g), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(gf["conv/kernel"]["a"], (1 - beta) * gm @ b.T, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gf["conv/kernel"]["b"], (1 - beta) * a.T @ gm, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------- train step

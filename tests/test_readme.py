@@ -17,8 +17,10 @@ def test_readme_quick_start_runs():
   scope = {}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   assert float(scope["metrics"]["beta"]) == 0.0
-  kernel = np.asarray(scope["cparams"]["Dense_0"]["kernel"])
-  assert abs((kernel != 0).mean() - 0.1) < 1e-3
+  # Linen names the head Dense_0 (built first): the output layer, dense with the trace
+  hidden, head = (np.asarray(scope["cparams"][n]["kernel"]) for n in ("Dense_1", "Dense_0"))
+  assert hidden.shape == (784, 256) and abs((hidden != 0).mean() - 0.1) < 1e-3
+  assert head.shape == (256, 10) and (head != 0).all()
   assert scope["logits"].shape == (128, 10)
 
 

@@ -138,8 +138,15 @@ def test_conv_batchnorm_model():
     ("Dense_0/bias", False),
 ])
 def test_lookup_tables_excluded_by_whole_segment(path, chosen):
-  leaf = jnp.zeros((4, 4, 3, 8) if "patch" in path else (16, 8))
-  assert vj.prune(0.5).select(path, leaf) is chosen
+  assert vj.prune(0.5).select(path, jnp.zeros((16, 8))) is chosen
+
+
+def test_a_four_axis_kernel_not_named_conv_is_refused_without_a_trace():
+  # a Conv named patch_embedding, a DenseGeneral (D, 2, N, H), a scanned stack: the same
+  # shape of leaf, so names cannot tell
+  with pytest.raises(ValueError, match=r"patch_embedding/kernel .*Pass example="):
+    vj.prune(0.5).select("patch_embedding/kernel", jnp.zeros((4, 4, 3, 8)))
+  assert vj.prune(0.5).select("patch_conv/kernel", jnp.zeros((4, 4, 3, 8)))
 
 
 def test_default_exclude_is_whole_segment():
@@ -190,10 +197,11 @@ def test_plain_dict_weight_not_named_kernel_is_refused_naming_example_first():
     ("attn/out/kernel", (2, 8, 12), (0, 1)),
     ("Conv_0/kernel", (3, 3, 4, 8), (0, 1, 2)),
     ("convs/2/kernel", (3, 4, 8), (0, 1)),
-    ("patch_proj/kernel", (4, 4, 3, 8), (0, 1, 2)),
 ])
 def test_input_axes_inferred(path, shape, axes):
   assert _paths.input_axes(path, shape) == axes
+  with pytest.raises(ValueError, match="cannot tell"):  # a conv not named so, or a stack
+    _paths.input_axes("patch_proj/kernel", (4, 4, 3, 8))
 
 
 @pytest.mark.parametrize("path,shape", [

@@ -22,102 +22,43 @@ import pathlib
 import sys
 
 from vcon_experiments import config as config_lib
-from vcon_experiments import presets
+from vcon_experiments import method_registry, presets
 
 DEFAULT_WORKDIR = "workdir"
 
 
-#: The flag of each ``Config`` field: (option group, help, metavar). ``{default}`` in a help
-#: is the field's default; the type, and the choices (``config.CHOICES``), come from the
-#: field. Group ``None``: not among the shared options (``compress`` adds them).
-_FLAGS = {
-    "dataset": ("data and model", "fashion_mnist (default), wordnet, or a prepared TFDS "
-                "dataset such as tfds:cifar10; sets the model defaults of that dataset"),
-    "model": ("data and model", "model (default: cnn for images, transformer for text)"),
-    "model_kwargs": ("data and model", "model constructor arguments as JSON, e.g. "
-                     '\'{"hidden": [128]}\'', "JSON"),
-    "data_dir": ("data and model", "prepared TFDS data directory"),
-    "source_dir": ("data and model",
-                   "raw files of a local dataset (default: the Debian package's)"),
-    "max_len": ("data and model", "text length ({default})"),
-    "train_limit": ("data and model", "use only the first N training examples (0: all)"),
-    "test_limit": ("data and model", "use only the first N test examples (0: all)"),
-    "batch_size": ("training", "global batch ({default})"),
-    "pretrain_steps": ("training", "dense training steps ({default})"),
-    "pretrain_lr": ("training", "dense peak learning rate ({default})"),
-    "regime": ("training", "same-task: compress a dense model trained on the target task "
-               "(default); transfer: pretrain on a source task, then compress while "
-               "adapting to the target with a fresh dense head"),
-    "epochs": ("training", "fine-tuning budget in epochs of the training set, equal for "
-               "every method (sets the steps; default: --steps)"),
-    "steps": ("training", "fine-tuning steps, equal for every method, when --epochs is not "
-              "given ({default})"),
-    "mixup": ("training", "mixup alpha for fine-tuning (0: off; the paper uses 1)"),
-    "augment": ("training", "light image augmentation in fine-tuning (shifts, flips)"),
-    "lr": ("training", "fine-tuning peak learning rate, AdamW + cosine decay ({default})"),
-    "compression": ("compression", "what to compress to ({default})"),
-    "sparsity": ("compression",
-                 "prune: fraction of weights removed, in [0, 1) ({default})"),
-    "pattern": ("compression", "prune: n:m sparsity instead of --sparsity, e.g. 2:4", "N:M"),
-    "bits": ("compression", "quantize: bit width ({default})"),
-    "group_size": ("compression", "quantize: a scale per this many inputs of each output "
-                   "unit (0: per output unit, the default)"),
-    "rank": ("compression", "low-rank: rank ({default})"),
-    "method": (None, "post-shot, gradual, vcon (default), vcon-distill, post-shot-distill "
-               "(post-shot with the same distillation term) or dense"),
-    "transition": ("compression", "VCON transition Q (and gradual ramp) as a fraction of "
-                   "--steps ({default})"),
-    "beta_schedule": ("compression", "shape of beta from 1 to 0 ({default})"),
-    "beta_hold": ("compression", "VCON: hold beta at 1 for this fraction of --steps before "
-                  "the transition ({default})"),
-    "lr_schedule": ("compression", "cosine: one warm-up + cosine decay; restart: a second "
-                    "one from the end of the transition ({default})"),
-    "distill_weight": ("compression",
-                       "vcon-distill: weight of the distillation term ({default})"),
-    "update_every": ("compression", "prune: mask refresh interval in steps ({default})"),
-    "eval_every": ("training", "steps between test evaluations ({default})"),
-    "eval_examples": ("training", "test examples per intermediate evaluation ({default})"),
-    "checkpoint_every": ("training", "steps between checkpoints ({default})"),
-    "seed": (None, "seed of data order and dropout ({default})"),
-    "init_from": ("compression", "start from these weights instead of pretraining: an .npz "
-                  "of the model's params keyed by /-joined paths, or an Orbax checkpoint; a "
-                  "fresh head when the class count differs", "PATH"),
-}
+#: The ``Config`` fields only ``compress`` takes: ``compare`` runs every method and seed of
+#: its preset, and the dense model of ``pretrain`` is shared by all of them.
+_PER_RUN = ("method", "seed")
 #: ``argparse`` types of the field annotations (``None``: a string).
 _TYPES = {"str": None, "str | None": None, "int": int, "float": float, "dict": json.loads}
 
 
-def _flag(name: str) -> tuple:
-  if name not in _FLAGS:
-    raise KeyError(f"Config field {name!r} has no entry in cli._FLAGS (its help text).")
-  return _FLAGS[name]
-
-
 def _add_flag(p, name: str) -> None:
-  """Adds ``--name`` (underscores as dashes) for ``Config`` field ``name`` to ``p``."""
-  field = config_lib.FIELDS[name]
-  _, text, *metavar = _flag(name)
+  """Adds ``--name`` (underscores as dashes) for ``Config`` field ``name`` to ``p``: its
+  help, choices and metavar as the field declares them, its type from the annotation."""
+  field, info = config_lib.FIELDS[name], config_lib.INFO[name]
   kwargs = {"default": None,
-            "help": text.replace("{default}", f"{getattr(config_lib.Config(), name)}")}
+            "help": info.help.replace("{default}", f"{getattr(config_lib.Config(), name)}")}
   if field.type == "bool":
     kwargs.update(action="store_const", const=True)
   elif _TYPES[field.type] is not None:
     kwargs["type"] = _TYPES[field.type]
-  if name in config_lib.CHOICES:
-    kwargs["choices"] = config_lib.CHOICES[name]
-  if metavar:
-    kwargs["metavar"] = metavar[0]
+  if info.choices is not None:
+    kwargs["choices"] = info.choices
+  if info.metavar is not None:
+    kwargs["metavar"] = info.metavar
   p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-  groups = {}
-  for f in dataclasses.fields(config_lib.Config):
-    group = _flag(f.name)[0]
-    if group is not None:
-      if group not in groups:
-        groups[group] = p.add_argument_group(group)
-      _add_flag(groups[group], f.name)
+  """A flag per ``Config`` field but the per-run ones, in an option group per section."""
+  for section in config_lib.SECTIONS.values():
+    names = [n for n in section.fields if n not in _PER_RUN]
+    if names:
+      group = p.add_argument_group(section.name, section.about)
+      for name in names:
+        _add_flag(group, name)
   p.add_argument("--config", default=None,
                  help="JSON file of config keys (command-line options override it)")
   p.add_argument("--workdir", default=DEFAULT_WORKDIR,
@@ -135,10 +76,10 @@ def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
   dataset = args.dataset
   if dataset is not None and dataset != base.dataset:
     changes.update(dataset=dataset, **config_lib.DATASET_DEFAULTS.get(dataset, {}))
-  for f in dataclasses.fields(config_lib.Config):
-    value = getattr(args, f.name, None)
-    if value is not None and f.name != "dataset":
-      changes[f.name] = value
+  for name in config_lib.FIELDS:
+    value = getattr(args, name, None)
+    if value is not None and name != "dataset":
+      changes[name] = value
   changes.update({k: v for k, v in extra.items() if v is not None})
   cfg = dataclasses.replace(base, **changes)
   cfg = config_lib.validate(cfg)
@@ -151,8 +92,8 @@ def build_config(args: argparse.Namespace, **extra) -> config_lib.Config:
 def _check_model_kwargs(cfg: config_lib.Config) -> None:
   """Unknown model arguments fail here, naming the valid ones, before anything is written."""
   import inspect  # pylint: disable=import-outside-toplevel
-  from vcon_experiments.models import MODELS  # pylint: disable=import-outside-toplevel
-  params = inspect.signature(MODELS[cfg.model].__init__).parameters
+  from vcon_experiments import model_registry  # pylint: disable=import-outside-toplevel
+  params = inspect.signature(model_registry.REGISTRY[cfg.model].load().__init__).parameters
   valid = [n for n in params if n not in ("self", "rngs")]
   for key in cfg.model_kwargs:
     if key not in valid:
@@ -173,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                      description="Fine-tunes from the dense checkpoint with one method; "
                                  "checkpoints as it goes and resumes if restarted.")
   _add_config_options(p)
-  _add_flag(p, "method")
-  _add_flag(p, "seed")
+  for name in _PER_RUN:
+    _add_flag(p, name)
   p = sub.add_parser("compare", help="the main job: every method across seeds, table, plots",
                      description="Dense pretraining, then every method for a compression "
                                  "across seeds; writes table.md, results.json and plots.")
@@ -194,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="run nothing; report the finished runs of the preset")
   p.add_argument("--quick", action="store_true", help="same as --preset quick")
   p.add_argument("--seeds", type=int, default=None, help="number of seeds (preset's: 3)")
-  p.add_argument("--methods", nargs="+", choices=config_lib.ALL_METHODS, default=None,
-                 help="methods to run (default: all four)")
+  p.add_argument("--methods", nargs="+", choices=tuple(method_registry.REGISTRY),
+                 default=None, help="methods to run (default: the preset's)")
   p.add_argument("--out", default=None,
                  help="where table.md, results.json and plots go (default: WORKDIR/results)")
   p = sub.add_parser("generate", help="sample text from an exported compressed LM",

@@ -7,11 +7,13 @@ as a grid of budget x severity x regime.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pathlib
 import time
 
+from vcon_experiments import method_registry
 from vcon_experiments import presets as presets_lib
 from vcon_experiments import pretrain, report, runner, tasks
 from vcon_experiments.config import Config
@@ -94,9 +96,11 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
   results = {"preset": preset, "suites": {}, "wall_s": {}, "missing": 0}
   for name, cfg, suite_methods in suites:
     suite_root = root / data_key(cfg)
-    dense = _retry(lambda cfg=cfg: pretrain.pretrain(cfg, suite_root, progress=progress,
-                                                     on_nonfinite=on_nonfinite)
-                   if not collect else pretrain.pretrain_result(cfg, suite_root), echo)
+    if collect:
+      dense = pretrain.pretrain_result(cfg, suite_root)
+    else:
+      dense = _retry(functools.partial(pretrain.pretrain, cfg, suite_root, progress=progress,
+                                       on_nonfinite=on_nonfinite), echo)
     if dense is None:
       results["missing"] += 1
       continue
@@ -113,25 +117,29 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
         suite["steps"] = r["steps"]
         suite["wall_s"] += r.get("wall_s", 0.0)
         curve = runner.metrics_of(c, suite_root)
+        beta = method_registry.REGISTRY[c.method].beta_at_start
         suite["runs"].setdefault(_label(c, suite_methods), []).append(
             {**{k: v for k, v in r.items() if k != "summary"}, "seed": seed,
-             "curve": [{"step": 0, "beta": 1.0 if c.method.startswith("vcon") else 0.0,
+             "curve": [{"step": 0, "beta": beta,
                         key: r["compressed_at_start"]}] +
                       [{k: row[k] for k in ("step", "beta", key) if k in row}
                        for row in curve if key in row]})
-    if "post-shot" not in suite["runs"]:
+    baseline = method_registry.BASELINE
+    if baseline not in suite["runs"]:
       # a sweep's Q = 0 point is the post-shot run of its suite, reused when it exists
       # (post-shot ignores transition and beta shape; its runs carry the defaults)
-      post = cfg.replace(method="post-shot", transition=Config.transition,
+      post = cfg.replace(method=baseline, transition=Config.transition,
                          beta_schedule=Config.beta_schedule, beta_hold=Config.beta_hold,
                          lr_schedule=Config.lr_schedule)
       runs = [runner.result_of(post.replace(seed=s), suite_root) for s in range(n_seeds)]
       if all(runs):
-        suite["runs"] = {"post-shot": [{**r, "seed": s, "curve": []}
-                                       for s, r in enumerate(runs)], **suite["runs"]}
-    if "dense" in suite["runs"]:  # transfer: the dense fine-tune at the same budget
-      accs = [r[key] for r in suite["runs"]["dense"]]
-      suite["dense"] = sum(accs) / len(accs)
+        suite["runs"] = {baseline: [{**r, "seed": s, "curve": []}
+                                    for s, r in enumerate(runs)], **suite["runs"]}
+    for method in methods or suite_methods:
+      if not method_registry.REGISTRY[method].compresses and method in suite["runs"]:
+        # transfer: the dense fine-tune at the same budget is the dense reference
+        accs = [r[key] for r in suite["runs"][method]]
+        suite["dense"] = sum(accs) / len(accs)
     if not suite["runs"]:
       continue
     results["suites"][name] = suite
@@ -144,9 +152,11 @@ def run(preset: str, base: Config, root: str | pathlib.Path, out: str | pathlib.
 
 
 def _label(cfg: Config, suite_methods) -> str:
-  if len(suite_methods) == 1 and cfg.method == "vcon":
+  """The method's row in the suite's table: its name or, in a sweep of one method whose
+  beta vanishes, its transition (``vcon Q=25% cosine``)."""
+  if len(suite_methods) == 1 and method_registry.REGISTRY[cfg.method].transition == "beta":
     extra = f" update_every={cfg.update_every}" if cfg.update_every != 1 else ""
-    return f"vcon Q={round(cfg.transition * 100)}% {cfg.beta_schedule}{extra}"
+    return f"{cfg.method} Q={round(cfg.transition * 100)}% {cfg.beta_schedule}{extra}"
   return cfg.method
 
 

@@ -1,14 +1,17 @@
 """The compressions of the suite: one entry each, with its transform, names and fields.
 
 An entry builds the compression's :class:`vcon_jax.Transform` for a config (the target
-compression, or for ``gradual`` the ramp into it over the transition's ``q`` steps), says
-how run directories (``prune90``) and tables (``prune 90%``) name its severity, and which
-:class:`~vcon_experiments.config.Config` fields it reads. ``vcon_jax`` is imported only
-when a transform is built, so that this registry, and :mod:`vcon_experiments.config`
-which reads its names, stay free of JAX.
+compression or, for a method that ramps it in, the ramp over the transition's ``q``
+steps), says how run directories (``prune90``) and tables (``prune 90%``) name its
+severity, and which :class:`~vcon_experiments.config.Config` fields it reads; each reads
+the config as its dict (``Config.to_dict()``). ``vcon_jax`` is imported only when a
+transform is built, so that this registry, and :mod:`vcon_experiments.config` which
+reads its names, stay free of JAX; of the suite it reads only the model registry.
 
-A new compression: one :class:`Compression` in :data:`REGISTRY` (plus its config fields,
-if it needs new ones: ``Config``, its ranges and its ``vcon-jax`` flags).
+A new compression: one :class:`Compression` in :data:`REGISTRY` (plus, if it needs new
+config fields, one declaration each in ``Config``'s compression section, with
+``omit_default=True``, and their names in the entry's ``fields``; their checks and
+``vcon-jax`` flags follow).
 """
 
 from __future__ import annotations
@@ -22,17 +25,16 @@ from vcon_experiments.model_registry import KEEP_DENSE
 if TYPE_CHECKING:
   from vcon_jax import Transform
 
-  from vcon_experiments.config import Config
-
 
 @dataclasses.dataclass(frozen=True)
 class Compression:
   """One compression of the suite.
 
   Attributes:
-    build: ``(config, params, model, example, gradual, q) -> Transform``: the target
-      compression of ``config``, or with ``gradual`` its ramp over ``q`` steps; ``model``
-      and ``example`` (an input batch) are for the compressions that trace the model.
+    build: ``(config dict, params, model, example, gradual, q) -> Transform``: the
+      target compression of the config, or with ``gradual`` its ramp over ``q`` steps;
+      ``model`` and ``example`` (an input batch) are for the compressions that trace the
+      model.
     run_name: ``config dict -> str``: the severity in run directory names (``prune90``).
     severity: ``config dict -> str``: the severity in tables and suite names
       (``prune 90%``).
@@ -44,7 +46,7 @@ class Compression:
   defaults (``pattern``, ``group_size``): read those with ``.get``.
   """
 
-  build: Callable[..., Transform]
+  build: Callable[[Mapping, Any, Any, Any, bool, int], Transform]
   run_name: Callable[[Mapping], str]
   severity: Callable[[Mapping], str]
   fields: tuple[str, ...] = ()
@@ -63,25 +65,25 @@ def _percent(d: Mapping) -> int:
   return round(d["sparsity"] * 100)
 
 
-def _prune(cfg: Config, params, model, example, gradual: bool, q: int) -> Transform:
+def _prune(cfg: Mapping, params, model, example, gradual: bool, q: int) -> Transform:
   """Unstructured pruning to ``sparsity`` (gradual: ramped from 0), or to an n:m
   ``pattern`` (gradual: keep-the-largest within each group of m, the kept share ramped
   to n/m)."""
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
-  if cfg.pattern:
-    n, m = pattern_of(cfg.pattern)
+  if cfg.get("pattern"):
+    n, m = pattern_of(cfg["pattern"])
     if gradual:
       return vj.prune(sparsity=vj.polynomial_ramp(1 - n / m, 0, q), granularity="group",
-                      group_size=m, update_every=cfg.update_every,
+                      group_size=m, update_every=cfg["update_every"],
                       selection=vj.Selection(exclude=KEEP_DENSE))
-    return vj.prune(n=n, m=m, update_every=cfg.update_every,
+    return vj.prune(n=n, m=m, update_every=cfg["update_every"],
                     selection=vj.Selection(exclude=KEEP_DENSE))
-  sparsity = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
-  return vj.prune(sparsity=sparsity, update_every=cfg.update_every,
+  sparsity = vj.polynomial_ramp(cfg["sparsity"], 0, q) if gradual else cfg["sparsity"]
+  return vj.prune(sparsity=sparsity, update_every=cfg["update_every"],
                   selection=vj.Selection(exclude=KEEP_DENSE))
 
 
-def _binarize(cfg: Config, params, model, example, gradual: bool, q: int) -> Transform:
+def _binarize(cfg: Mapping, params, model, example, gradual: bool, q: int) -> Transform:
   """Sign and one scale per leaf (gradual: the bit width ramped from 8 to 1)."""
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
   if gradual:
@@ -90,12 +92,12 @@ def _binarize(cfg: Config, params, model, example, gradual: bool, q: int) -> Tra
   return vj.binarize(selection=vj.Selection(exclude=KEEP_DENSE))
 
 
-def _quantize(cfg: Config, params, model, example, gradual: bool, q: int) -> Transform:
+def _quantize(cfg: Mapping, params, model, example, gradual: bool, q: int) -> Transform:
   """``bits``-bit weights, a scale per output unit or per ``group_size`` inputs of it
   (gradual: the bit width ramped from 8)."""
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
-  bits = vj.polynomial_ramp(cfg.bits, 0, q, initial=8) if gradual else cfg.bits
-  return vj.quantize(bits=bits, group_size=cfg.group_size or None,
+  bits = vj.polynomial_ramp(cfg["bits"], 0, q, initial=8) if gradual else cfg["bits"]
+  return vj.quantize(bits=bits, group_size=cfg.get("group_size") or None,
                      selection=vj.Selection(exclude=KEEP_DENSE))
 
 
@@ -112,18 +114,18 @@ def _low_rank_full(params: Any) -> int:
   return max(sizes) if sizes else 1
 
 
-def _low_rank(cfg: Config, params, model, example, gradual: bool, q: int) -> Transform:
+def _low_rank(cfg: Mapping, params, model, example, gradual: bool, q: int) -> Transform:
   """Rank-``rank`` factors (gradual: the rank ramped from the largest full rank; the
   factors keep each leaf's full rank)."""
   import vcon_jax as vj  # pylint: disable=import-outside-toplevel
   if gradual:
     full = _low_rank_full(params)
-    return vj.low_rank(rank=vj.polynomial_ramp(cfg.rank, 0, q, initial=full),
+    return vj.low_rank(rank=vj.polynomial_ramp(cfg["rank"], 0, q, initial=full),
                        selection=vj.Selection(exclude=KEEP_DENSE))
-  return vj.low_rank(rank=cfg.rank, selection=vj.Selection(exclude=KEEP_DENSE))
+  return vj.low_rank(rank=cfg["rank"], selection=vj.Selection(exclude=KEEP_DENSE))
 
 
-def _prune_units(cfg: Config, params, model, example, gradual: bool,
+def _prune_units(cfg: Mapping, params, model, example, gradual: bool,
                  q: int) -> Transform:
   """Structured pruning of ``sparsity`` of each unit group (MLP units, heads, channels:
   ``vj.find_units`` traces the model on ``example``; gradual: the fraction ramped from 0)."""
@@ -132,7 +134,7 @@ def _prune_units(cfg: Config, params, model, example, gradual: bool,
     raise ValueError("prune-units needs the model and an example input: "
                      "methods.build(cfg, params, model, example).")
   units = vj.find_units(model, None, example)
-  fraction = vj.polynomial_ramp(cfg.sparsity, 0, q) if gradual else cfg.sparsity
+  fraction = vj.polynomial_ramp(cfg["sparsity"], 0, q) if gradual else cfg["sparsity"]
   return vj.prune_units(fraction, units=units)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import vcon_jax as vj
 from vcon_experiments import config as config_lib
-from vcon_experiments import model_registry
+from vcon_experiments import models
 
 
 def load_served(run_dir: str | pathlib.Path):
@@ -36,7 +36,7 @@ def load_served(run_dir: str | pathlib.Path):
   if cfg.model != "lm":
     raise ValueError(f"{run_dir} is a run of model={cfg.model!r}; generate needs a "
                      f"model=lm run.")
-  model = model_registry.build_model(cfg)
+  model = models.build_model(cfg)
   return cfg, vj.load_compressed(run_dir / "model.npz").apply_fn(model)
 
 
@@ -44,7 +44,7 @@ def load_cached(run_dir: str | pathlib.Path):
   """``(config, CausalLM)`` holding the export in ``run_dir`` (weights and state put in by
   :meth:`vcon_jax.CompressedModel.update`), for :func:`generate_cached`."""
   cfg, _ = load_served(run_dir)
-  model = model_registry.build_model(cfg)
+  model = models.build_model(cfg)
   vj.load_compressed(pathlib.Path(run_dir) / "model.npz").update(model)
   return cfg, model
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from vcon_jax import _paths as vj_paths
-from vcon_experiments import model_registry, training
+from vcon_experiments import model_registry, models, training
 from vcon_experiments.config import Config
 
 
@@ -37,7 +37,7 @@ def load(cfg: Config, seed: int) -> tuple[nnx.Module, Any]:
   """The target model (initialised with ``seed``) with the weights of ``cfg.init_from``
   (a fresh head if its shape differs); any other missing or misshapen leaf is an error
   naming it."""
-  model = model_registry.build_model(cfg, seed=seed)
+  model = models.build_model(cfg, seed=seed)
   spec = model_registry.REGISTRY[cfg.model]
   heads = spec.heads if spec.classifier else ()
   plain = training.plain_step(model)

@@ -72,7 +72,7 @@ class RunDir:
         except (ValueError, FileNotFoundError):
           host, pid = "", "0"
         if host == socket.gethostname() and not _pid_alive(int(pid)):
-          warnings.warn(f"removing stale lock {lock} of dead process {pid}")
+          warnings.warn(f"removing stale lock {lock} of dead process {pid}", stacklevel=1)
           lock.unlink(missing_ok=True)
           continue
         raise RunLockedError(
@@ -96,7 +96,7 @@ class RunDir:
     try:
       return json.loads(path.read_text())
     except json.JSONDecodeError:
-      warnings.warn(f"ignoring unreadable {path}; the run will be redone")
+      warnings.warn(f"ignoring unreadable {path}; the run will be redone", stacklevel=1)
       return None
 
   def write_result(self, result: dict) -> None:
@@ -144,8 +144,8 @@ class RunDir:
         raise  # a different model/transform: older checkpoints will not fit either
       except ValueError as err:
         warnings.warn(f"checkpoint {mgr.directory}/{step} is unreadable ({err}); trying the "
-                      f"previous one")
+                      f"previous one", stacklevel=1)
       except Exception as err:  # pylint: disable=broad-except
         warnings.warn(f"checkpoint {mgr.directory}/{step} is unreadable ({type(err).__name__}:"
-                      f" {err}); trying the previous one")
+                      f" {err}); trying the previous one", stacklevel=1)
     return None

@@ -1,15 +1,17 @@
-"""Methods as (transform, beta schedule, distillation weight), all with the library's API.
+"""The transform, beta schedule and distillation weight of a run, from its method's entry
+in :data:`vcon_experiments.method_registry.REGISTRY`, all with the library's API.
 
-- ``post-shot``: the target compression from step 0 (``linear_vanish(0)``: beta = 0).
-- ``gradual``: beta = 0 throughout while the compression itself ramps in (Zhu and Gupta's
-  cubic ramp, over the same ``transition`` as VCON's Q): sparsity 0 -> s, bit width
-  8 -> k (binary at the end for ``binarize``), rank full -> r.
-- ``vcon``: the target compression, beta 1 -> 0 over Q steps (linear or cosine).
-- ``vcon-distill``: ``vcon`` with the loss ``(1 - w) task + w KD``, KD the distillation
-  from the frozen dense model it starts from (``make_train_step(distill_weight=w)``).
-- ``post-shot-distill``: ``post-shot`` with the same loss (the QAT + KD baseline; no
-  preset runs it unless it lists it).
-- ``dense``: the same fine-tuning without compression (the ceiling at equal budget).
+- no transition (``post-shot``, ``post-shot-distill``): the target compression from step
+  0 (``linear_vanish(0)``: beta = 0).
+- ``"ramp"`` (``gradual``): beta = 0 throughout while the compression itself ramps in
+  (Zhu and Gupta's cubic ramp, over the same ``transition`` as VCON's Q): sparsity 0 -> s,
+  bit width 8 -> k (binary at the end for ``binarize``), rank full -> r.
+- ``"beta"`` (``vcon``, ``vcon-distill``): the target compression, beta 1 -> 0 over Q
+  steps (linear or cosine), after ``beta_hold`` of the budget at 1.
+- distillation (``vcon-distill``, ``post-shot-distill``): the loss
+  ``(1 - w) task + w KD``, KD the distillation from the frozen dense model it starts from
+  (``loss_fn=vj.distill(task_loss, weight=w)``).
+- no compression (``dense``): the same fine-tuning (the ceiling at equal budget).
 
 The transform of each compression, target or ramp, is its entry in
 :data:`vcon_experiments.compressions.REGISTRY`. What is compressed is what the paper
@@ -24,8 +26,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import vcon_jax as vj
-from vcon_experiments import compressions
-from vcon_experiments.config import DISTILL_METHODS, Config
+from vcon_experiments import compressions, method_registry
+from vcon_experiments.config import Config
 
 
 def hold_steps(cfg: Config) -> int:
@@ -34,27 +36,30 @@ def hold_steps(cfg: Config) -> int:
 
 
 def transition_end(cfg: Config) -> int:
-  """The step where beta reaches 0 (VCON) or the ramp ends (gradual); 0 for the others."""
-  if cfg.method in ("post-shot", "post-shot-distill", "dense"):
+  """The step where beta reaches 0 (VCON) or the ramp ends (gradual); 0 for the methods
+  without a transition."""
+  transition = method_registry.REGISTRY[cfg.method].transition
+  if transition is None:
     return 0
   q = int(round(cfg.transition * cfg.steps))
-  return q + (hold_steps(cfg) if cfg.method != "gradual" else 0)
+  return q + (hold_steps(cfg) if transition == "beta" else 0)
 
 
 def build(cfg: Config, params: Any, model: Any = None,
           example: Any = None) -> tuple[vj.Transform, Callable, float]:
   """Returns ``(transform, beta_schedule, distill_weight)`` for ``cfg``; ``prune-units``
   also needs the model and an example input (its unit groups come from a trace)."""
+  method = method_registry.REGISTRY[cfg.method]
   q = int(round(cfg.transition * cfg.steps))
-  if cfg.method == "dense":
+  if not method.compresses:
     return vj.identity(), vj.constant(1.0), 0.0
   transform = compressions.REGISTRY[cfg.compression].build(
-      cfg, params, model, example, cfg.method == "gradual", q)
-  if cfg.method in ("post-shot", "post-shot-distill", "gradual"):
+      cfg.to_dict(), params, model, example, method.transition == "ramp", q)
+  if method.transition != "beta":
     schedule = vj.linear_vanish(0)
   elif cfg.beta_schedule == "cosine":
     schedule = vj.cosine_vanish(q, begin_step=hold_steps(cfg))
   else:
     schedule = vj.linear_vanish(q, begin_step=hold_steps(cfg))
-  distill = cfg.distill_weight if cfg.method in DISTILL_METHODS else 0.0
+  distill = cfg.distill_weight if method.distill else 0.0
   return transform, schedule, distill

@@ -1,10 +1,12 @@
-"""The models of the suite: one entry each, and how a config builds one.
+"""The models of the suite: one entry each.
 
 An entry names the model's class (imported only when a model is built, so that this
 registry, and :mod:`vcon_experiments.config` which reads its names, stay free of JAX),
 the constructor arguments the data decides (input size, vocabulary), the layers every
 compression leaves dense (the task's output layers and the stem: :data:`KEEP_DENSE`) and,
-for the text transfer regime, the pretraining model.
+for the text transfer regime, the pretraining model. This module imports nothing of the
+suite but its byte tokenizer (when a text model is built), so that everything may read
+it; :func:`vcon_experiments.models.build_model` builds the model of a config from it.
 
 A new model: its module in :mod:`vcon_experiments.models` and one :class:`ModelSpec` in
 :data:`REGISTRY`.
@@ -16,10 +18,8 @@ import dataclasses
 import importlib
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable
-
-if TYPE_CHECKING:
-  from vcon_experiments.config import Config
+from collections.abc import Mapping
+from typing import Any, Callable
 
 
 def _load(module: str, name: str) -> Callable[[], type]:
@@ -27,27 +27,28 @@ def _load(module: str, name: str) -> Callable[[], type]:
   return lambda: getattr(importlib.import_module(f"vcon_experiments.models.{module}"), name)
 
 
-def _byte_vocab(cfg: Config) -> int:
-  from vcon_experiments import data as vdata  # pylint: disable=import-outside-toplevel
-  return vdata.ByteTokenizer(cfg.max_len).vocab_size
+def _byte_vocab() -> int:
+  # pylint: disable-next=import-outside-toplevel
+  from vcon_experiments.data.tokenizer import ByteTokenizer
+  return ByteTokenizer.vocab_size
 
 
-def _flat_inputs(cfg: Config, info: Any) -> dict:
+def _flat_inputs(cfg: Mapping, info: Any) -> dict:
   return {"in_features": math.prod(info.input_shape)}
 
 
-def _image_inputs(cfg: Config, info: Any) -> dict:
+def _image_inputs(cfg: Mapping, info: Any) -> dict:
   return {"in_channels": info.input_shape[-1], "image_size": info.input_shape[0]}
 
 
-def _text_inputs(cfg: Config, info: Any) -> dict:
+def _text_inputs(cfg: Mapping, info: Any) -> dict:
   # transfer: one more id, the [MASK] token of the masked-byte pretraining
-  extra = 1 if cfg.regime == "transfer" else 0
-  return {"vocab_size": _byte_vocab(cfg) + extra, "max_len": cfg.max_len}
+  extra = 1 if cfg["regime"] == "transfer" else 0
+  return {"vocab_size": _byte_vocab() + extra, "max_len": cfg["max_len"]}
 
 
-def _lm_inputs(cfg: Config, info: Any) -> dict:
-  return {"vocab_size": _byte_vocab(cfg), "max_len": cfg.max_len}
+def _lm_inputs(cfg: Mapping, info: Any) -> dict:
+  return {"vocab_size": _byte_vocab(), "max_len": cfg["max_len"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,8 @@ class ModelSpec:
   Attributes:
     load: returns the model's class (an ``nnx.Module`` taking ``rngs``).
     data: the kind of data set it reads (``"image"`` or ``"text"``).
-    inputs: ``(config, dataset info) -> constructor defaults`` the data decides;
-      ``model_kwargs`` override them.
+    inputs: ``(config dict, dataset info) -> constructor defaults`` the data decides
+      (the dict is ``Config.to_dict()``); ``model_kwargs`` override them.
     heads: the task's output layers (top-level names): left dense; on a new task
       (``transfer``) the pretraining model's are dropped, and with ``init_from`` one whose
       shape differs is left fresh.
@@ -70,7 +71,7 @@ class ModelSpec:
 
   load: Callable[[], type]
   data: str
-  inputs: Callable[[Config, Any], dict]
+  inputs: Callable[[Mapping, Any], dict]
   heads: tuple[str, ...] = ("head",)
   stem: tuple[str, ...] = ()
   classifier: bool = True
@@ -109,29 +110,3 @@ def _keep_dense_pattern(specs) -> str:
 #: tables, biases and norms are not selected by the library's defaults anyway.
 KEEP_DENSE = _keep_dense_pattern(REGISTRY.values())
 
-
-def build_model(cfg: Config, seed: int = 0, role: str = "target") -> Any:
-  """The model of ``cfg`` for the target task or, with ``role="source"``, for pretraining
-  (the source classes, or the masked-byte language model of the text transfer regime).
-
-  Raises:
-    ValueError: if the model does not read the data set's kind of inputs.
-  """
-  # pylint: disable=import-outside-toplevel
-  from flax import nnx
-
-  from vcon_experiments import data as vdata
-  from vcon_experiments import tasks
-  from vcon_experiments.models import get_model
-  # pylint: enable=import-outside-toplevel
-  spec = REGISTRY[cfg.model]
-  info = vdata.dataset_info(cfg.dataset)
-  if info.kind != spec.data:
-    raise ValueError(f"model={cfg.model!r} reads {spec.data} inputs; dataset="
-                     f"{cfg.dataset!r} is {info.kind}.")
-  kwargs = {**spec.inputs(cfg, info), **cfg.model_kwargs}
-  if role == "source" and cfg.regime == "transfer" and spec.source is not None:
-    return spec.source()(**kwargs, rngs=nnx.Rngs(seed))
-  if spec.classifier:
-    kwargs.setdefault("num_classes", tasks.num_classes(cfg, role))
-  return get_model(cfg.model, rngs=nnx.Rngs(seed), **kwargs)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 import vcon_jax as vj
-from vcon_experiments import init_from, model_registry, tasks, training
+from vcon_experiments import init_from, model_registry, models, tasks, training
 from vcon_experiments.config import Config
 from vcon_experiments.io import RunDir
 
@@ -29,7 +29,7 @@ PRETRAIN_SEED = 0
 
 def _dense_step(cfg: Config, skip_nonfinite: bool = False):
   """The pretraining model and its plain training step (also the restore target)."""
-  model = model_registry.build_model(cfg, seed=PRETRAIN_SEED, role="source")
+  model = models.build_model(cfg, seed=PRETRAIN_SEED, role="source")
   mlm = cfg.regime == "transfer" and not tasks.is_image(cfg)
   step = vj.make_train_step(model, vj.identity(), vj.constant(1.0),
                             training.optimizer(cfg.pretrain_lr, cfg.pretrain_steps),
@@ -136,7 +136,7 @@ def dense_model(cfg: Config, root: str | os.PathLike) -> tuple[nnx.Module, Any]:
   step.update_model(state, compressed=False)
   if cfg.regime == "same-task":
     return model, state.params
-  target = model_registry.build_model(cfg, seed=PRETRAIN_SEED)
+  target = models.build_model(cfg, seed=PRETRAIN_SEED)
   heads = model_registry.REGISTRY[cfg.model].heads
   nnx.update(target, nnx.State({k: v for k, v in nnx.state(model).items()
                                 if k not in heads}))

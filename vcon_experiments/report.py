@@ -16,6 +16,7 @@ import numpy as np
 
 from vcon_experiments.config import severity_name
 from vcon_experiments.io import write_text_atomic
+from vcon_experiments.method_registry import BASELINE, HEADLINE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,8 @@ def gap_closed(method: float, post_shot: float, dense: float,
 
 
 def summarize(suite: dict) -> dict:
-  """Per method: mean, std, n of the final test metric (display units) and the gap share
-  closed."""
+  """Per method: mean, std, n of the final test metric (display units) and the share of
+  the dense - baseline (post-shot) gap closed."""
   metric = metric_of(suite)
   rows = {}
   for method, runs in suite["runs"].items():
@@ -75,8 +76,8 @@ def summarize(suite: dict) -> dict:
     rows[method] = {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1
                     else 0.0, "n": len(acc), "values": acc.round(4).tolist()}
   dense = suite["dense"] * metric.scale
-  post = rows.get("post-shot", {}).get("mean")
-  for method, row in rows.items():
+  post = rows.get(BASELINE, {}).get("mean")
+  for row in rows.values():
     row["gap_closed"] = None if post is None else gap_closed(row["mean"], post, dense,
                                                              metric)
   return rows
@@ -93,7 +94,7 @@ def markdown(results: dict) -> str:
               f"| method | {m.header} (mean +- std) | gap closed | seeds |",
               "|---|---|---|---|"]
     for method, r in rows.items():
-      gap = "-" if r["gap_closed"] is None or method == "post-shot" else \
+      gap = "-" if r["gap_closed"] is None or method == BASELINE else \
           f"{r['gap_closed'] * 100:.0f} %"
       lines.append(f"| {method} | {m.fmt(r['mean'])} +- {m.fmt(r['std'])} | {gap} | "
                    f"{r['n']} |")
@@ -102,8 +103,9 @@ def markdown(results: dict) -> str:
 
 
 def headline(results: dict) -> str:
-  """One row per suite with all four methods: mean +- std (gap closed), dense as ceiling."""
-  methods = ("post-shot", "gradual", "vcon", "vcon-distill")
+  """One row per suite with every headline method: mean +- std (gap closed), dense as
+  ceiling."""
+  methods = HEADLINE
   lines = ["| configuration | dense | " + " | ".join(methods) + " |",
            "|---|---|" + "---|" * len(methods)]
   for name, suite in results["suites"].items():
@@ -113,7 +115,7 @@ def headline(results: dict) -> str:
     cells = []
     for m in methods:
       r = rows[m]
-      gap = "" if m == "post-shot" or r["gap_closed"] is None else \
+      gap = "" if m == BASELINE or r["gap_closed"] is None else \
           f" ({r['gap_closed'] * 100:+.0f} %)"
       cells.append(f"{metric.fmt(r['mean'])} +- {metric.fmt(r['std'])}{gap}")
     lines.append(f"| {name} | {metric.fmt(suite['dense'] * metric.scale)} | "
@@ -199,10 +201,11 @@ def write(results: dict, out_dir: str | pathlib.Path) -> dict:
 
 
 # ------------------------------------------------------------------------------- the map
-#: The map's two regimes and its two differences (cell key, title), in table order.
+#: The map's two regimes and its two differences (cell key, title, method, other), in
+#: table order.
 _REGIMES = ("same-task", "transfer")
-_DIFFERENCES = (("vcon_minus_post_shot", "VCON - post-shot"),
-                ("vcon_minus_gradual", "VCON - gradual"))
+_DIFFERENCES = (("vcon_minus_post_shot", "VCON - post-shot", "vcon", BASELINE),
+                ("vcon_minus_gradual", "VCON - gradual", "vcon", "gradual"))
 
 
 def paired_difference(suite: dict, method: str, other: str) -> dict | None:
@@ -233,8 +236,8 @@ def map_cells(results: dict) -> list[dict]:
         "severity": severity_name(cfg), "epochs": cfg["epochs"], "metric": metric.key,
         "dense": suite["dense"] * metric.scale,
         "accuracy": {m: {k: r[k] for k in ("mean", "std", "n")} for m, r in rows.items()},
-        "vcon_minus_post_shot": paired_difference(suite, "vcon", "post-shot"),
-        "vcon_minus_gradual": paired_difference(suite, "vcon", "gradual")})
+        **{key: paired_difference(suite, method, other)
+           for key, _, method, other in _DIFFERENCES}})
   return cells
 
 
@@ -278,7 +281,7 @@ def map_markdown(cells: list[dict]) -> str:
         continue
       budgets, sevs = _grid(sub)
       units, digits = _units(sub)
-      for key, title in _DIFFERENCES:
+      for key, title, _, _ in _DIFFERENCES:
         found = _differences(sub, regime, key, budgets, sevs)
         sign = "," if digits == 2 else ", positive: VCON better;"
         lines += [f"### {data}, {regime}: {title} ({units}{sign} mean +- std over "
@@ -307,7 +310,7 @@ def map_plots(cells: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
     fig, axes = plt.subplots(len(regimes), 2, figsize=(4 + 1.6 * len(budgets), 2.2 + 1.4 * len(sevs)),
                              squeeze=False)
     for i, regime in enumerate(regimes):
-      for j, (key, title) in enumerate(_DIFFERENCES):
+      for j, (key, title, _, _) in enumerate(_DIFFERENCES):
         ax = axes[i][j]
         found = _differences(sub, regime, key, budgets, sevs)
         grid = np.full((len(sevs), len(budgets)), np.nan)

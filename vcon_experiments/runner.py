@@ -2,11 +2,11 @@
 
 A run directory (``ROOT/<Config.run_name()>``) holds ``config.json``, ``metrics.jsonl``
 (one JSON object per logged step), TensorBoard event files, ``checkpoints/`` (Orbax)
-and, once finished, ``result.json`` (written atomically) and, unless the method is
-``dense``, the compact compressed model ``model.npz``. Restarting the same run resumes
-from the latest checkpoint; a finished run is reused. The dense model it starts from
-comes from :mod:`vcon_experiments.pretrain`, the training loop from
-:mod:`vcon_experiments.training`.
+and, once finished, ``result.json`` (written atomically) and, unless the method
+compresses nothing (``dense``), the compact compressed model ``model.npz``. Restarting
+the same run resumes from the latest checkpoint; a finished run is reused. The dense
+model it starts from comes from :mod:`vcon_experiments.pretrain`, the training loop
+from :mod:`vcon_experiments.training`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pathlib
 import time
 
 import vcon_jax as vj
-from vcon_experiments import compressions, methods, pretrain, tasks, training
+from vcon_experiments import compressions, method_registry, methods, pretrain, tasks, training
 from vcon_experiments.config import Config
 from vcon_experiments.io import RunDir
 
@@ -24,7 +24,7 @@ from vcon_experiments.io import RunDir
 def canonical(cfg: Config) -> Config:
   """``cfg`` with a dense run's compression fields at their defaults (it compresses
   nothing, so one run serves every severity); needs no data, unlike :func:`resolve`."""
-  if cfg.method != "dense":
+  if method_registry.REGISTRY[cfg.method].compresses:
     return cfg
   d = Config()
   fields = ("compression", *compressions.FIELDS, "transition", "beta_schedule",
@@ -62,7 +62,7 @@ def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool =
   Returns:
     The run's ``result.json``: the test metric (:func:`tasks.metric_key`), ``steps``,
     ``compressed_at_start`` (the metric of the compressed model at step 0), ``wall_s``
-    and, unless ``dense``, the export's ``summary``.
+    and, unless the method compresses nothing, the export's ``summary``.
   """
   root = pathlib.Path(root)
   cfg = resolve(cfg)
@@ -77,11 +77,12 @@ def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool =
     transform, schedule, distill = methods.build(cfg, params, model, train[0][:2])
     loss_fn = (tasks.token_loss if tasks.is_lm(cfg) else
                tasks.mixup_loss if cfg.mixup else None)
+    if distill > 0:  # distillation from the frozen dense model it starts from
+      loss_fn = vj.distill(loss_fn, weight=distill)
     step = vj.make_train_step(model, transform, schedule, training.optimizer(
         cfg.lr, cfg.steps,
         methods.transition_end(cfg) if cfg.lr_schedule == "restart" else 0),
-                              loss_fn=loss_fn,
-                              seed=cfg.seed, distill_weight=distill,
+                              loss_fn=loss_fn, seed=cfg.seed,
                               skip_nonfinite=on_nonfinite == "skip")
     state = step.init()
     t0 = time.time()
@@ -93,8 +94,8 @@ def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool =
     result = {tasks.metric_key(cfg): training.score(cfg, step, state, test),
               "steps": cfg.steps, "compressed_at_start": post_shot,
               "wall_s": time.time() - t0}
-    if cfg.method != "dense":
-      summary = vj.export(step, state, run.path / "model.npz")  # the compact model
+    if method_registry.REGISTRY[cfg.method].compresses:
+      summary = vj.export(state, run.path / "model.npz", model=step.model)  # the compact model
       result["summary"] = {"rows": list(summary), "totals": summary.totals}
     run.write_result(result)
     return result

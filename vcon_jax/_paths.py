@@ -31,14 +31,17 @@ import numpy as np
 #: leaves are not kernels anyway; this also keeps e.g. a ``Dense`` named ``embed`` dense).
 #: Whole segments only: ``patch_embedding/kernel`` (a convolution),
 #: ``TimestepEmbedder/Dense_0/kernel`` and ``PositionwiseFeedForward_0/Dense_0/kernel`` are
-#: kernels and are selected. ``lm_head`` (an untied output projection) is kept dense by
-#: name, as LLM quantisers keep it; with a trace the output layer is found whatever its
-#: name. Applied under every option.
+#: kernels and are selected. Applied under every option.
 DEFAULT_EXCLUDE = (
     r"(?i)(^|/)(embed|embeds|embedding|embeddings|embedder|wte|wpe|"
     r"pos_embed|pos_embeds|pos_embedding|pos_embeddings|pos_emb|posemb|"
     r"position_embedding|position_embeddings|positional_embedding|positional_embeddings|"
-    r"cls_token|class_token|dist_token|mask_token|lm_head)(/|$)")
+    r"cls_token|class_token|dist_token|mask_token)(/|$)")
+
+#: An untied output projection by name (a whole path segment): without a trace, a leaf
+#: under it is the model's output layer, kept dense as LLM quantisers keep it (a trace
+#: finds the output layer whatever its name); ``vj.Selection(outputs=...)`` opts it in.
+OUTPUT_NAMES = r"(?i)(^|/)lm_head(/|$)"
 
 #: Leaf names of linear-map and convolution kernels (Flax Linen and NNX).
 KERNEL_NAMES = ("kernel",)
@@ -48,7 +51,6 @@ _ATTENTION_OUT = ("out",)  # Flax MHA output: (heads, head_dim, out)
 _LINEN_EINSUM = re.compile(r"^Einsum_\d+$")
 _LINEN_GENERAL = re.compile(r"^(DenseGeneral|Einsum)_\d+$")
 _CONV = re.compile(r"(?i)conv")
-_DENSE = re.compile(r"(?i)^(dense|linear)(_?\d+)?$")
 
 InAxes = Mapping[str, "int | Sequence[int]"] | None
 
@@ -238,12 +240,11 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
     ``nnx.MultiHeadAttention``): ``query`` / ``key`` / ``value`` are
     ``(in, heads, head_dim)`` (one input axis), ``out`` is ``(heads, head_dim, out)``
     (two input axes);
-  - a path with a segment containing ``conv`` (``Conv_0``, ``convs/2``, ``conv1``), or a
-    kernel of 4 or more axes not under a Linen ``DenseGeneral_<i>``: a convolution
-    ``(spatial..., in, out)``, every axis but the last is an input;
-  - anything else (a 3-D ``DenseGeneral`` / ``LinearGeneral`` kernel, which may be
-    ``(in, in, out)`` or ``(in, out, out)``): refused with a ``ValueError`` that says how to
-    declare it, never guessed.
+  - a path with a segment containing ``conv`` (``Conv_0``, ``convs/2``, ``conv1``): a
+    convolution ``(spatial..., in, out)``, every axis but the last is an input;
+  - anything else (a ``DenseGeneral`` / ``LinearGeneral`` kernel, which may be
+    ``(in, in, out)`` or ``(in, out, out)``, a convolution not named so, a scanned stack):
+    refused with a ``ValueError`` that says how to declare it, never guessed.
 
   Args:
     path: the leaf's ``/``-joined path.
@@ -280,8 +281,6 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
     raise _ambiguous(path, shape, "an attention projection of more than 3 axes is a stack "
                      "of layers (nn.scan) or a layout Flax's attention does not have")
   if any(_CONV.search(s) for s in modules):
-    return tuple(range(ndim - 1))
-  if ndim >= 4 and not any(_LINEN_GENERAL.match(s) or _DENSE.match(s) for s in modules):
     return tuple(range(ndim - 1))
   raise _ambiguous(path, shape, "a multi-axis kernel that is neither a Flax attention "
                    "projection nor a convolution may have several input or output axes")

@@ -61,15 +61,18 @@ class Selection:
       input axes (its first ``n`` axes, or the listed ones, in the whole leaf's axes).
     stacked: ``{path regex: k}``: declares a leaf a stack of layers whose first ``k`` axes
       index the layers (``nn.scan``, ``nnx.scan``); each layer is compressed on its own.
-    include_non_kernels: by names only: also take leaves not named ``kernel`` (biases,
-      norm scales, other weights) as whole tensors; never :data:`DEFAULT_EXCLUDE`.
-    outputs: the model's output layer stays dense; a regex naming output layers to
-      compress anyway (opt in by name).
+    include_non_kernels: also take the leaves that are not linear maps (biases, norm
+      scales; by names: any leaf not named ``kernel``) as whole tensors; never
+      :data:`DEFAULT_EXCLUDE` nor the output layer.
+    outputs: the model's output layer (traced; by names a leaf under ``lm_head``) stays
+      dense; a regex naming output layers to compress anyway (opt in by name).
     leaves: set by a trace: ``{path: Traced}`` of the linear maps found; ``None`` selects
       by names.
     output_layers: set by a trace: the paths of the output layers (kept dense unless
       ``outputs`` names them).
     roles: set by a trace: what each leaf is, in words (``vj.summary``'s role column).
+    unread: set by a trace: ``{path: ops}`` of the weights it could not read as one linear
+      map (refused unless declared or excluded).
 
   >>> import vcon_jax as vj
   >>> t = vj.prune(0.5, selection=vj.Selection(exclude="head"))
@@ -84,6 +87,8 @@ class Selection:
   leaves: Mapping[str, Traced] | None = None
   output_layers: tuple[str, ...] = ()
   roles: Mapping[str, str] | None = dataclasses.field(default=None, repr=False)
+  unread: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict,
+                                                             repr=False)
 
   def __post_init__(self):
     _paths.compile_pattern("where", self.where)
@@ -114,7 +119,7 @@ class Selection:
     roles = {p: u.role() + (", output layer" if p in found.outputs else "")
              for p, u in found.leaves.items()}
     return self.replace(leaves=found.linear_maps(), output_layers=tuple(found.outputs),
-                        include_non_kernels=False, roles=roles)
+                        roles=roles, unread=found.unread())
 
   # -------------------------------------------------------------------- the decision
   def resolver(self, name: str, needs_axes: bool) -> "Resolver":
@@ -132,7 +137,11 @@ class Selection:
     if not self.is_traced:
       return {"where": self.where, "exclude": self.exclude, "in_axes": self.in_axes,
               "stacked": self.stacked, "include_non_kernels": self.include_non_kernels}
-    chosen = [p for p in self.leaves if p not in self.output_layers or self.opted_in(p)]
+    where = _paths.compile_pattern("where", self.where)
+    exclude = _paths.compile_pattern("exclude", self.exclude)
+    chosen = [p for p in self.leaves if (p not in self.output_layers or self.opted_in(p))
+              and (where is None or where.search(p))
+              and (exclude is None or not exclude.search(p))]
     stacks = {f"^{re.escape(p)}$": self.leaves[p].stack for p in chosen
               if self.leaves[p].stack}
     return {"where": "^(" + "|".join(re.escape(p) for p in chosen) + ")$",
@@ -155,9 +164,11 @@ class Resolver:
     self.sel, self.name, self.needs_axes = sel, name, needs_axes
     self.where = _paths.compile_pattern("where", sel.where)
     self.exclude = _paths.compile_pattern("exclude", sel.exclude)
+    self.outputs = _paths.compile_pattern("outputs", sel.outputs)
     self.declared = _paths.compile_in_axes(sel.in_axes)
     self.stacks = _paths.compile_stacked(sel.stacked)
     self.default_exclude = re.compile(_paths.DEFAULT_EXCLUDE)
+    self.output_names = re.compile(_paths.OUTPUT_NAMES)
     self._cache: dict = {}
 
   def narrowed(self, path: str) -> bool:
@@ -168,27 +179,39 @@ class Resolver:
       return False
     return not (self.exclude is not None and self.exclude.search(path))
 
+  def is_output(self, path: str) -> bool:
+    """An output layer (traced, or by name ``lm_head``) the user did not opt in."""
+    output = (path in self.sel.output_layers if self.sel.is_traced
+              else self.output_names.search(path) is not None)
+    return output and not (self.outputs is not None and self.outputs.search(path))
+
   def select(self, path: str, leaf: Any) -> bool:
     return self.plan(path, leaf) is not None
 
   def plan(self, path: str, leaf: Any):
     key = (path, tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", "")))
     if key not in self._cache:
-      self._cache[key] = self._decide(path, leaf)
+      try:
+        self._cache[key] = self._decide(path, leaf)
+      except ValueError as err:
+        self._cache[key] = err
     out = self._cache[key]
     if isinstance(out, ValueError):
       raise out
     return out
 
   def check(self, params: Any) -> list[str]:
-    """The selected paths; raises the first refusal (all refused leaves named)."""
+    """The selected paths; raises the first refusal (all refused leaves counted)."""
     chosen, refused = [], []
-    for path, leaf in _paths.leaf_paths(params):
+    leaves = _paths.leaf_paths(params)
+    for path, leaf in leaves:
       try:
         if self.plan(path, leaf) is not None:
           chosen.append(path)
       except ValueError as err:
         refused.append(err)
+    if not self.sel.is_traced:
+      refused += self._attention_without_its_siblings(chosen, dict(leaves))
     if refused:
       more = f" ({len(refused) - 1} more leaves refused likewise)" if len(refused) > 1 else ""
       raise ValueError(f"{refused[0]}{more}")
@@ -198,79 +221,134 @@ class Resolver:
   def _decide(self, path: str, leaf: Any):
     if not _paths.is_floating(leaf) or getattr(leaf, "ndim", 0) < 1:
       return None
-    if not self.narrowed(path):
+    if not self.narrowed(path) or self.is_output(path):
       return None
     shape = tuple(leaf.shape)
-    declared_axes = next((s for p, s in self.declared if p.search(path)), None)
-    depth = _paths.stack_depth(path, self.stacks)
-    if path.rsplit("/", 1)[-1] in NOT_WEIGHTS and not self.sel.include_non_kernels:
-      return None  # a declaration's pattern may also match the layer's bias: not a weight
+    ndim = len(shape)
+    name = path.rsplit("/", 1)[-1]
+    # a declaration names weights of 2 or more axes (its pattern may also match the
+    # layer's bias, which it leaves alone)
+    weighty = ndim >= 2 and name not in NOT_WEIGHTS
+    declared_axes = next((s for p, s in self.declared if p.search(path)), None) \
+        if weighty else None
+    depth = _paths.stack_depth(path, self.stacks) if weighty else 0
+    if not self.sel.is_traced:
+      return self._by_names(path, shape, declared_axes, depth)
+    found = self.sel.leaves.get(path)
+    if found is not None:
+      if declared_axes is None and not depth:
+        return (found.in_axes if self.needs_axes else None), found.stack
+      return self._declared(path, shape, declared_axes, depth or found.stack)
+    if path in self.sel.unread:
+      if declared_axes is not None or depth:
+        return self._declared(path, shape, declared_axes, depth)
+      return self._refuse(path, shape, f"the model uses it through "
+                          f"{', '.join(self.sel.unread[path])}, not as one linear map",
+                          traced=True)
+    # a lookup table, a tied embedding, a bias or a norm scale: whole tensors on request
+    if not self.sel.include_non_kernels or name in NOT_WEIGHTS and ndim >= 2 and \
+        self.needs_axes:
+      return None
+    return self._whole(path, shape)
+
+  def _whole(self, path, shape):
+    """A leaf taken as a whole tensor (``include_non_kernels``)."""
+    if len(shape) < 2:
+      return (() if self.needs_axes else None), 0
+    if not self.needs_axes:
+      return None, 0
     if self.sel.is_traced:
-      found = self.sel.leaves.get(path)
-      if found is None:
-        if declared_axes is None and not depth:
-          return None
-      elif path in self.sel.output_layers and not self.sel.opted_in(path):
-        return None
-      if declared_axes is None and found is not None:
-        axes, depth = found.in_axes, depth or found.stack
-        return (axes if self.needs_axes else None), depth
-    return self._by_names(path, shape, declared_axes, depth)
+      return self._refuse(path, shape, "the trace found no linear map in it, so this "
+                          "compression has no input axes to use", traced=True)
+    return self._refuse(path, shape, "it is not a Flax kernel (Equinox and PyTorch-style "
+                        "weights are (out, in)), so its input axes are unknown")
+
+  def _declared(self, path, shape, declared_axes, depth):
+    ndim = len(shape)
+    if declared_axes is None:  # a declared stack: each layer by Flax's names
+      try:
+        axes = tuple(a + depth for a in _paths.input_axes(path, shape[depth:]))
+      except ValueError:
+        return self._refuse(path, shape, f"each of its layers {shape[depth:]} is a "
+                            f"multi-axis map whose input axes its name does not tell",
+                            depth=depth)
+      return (axes if self.needs_axes else None), depth
+    axes = _paths._declared(path, shape, declared_axes)  # pylint: disable=protected-access
+    if any(a < depth for a in axes):
+      raise ValueError(f"{self.name}: the first {depth} axes of {path!r} {shape} index "
+                       f"its stacked layers, so they cannot be input axes {axes}; declare "
+                       f"the layer's input axes in the whole leaf's axes, e.g. "
+                       f"in_axes={{{path!r}: {tuple(range(depth, ndim - 1))}}}.")
+    return (axes if self.needs_axes else None), depth
 
   def _by_names(self, path, shape, declared_axes, depth):
     ndim = len(shape)
-    leaf_name = path.rsplit("/", 1)[-1]
-    is_kernel = leaf_name in _paths.KERNEL_NAMES and ndim >= 2
-    declared = declared_axes is not None or depth > 0
-    if not is_kernel and not declared:
-      if ndim < 2 or leaf_name in NOT_WEIGHTS:  # a bias, a scale, a table: never a
-        if not self.sel.include_non_kernels:    # weight unless opted in, then whole
-          return None
-        if ndim < 2:
-          return (() if self.needs_axes else None), 0
-      elif not self.sel.include_non_kernels:
+    name = path.rsplit("/", 1)[-1]
+    if declared_axes is not None or depth:
+      return self._declared(path, shape, declared_axes, depth)
+    if name not in _paths.KERNEL_NAMES or ndim < 2:
+      if not self.sel.include_non_kernels:
+        if ndim < 2 or name in NOT_WEIGHTS:
+          return None  # a bias, a scale, a table: never a weight by default
         return self._refuse(path, shape, "its name does not say it is a weight, nor its "
                             "layout (Gemma's einsum weights are named w, Equinox's "
                             "(out, in) weights weight)")
-      if not self.needs_axes:
-        return None, 0  # opted in as a whole tensor: no axes needed
-      return self._refuse(path, shape, self._why(path, shape))
-    layer = shape[depth:]
-    if declared_axes is not None:
-      axes = _paths._declared(path, shape, declared_axes)  # pylint: disable=protected-access
-      if any(a < depth for a in axes):
-        raise ValueError(f"{self.name}: the first {depth} axes of {path!r} {shape} index "
-                         f"its stacked layers, so they cannot be input axes {axes}; "
-                         f"declare the layer's input axes, e.g. in_axes={{{path!r}: "
-                         f"{tuple(range(depth, ndim - 1))}}}.")
-      return (axes if self.needs_axes else None), depth
+      return self._whole(path, shape)
+    if ndim >= 3 and any(_SCAN.match(s) for s in path.split("/")[:-1]):
+      return self._refuse(path, shape, "it sits under a Linen scan, so its first axes "
+                          "may index the layers of a stack", stack=True)
     try:
-      axes = _paths.input_axes(path, layer)
+      axes = _paths.input_axes(path, shape)
     except ValueError:
-      if depth:
-        return self._refuse(path, shape, f"each of its layers {layer} is a multi-axis "
-                            "kernel whose input axes its name does not tell")
-      return self._refuse(path, shape, self._why(path, shape), stack=ndim >= 3)
-    return (tuple(a + depth for a in axes) if self.needs_axes else None), depth
+      return self._refuse(path, shape, self._why(shape), stack=ndim >= 3)
+    return (axes if self.needs_axes else None), 0
+
+  def _attention_without_its_siblings(self, chosen, flat) -> list[ValueError]:
+    """A 3-D kernel under ``query`` / ``key`` / ``value`` / ``out`` is read as Flax
+    attention only beside at least one sibling, all sharing one ``(heads, head_dim)``: a
+    scanned stack of ``Dense`` layers so named has the same shapes, not that agreement."""
+    out = []
+    for path in chosen:
+      parts = path.split("/")
+      if len(flat[path].shape) != 3 or len(parts) < 2 or parts[-2] not in _ATTENTION:
+        continue
+      base = "/".join(parts[:-2])
+      sib = {n: tuple(getattr(flat.get(f"{base}/{n}/kernel" if base else f"{n}/kernel"),
+                              "shape", ())) for n in _ATTENTION}
+      heads = {sib[n][1:] for n in ("query", "key", "value") if len(sib[n]) == 3}
+      if len(sib["out"]) == 3:
+        heads.add(sib["out"][:2])
+      present = [n for n in _ATTENTION if sib[n]]
+      if len(heads) != 1 or len(present) < 2 or any(len(sib[n]) != 3 for n in present):
+        out.append(self._refuse(path, tuple(flat[path].shape), "a 3-axis kernel named "
+                                "like an attention projection whose siblings do not "
+                                "share one (heads, head_dim) may be a stack of layers",
+                                stack=True))
+    return out
 
   @staticmethod
-  def _why(path: str, shape: tuple) -> str:
-    if path.rsplit("/", 1)[-1] not in _paths.KERNEL_NAMES:
-      return "it is not a Flax kernel (Equinox and PyTorch-style weights are (out, in))"
+  def _why(shape: tuple) -> str:
     return (f"a {len(shape)}-axis kernel may be a stack of {shape[0]} layers (nn.scan) or "
             f"one multi-axis map (DenseGeneral, Einsum), and its name does not say which")
 
-  def _refuse(self, path, shape, why, *, stack=False):
+  def _refuse(self, path, shape, why, *, stack=False, depth=0, traced=False):
     rx = f"^{re.escape(path)}$"
-    ins = "(0,)" if len(shape) <= 2 else f"({', '.join(str(a) for a in range(len(shape) - 1))})"
-    ways = [f"vj.Selection(in_axes={{{rx!r}: {ins if not stack else '(0,)'}}}) with its "
-            f"real input axes"]
+    keep = f"stacked={{{rx!r}: {depth}}}, " if depth else ""
+    ways = [f"vj.Selection({keep}in_axes={{{rx!r}: (axis, ...)}}) with its real input "
+            f"axes (in the whole leaf's axes)"]
     if stack:
-      ways.insert(0, f"vj.Selection(stacked={{{rx!r}: 1}}) if it is a stack of layers")
+      ways.insert(0, f"vj.Selection(stacked={{{rx!r}: 1}}) if its first axis indexes the "
+                     f"layers of a stack")
     ways.append(f"vj.Selection(exclude={rx!r}) to keep it dense")
+    first = ("" if traced else f"{_TRACE_HINT[0].upper()}{_TRACE_HINT[1:]}, or declare it: ")
+    if traced:
+      first = "Declare it: "
     return ValueError(f"{self.name}: cannot tell what {path} (shape {shape}) is: {why}. "
-                      f"{_TRACE_HINT[0].upper()}{_TRACE_HINT[1:]}, or declare it: "
-                      f"{'; '.join(ways)}.")
+                      f"{first}{'; '.join(ways)}.")
+
+
+_SCAN = re.compile(r"(?i)^scan")
+_ATTENTION = ("query", "key", "value", "out")
 
 
 def caller_level() -> int:

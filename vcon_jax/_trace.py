@@ -119,6 +119,7 @@ def _reshape_axes(old_shape, new_shape, old_axes):
 class _Tracer:
   def __init__(self, uses: list[LeafUse]):
     self.uses = uses
+    self.consumed: set[int] = set()  # linear maps whose result a contraction reads
     self.loops = 0  # depth of the loop bodies (scan, while) being read
 
   def use(self, view: _View, op: str, **kw):
@@ -154,8 +155,12 @@ class _Tracer:
         continue
       name = eqn.primitive.name
       sub = _sub_jaxpr(eqn)
+      if name in _CONTRACTIONS:  # a layer's result read by a contraction is not an output
+        self.consumed.update(*(t for t in tin if t))
       if sub is not None and len(sub.invars) == len(ins) and name != "scan":
         outs, touts = self.run(sub, ins, tin)
+      elif name == "cond":  # every branch reads the operands (after the branch index)
+        outs, touts = self.branches(eqn, ins[1:], tin[1:])
       else:
         outs = self.eqn(eqn, ins) if any(ins) else None
         touts = [_out_tag(eqn, ins, tin)] * len(eqn.outvars)
@@ -166,6 +171,15 @@ class _Tracer:
         if tag:
           tags[var] = tag
     return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars]
+
+  def branches(self, eqn, ins: list, tin: list):
+    """A ``cond``: each branch read as a call; a view or tag survives where all agree."""
+    results = [self.run(getattr(b, "jaxpr", b), ins, tin) for b in eqn.params["branches"]]
+    outs = [v[0] if all(r == v[0] for r in v) else None
+            for v in zip(*(views for views, _ in results))]
+    touts = [frozenset().union(*(t for t in ts if t)) or None
+             for ts in zip(*(tags for _, tags in results))]
+    return outs, touts
 
   def loop(self, body, env_in: list) -> None:
     self.loops += 1
@@ -257,7 +271,14 @@ class _Tracer:
 _PASS = frozenset(_IDENTITY + (
     "add", "sub", "mul", "div", "neg", "tanh", "logistic", "max", "min", "select_n",
     "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "integer_pow",
-    "clamp", "sign", "abs", "add_any"))
+    "clamp", "sign", "abs", "add_any", "exp", "log", "log1p", "expm1", "exp2"))
+_CONTRACTIONS = ("dot_general", "conv_general_dilated")
+#: Uses of a leaf that leave it what it is (a bias added, a scale multiplied, a 2-D
+#: attention bias or a position table added): such a leaf is not a weight the trace
+#: failed to read. Any other use of a 2-D-or-more float leaf that is not a linear map
+#: (a reduction over it, a batched matmul over it) is reported by ``Discovery.unread``.
+BENIGN = frozenset({"add", "sub", "mul", "div", "max", "min", "select_n", "neg", "add_any",
+                    "lookup", "integer_pow"})
 
 
 def _sub_jaxpr(eqn):
@@ -350,6 +371,14 @@ class Discovery:
   def paths(self, kind: str) -> list[str]:
     return [p for p, u in self.leaves.items() if u.kind == kind]
 
+  def unread(self) -> dict[str, tuple[str, ...]]:
+    """``{path: ops}`` of the leaves of 2 or more axes the model uses in ways that are
+    neither a linear map nor a plain elementwise use (:data:`BENIGN`): a reduction over a
+    weight (weight standardisation), a matmul batched over it (MoE experts). Selection
+    refuses them rather than leave them dense without a word."""
+    return {p: tuple(sorted(u.ops)) for p, u in self.leaves.items()
+            if len(u.shape) >= 2 and u.kind == "elementwise" and not u.ops <= BENIGN}
+
   def linear_maps(self) -> dict:
     """``{path: Traced(in_axes, stack)}`` of every linear map (stacks included).
 
@@ -417,10 +446,13 @@ def discover(apply_fn: Callable, params: Any, *example: Any) -> Discovery:
   n = len(flat)
   views = [_View(k, tuple((a,) for a in range(len(uses[k].shape)))) for k in range(n)]
   rest = len(closed.jaxpr.invars) - n
-  _, out_tags = _Tracer(uses).run(closed.jaxpr, views + [None] * rest)
+  tracer = _Tracer(uses)
+  _, out_tags = tracer.run(closed.jaxpr, views + [None] * rest)
   for u in uses:
     _classify(u)
-  last = sorted(set().union(*(t for t in out_tags if t)))
+  # the output layer: a linear map whose result reaches an output and no contraction
+  # (a residual stream returned as hidden_states, a returned k/v cache are read by one)
+  last = sorted(set().union(*(t for t in out_tags if t)) - tracer.consumed)
   outputs = tuple(uses[k].path for k in last if uses[k].kind == "linear")
   return Discovery({u.path: u for u in uses}, outputs, (apply_fn, params) + example)
 

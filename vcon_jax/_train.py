@@ -48,7 +48,13 @@ class TrainStep:
                loss_fn: Callable | None = None, example: Any = None,
                parallel: Parallel = Parallel(), keys: BatchKeys = BatchKeys(),
                model_kwargs: ModelKwargs = ModelKwargs(), seed: int = 0,
-               blend: str = "weights", skip_nonfinite: bool = False):
+               blend: str = "weights", skip_nonfinite: bool = False, **deprecated: Any):
+    if deprecated:  # the 0.3 keywords, as make_train_step takes them
+      parallel, keys, model_kwargs, loss_fn = from_deprecated(
+          deprecated, parallel=None if parallel == Parallel() else parallel,
+          keys=None if keys == BatchKeys() else keys,
+          model_kwargs=None if model_kwargs == ModelKwargs() else model_kwargs,
+          loss_fn=loss_fn)
     mesh, axis_name, donate = parallel
     input_key, label_key = keys
     train_kwargs, eval_kwargs = model_kwargs

@@ -440,8 +440,6 @@ def leafwise(rule: LeafRule, *, name: str, selection: Any = None, where: str | N
     return (spec,)
 
   def reselect(found):
-    if sel.include_non_kernels:
-      return None  # the user took whole tensors by names: kept as given
     return leafwise(rule, name=name, selection=sel.traced(found))
 
   return Transform(init, apply, refresh, select, describe, reselect, sel)

@@ -11,8 +11,9 @@ seed at the same budget). Its file holds data only:
   ``--dataset``;
 - ``suites`` (optional): ``{"name", "config", "methods"}`` each; ``config`` is a dict of
   :class:`~vcon_experiments.config.Config` changes applied on top of the command line's
-  config, ``methods`` defaults to :data:`~vcon_experiments.config.METHODS`, and ``name``
-  may name fields of the resulting config (``{dataset}``, ``{compression}``, ...) and
+  config, ``methods`` (names in :data:`~vcon_experiments.method_registry.REGISTRY`)
+  defaults to :data:`~vcon_experiments.method_registry.HEADLINE`, and ``name`` may name
+  fields of the resulting config (``{dataset}``, ``{compression}``, ...) and
   ``{severity}`` (``prune 90%``, ``binary``, ``rank 4``);
 - ``grid`` (optional, after the suites): budget x severity x regime per data set, run
   budget by budget (the first budget of every data set, then the second, ...); see
@@ -27,8 +28,8 @@ from __future__ import annotations
 import importlib.resources
 import json
 
-from vcon_experiments.config import (FIELDS, METHODS, Config, method_fits_regime,
-                                     severity_name)
+from vcon_experiments import method_registry
+from vcon_experiments.config import FIELDS, Config, severity_name
 from vcon_experiments.config import _did_you_mean  # pylint: disable=protected-access
 
 _KEYS = ("__doc__", "seeds", "fixed_data", "suites", "grid")
@@ -52,12 +53,13 @@ def load(name: str) -> dict:
 
 
 def check(name: str, preset: dict) -> dict:
-  """Raises ``ValueError`` for a key the format does not have (config keys included) or
-  one it needs."""
+  """Raises ``ValueError`` for a key the format does not have (config keys included),
+  one it needs, or a method the registry does not have."""
   _check_keys(f"preset {name!r}", preset, _KEYS, ("seeds",))
   for suite in preset.get("suites", ()):
     _check_keys(f"a suite of preset {name!r}", suite, _SUITE_KEYS, ("name",))
     _check_keys(f"the config of suite {suite['name']!r}", suite.get("config", {}), FIELDS)
+    _check_methods(f"suite {suite['name']!r}", suite.get("methods", ()))
   if "grid" in preset:
     grid = preset["grid"]
     _check_keys(f"the grid of preset {name!r}", grid, _GRID_KEYS, _GRID_KEYS)
@@ -66,7 +68,17 @@ def check(name: str, preset: dict) -> dict:
       _check_keys(f"the config of grid data set {data!r}", spec["config"], FIELDS)
     for severity, changes in grid["severities"].items():
       _check_keys(f"grid severity {severity!r}", changes, FIELDS)
+    _check_methods(f"the grid of preset {name!r}", grid["methods"] + grid["headline_only"])
   return preset
+
+
+def _check_methods(what: str, methods) -> None:
+  allowed = method_registry.REGISTRY
+  unknown = [m for m in methods if m not in allowed]
+  if unknown:
+    hint = _did_you_mean(unknown[0], allowed)
+    raise ValueError(f"{what} has the unknown method {unknown[0]!r}"
+                     f"{f' ({hint})' if hint else ''}; allowed: {', '.join(allowed)}.")
 
 
 def _check_keys(what: str, d: dict, allowed, required=()) -> None:
@@ -99,7 +111,7 @@ def fixed_data(name: str) -> bool:
 def _suite(suite: dict, base: Config):
   cfg = base.replace(**suite.get("config", {}))
   title = suite["name"].format(severity=severity_name(cfg), **cfg.to_dict())
-  return title, cfg, tuple(suite.get("methods", METHODS))
+  return title, cfg, tuple(suite.get("methods", method_registry.HEADLINE))
 
 
 def grid_suites(grid: dict, base: Config):
@@ -116,7 +128,7 @@ def grid_suites(grid: dict, base: Config):
       methods = tuple(m for m in grid["methods"]
                       if epochs == grid["headline_epochs"] or m not in grid["headline_only"])
       for regime in grid["regimes"]:
-        kept = tuple(m for m in methods if method_fits_regime(m, regime))
+        kept = tuple(m for m in methods if method_registry.fits_regime(m, regime))
         for severity in severities:
           cfg = base.replace(**spec["config"], regime=regime, epochs=float(epochs),
                              **grid["severities"][severity])
