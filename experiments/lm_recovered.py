@@ -28,12 +28,14 @@ import re
 import statistics
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results"
-STUDIES = ("lm_map", "levers_study")  # studies with the LM's runs at the map's settings
+# studies with the LM's runs at the map's settings (the same dense LM, same evaluation)
+STUDIES = ("lm_map", "levers_study", "lm_baselines")
 # the methods of the field's comparison, as the suite names their run directories
-METHODS = {"post-shot": "QAT (post-shot)", "post-shot-distill": "QAT + KD",
+METHODS = {"gptq": "GPTQ (qwix, no training)", "post-shot": "QAT (post-shot)",
+           "post-shot-distill": "QAT + KD",
            "vcon-Q20": "VCON", "vcon-distill-Q20": "VCON + KD",
            "gradual-Q20": "gradual (ramp)"}
-COMPRESSIONS = {"quantize4g32": "int4 g32", "quantize3g32": "int3 g32",
+COMPRESSIONS = {"quantize4g128": "int4 g128", "quantize4g32": "int4 g32", "quantize3g32": "int3 g32",
                 "quantize2g32": "int2 g32", "binarize": "binary", "prune50": "prune 50 %",
                 "prune2of4": "2:4", "lowrank16": "rank 16", "lowrank8": "rank 8"}
 RUN = re.compile(r"same-task/e(?P<budget>[\d.]+)/(?P<comp>[^/]+)/(?P<method>[^/]+)/"
@@ -68,10 +70,11 @@ def _stat(xs: list[float]) -> tuple[float, float]:
 
 def rtn_of(runs: dict) -> dict:
   """``{(budget, compression): {seed: RTN bpb}}``: the compressed start of the methods
-  that start from it (not the gradual ramp, whose start is nearly the dense model)."""
+  that start from it (not the gradual ramp, whose start is nearly the dense model, nor
+  GPTQ, which records qwix's own round-to-nearest)."""
   out: dict = {}
   for (budget, comp, method), seeds in runs.items():
-    if method != "gradual-Q20":
+    if method not in ("gradual-Q20", "gptq"):  # their first evaluation is not our RTN
       for seed, (rtn, _) in seeds.items():
         out.setdefault((budget, comp), {}).setdefault(seed, rtn)
   return out
