@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,6 @@ KERNEL_NAMES = ("kernel",)
 _ATTENTION_IN = ("query", "key", "value")  # Flax MHA q/k/v: (in, heads, head_dim)
 _ATTENTION_OUT = ("out",)  # Flax MHA output: (heads, head_dim, out)
 _LINEN_EINSUM = re.compile(r"^Einsum_\d+$")
-_LINEN_GENERAL = re.compile(r"^(DenseGeneral|Einsum)_\d+$")
 _CONV = re.compile(r"(?i)conv")
 
 InAxes = Mapping[str, "int | Sequence[int]"] | None
@@ -106,52 +105,6 @@ def is_floating(leaf: Any) -> bool:
   dtype = getattr(leaf, "dtype", None)
   # jnp's issubdtype knows bfloat16 and the other ml_dtypes floats; numpy's does not.
   return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
-def is_kernel(path: str, leaf: Any) -> bool:
-  """Whether ``leaf`` is a linear-map or convolution kernel: named ``kernel``, ndim >= 2."""
-  return (path.rsplit("/", 1)[-1] in KERNEL_NAMES and getattr(leaf, "ndim", 0) >= 2
-          and is_floating(leaf))
-
-
-def make_selector(where: str | None, exclude: str | None,
-                  include_non_kernels: bool = False) -> Callable[[str, Any], bool]:
-  """Builds ``select(path, leaf) -> bool``.
-
-  The candidates are the kernels (:func:`is_kernel`) except lookup tables
-  (:data:`DEFAULT_EXCLUDE`); with ``include_non_kernels=True`` every floating leaf with
-  ``ndim >= 1`` (biases, norm scales, embedding tables, ...) instead. ``where`` keeps the
-  candidates whose path matches it and ``exclude`` drops those matching it: both narrow
-  the candidates, neither widens them.
-  """
-  where_re = compile_pattern("where", where)
-  exclude_re = compile_pattern("exclude", exclude)
-  if not isinstance(include_non_kernels, bool):
-    raise ValueError(f"include_non_kernels must be True or False, got "
-                     f"{include_non_kernels!r}.")
-  default_exclude = re.compile(DEFAULT_EXCLUDE)
-
-  def select(path: str, leaf: Any) -> bool:
-    if include_non_kernels:
-      chosen = getattr(leaf, "ndim", 0) >= 1 and is_floating(leaf)
-    else:
-      chosen = is_kernel(path, leaf) and not default_exclude.search(path)
-    if chosen and where_re is not None and not where_re.search(path):
-      chosen = False
-    if chosen and exclude_re is not None and exclude_re.search(path):
-      chosen = False
-    return bool(chosen)
-
-  return select
-
-
-def selection_help(include_non_kernels: bool) -> str:
-  """One sentence saying what the default candidates are (for error messages)."""
-  if include_non_kernels:
-    return "Candidates are all floating leaves with ndim >= 1 (include_non_kernels=True)."
-  return ("Candidates are the leaves named 'kernel' with ndim >= 2 outside lookup tables "
-          "(vj.DEFAULT_EXCLUDE); where=/exclude= narrow them; pass "
-          "include_non_kernels=True to select other leaves (biases, scales, tables).")
 
 
 # ------------------------------------------------------------------------- input axes
@@ -214,8 +167,7 @@ def _declared(path: str, shape: tuple, spec: Any) -> tuple[int, ...]:
   return tuple(sorted(axes))
 
 
-def _ambiguous(path: str, shape: tuple, why: str, trace: bool = False) -> ValueError:
-  del trace  # every refusal names the trace first
+def _ambiguous(path: str, shape: tuple, why: str) -> ValueError:
   return ValueError(
       f"cannot tell which axes of {path} (shape {tuple(shape)}) are the inputs of its "
       f"linear map: {why}. Pass example= (make_train_step(..., example=x), or "
@@ -268,7 +220,7 @@ def input_axes(path: str, shape: Sequence[int], declared: Sequence = ()) -> tupl
     # (in, out) is Flax's layout only: Equinox, PyTorch-style and Llama weights are
     # (out, in), Gemma's einsum weights any; the names cannot say which, so never guess
     raise _ambiguous(path, shape, "it is not a Flax kernel (Equinox and PyTorch-style "
-                     "weights are (out, in))", trace=True)
+                     "weights are (out, in))")
   if any(_LINEN_EINSUM.match(s) for s in modules):
     raise _ambiguous(path, shape, "it belongs to an Einsum, whose kernel may have any layout")
   if ndim == 2:

@@ -105,11 +105,6 @@ class Selection:
   def is_traced(self) -> bool:
     return self.leaves is not None
 
-  @property
-  def declares(self) -> bool:
-    """Whether the user chose leaves or axes beyond narrowing (kept under a trace)."""
-    return self.in_axes is not None or self.stacked is not None or self.include_non_kernels
-
   def replace(self, **changes: Any) -> "Selection":
     return dataclasses.replace(self, **changes)
 
@@ -137,21 +132,15 @@ class Selection:
     if not self.is_traced:
       return {"where": self.where, "exclude": self.exclude, "in_axes": self.in_axes,
               "stacked": self.stacked, "include_non_kernels": self.include_non_kernels}
-    where = _paths.compile_pattern("where", self.where)
-    exclude = _paths.compile_pattern("exclude", self.exclude)
-    chosen = [p for p in self.leaves if (p not in self.output_layers or self.opted_in(p))
-              and (where is None or where.search(p))
-              and (exclude is None or not exclude.search(p))]
+    # the traced choice as the resolver makes it: narrowed, output layers left out
+    resolver = self.resolver("selection", False)
+    chosen = [p for p in self.leaves if resolver.narrowed(p) and not resolver.is_output(p)]
     stacks = {f"^{re.escape(p)}$": self.leaves[p].stack for p in chosen
               if self.leaves[p].stack}
     return {"where": "^(" + "|".join(re.escape(p) for p in chosen) + ")$",
             "exclude": self.exclude,
             "in_axes": {f"^{re.escape(p)}$": self.leaves[p].in_axes for p in chosen},
             "stacked": stacks or None, "include_non_kernels": True}
-
-  def opted_in(self, path: str) -> bool:
-    """Whether ``outputs`` names ``path`` (an output layer compressed anyway)."""
-    return self.outputs is not None and re.search(self.outputs, path) is not None
 
 
 class Resolver:
