@@ -187,7 +187,12 @@ class Config:
       plus distillation from the dense path's logits), ``post-shot-distill`` or
       ``dense`` (no compression: the ceiling at equal budget).
     transition: VCON's transition length Q, and the gradual ramp's length, as a fraction
-      of the budget (default 0.2: the paper's 12 of 60 epochs).
+      of the budget (default 0.2: the paper's 12 of 60 epochs). With
+      ``transition_rule="fitted"`` it is VCON's longest transition.
+    transition_rule: ``fitted`` (the default: VCON's Q from the output jump of the
+      compressed model on the run's first batch, :func:`vcon_jax.fitted_vanish`, at most
+      ``transition``) or ``fixed`` (Q = ``transition`` of the budget, as in 0.3; the
+      committed maps' ``vcon-Q20`` runs). Stored only for the methods whose beta vanishes.
     beta_schedule: ``linear`` (the paper's ``max(1 - t/Q, 0)``) or ``cosine``.
     beta_hold: VCON holds beta at 1 for this fraction of the budget before its
       transition of Q begins (0: the paper's schedule, the transition starts at step 0).
@@ -279,6 +284,10 @@ class Config:
   transition: float = METHOD.field(
       0.2, range=_number(0, 1), help="VCON transition Q (and gradual ramp) as a fraction "
       "of --steps ({default})")
+  transition_rule: str = METHOD.field(
+      "fitted", choices=("fitted", "fixed"),
+      help="VCON: fit Q to the measured output jump, at most --transition, or keep it "
+      "fixed at --transition ({default})")
   beta_schedule: str = METHOD.field("linear", choices=("linear", "cosine"),
                                     help="shape of beta from 1 to 0 ({default})")
   beta_hold: float = METHOD.field(
@@ -299,6 +308,8 @@ class Config:
     for name, info in INFO.items():
       if info.omit_default and d[name] == FIELDS[name].default:
         del d[name]
+    if method_registry.REGISTRY[self.method].transition != "beta":
+      del d["transition_rule"]  # post-shot, gradual, dense: no beta transition to fit
     return d
 
   def dense_key(self) -> dict:
@@ -322,7 +333,8 @@ class Config:
       return f"{budget}/{self.method}{self._train_extra()}/seed{self.seed}"
     extra = ""
     if method.transition is not None:
-      extra = f"-Q{round(self.transition * 100)}"
+      fitted = method.transition == "beta" and self.transition_rule == "fitted"
+      extra = f"-{'fitQ' if fitted else 'Q'}{round(self.transition * 100)}"
       if method.transition == "beta" and self.beta_schedule != Config.beta_schedule:
         extra += f"-{self.beta_schedule}"
       if method.transition == "beta" and self.beta_hold != Config.beta_hold:
@@ -398,6 +410,14 @@ def validate(cfg: Config) -> Config:
   if cfg.beta_hold + cfg.transition > 1:
     _fail("beta_hold", cfg.beta_hold, f"at most 1 - transition = {1 - cfg.transition:g} "
           "(the hold and the transition must fit in the budget)")
+  if (cfg.transition_rule == "fitted" and
+      method_registry.REGISTRY[cfg.method].transition == "beta"):
+    for name, default in (("beta_schedule", "linear"), ("beta_hold", 0.0),
+                          ("lr_schedule", "cosine")):
+      if getattr(cfg, name) != default:
+        _fail(name, getattr(cfg, name), f"{default!r} with transition_rule='fitted' (the "
+              f"fitted transition is linear from step 0 and its length is known only "
+              f"once measured); pass transition_rule='fixed' to set it")
   if not isinstance(cfg.augment, bool):
     _fail("augment", cfg.augment, "true or false")
   if cfg.pattern:

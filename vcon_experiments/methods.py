@@ -7,7 +7,10 @@ in :data:`vcon_experiments.method_registry.REGISTRY`, all with the library's API
   (Zhu and Gupta's cubic ramp, over the same ``transition`` as VCON's Q): sparsity 0 -> s,
   bit width 8 -> k (binary at the end for ``binarize``), rank full -> r.
 - ``"beta"`` (``vcon``, ``vcon-distill``): the target compression, beta 1 -> 0 over Q
-  steps (linear or cosine), after ``beta_hold`` of the budget at 1.
+  steps: by default Q fitted to the output jump measured on the first batch
+  (:func:`vcon_jax.fitted_vanish`, at most ``transition`` of the budget); with
+  ``transition_rule="fixed"`` Q = ``transition`` of the budget (linear or cosine), after
+  ``beta_hold`` of the budget at 1.
 - distillation (``vcon-distill``, ``post-shot-distill``): the loss
   ``(1 - w) task + w KD``, KD the distillation from the frozen dense model it starts from
   (``loss_fn=vj.distill(task_loss, weight=w)``).
@@ -57,6 +60,8 @@ def build(cfg: Config, params: Any, model: Any = None,
       cfg.to_dict(), params, model, example, method.transition == "ramp", q)
   if method.transition != "beta":
     schedule = vj.linear_vanish(0)
+  elif cfg.transition_rule == "fitted":  # measured by step.init(batch=) (runner)
+    schedule = vj.fitted_vanish(cfg.steps, max_fraction=cfg.transition)
   elif cfg.beta_schedule == "cosine":
     schedule = vj.cosine_vanish(q, begin_step=hold_steps(cfg))
   else:

@@ -84,7 +84,12 @@ def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool =
         methods.transition_end(cfg) if cfg.lr_schedule == "restart" else 0),
                               loss_fn=loss_fn, seed=cfg.seed,
                               skip_nonfinite=on_nonfinite == "skip")
-    state = step.init()
+    first = tasks.finetune_batch(cfg, tasks.batch_at(train, 0, cfg.batch_size, cfg.seed),
+                                 0, cfg.seed)
+    state = step.init(batch=first)  # a fitted_vanish schedule measures the jump here
+    fitted = step.schedule if isinstance(step.schedule, vj.FittedVanish) else None
+    if fitted is not None and progress:
+      print(f"{cfg.run_name()}: {fitted.describe()}")
     t0 = time.time()
     post_shot = training.score(cfg, step, state, test, cfg.eval_examples)
     state = training.train_loop(
@@ -94,6 +99,9 @@ def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool =
     result = {tasks.metric_key(cfg): training.score(cfg, step, state, test),
               "steps": cfg.steps, "compressed_at_start": post_shot,
               "wall_s": time.time() - t0}
+    if fitted is not None:
+      result["output_jump"] = fitted.jump
+      result["transition_steps"] = fitted.transition_steps
     if method_registry.REGISTRY[cfg.method].compresses:
       summary = vj.export(state, run.path / "model.npz", model=step.model)  # the compact model
       result["summary"] = {"rows": list(summary), "totals": summary.totals}

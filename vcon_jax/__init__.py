@@ -10,6 +10,7 @@ from vcon_jax._coupling import Member, UnitGroup
 from vcon_jax._losses import Distillation, distill, softmax_cross_entropy
 from vcon_jax._low_rank import low_rank
 from vcon_jax._core import TrainState, VconState
+from vcon_jax._fitted import FittedVanish, fitted_transition, fitted_vanish, output_jump
 from vcon_jax._optax_wrapper import blended_params, compressed_params, dense_params, wrap_optax
 from vcon_jax._paths import DEFAULT_EXCLUDE
 from vcon_jax._prune import prune
@@ -39,6 +40,7 @@ __all__ = [
     # transforms
     "prune", "quantize", "binarize", "low_rank", "prune_units", "chain", "identity",
     # beta schedules
+    "fitted_vanish", "output_jump", "fitted_transition", "FittedVanish",
     "linear_vanish", "cosine_vanish", "polynomial_ramp", "constant", "check_beta_schedule",
     # training
     "make_train_step", "Parallel", "BatchKeys", "ModelKwargs", "wrap_optax", "TrainStep",

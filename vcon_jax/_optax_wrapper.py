@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vcon_jax import _paths, _sharding, _trace, _validate
+from vcon_jax import _fitted, _paths, _sharding, _trace, _validate
 from vcon_jax._core import (VconState, apply_gradients, blend_fn, blended_view, blended_weights,
                             compressed_view, init_state, join)
 from vcon_jax._transform import (Transform, check_transform, low_precision, reselected,
@@ -128,6 +128,7 @@ def wrap_optax(optimizer: optax.GradientTransformation, transform: Transform,
   """
   _validate.check_optimizer(optimizer)
   check_transform(transform)
+  _fitted.check_measured(beta_schedule)  # wrap_optax has no model to measure it with
   _validate.check_step_schedule(beta_schedule)
   traced = [a is not None for a in (apply_fn, params, example)]
   if any(traced) and not all(traced):

@@ -28,8 +28,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vcon_jax import _checks, _core, _model, _sharding, _trace, _validate
 from vcon_jax._blend import blend_outputs
+from vcon_jax._fitted import FittedVanish, jump_of_step
 from vcon_jax._core import TrainState, VconState
 from vcon_jax._losses import Distillation, accuracy, softmax_cross_entropy
+from vcon_jax._schedules import linear_vanish
 from vcon_jax._step_options import BatchKeys, ModelKwargs, Parallel, from_deprecated
 from vcon_jax._transform import Transform, check_transform, compress, reselected
 
@@ -62,7 +64,8 @@ class TrainStep:
       raise ValueError(f"blend must be 'weights' (one forward pass) or 'outputs' (dense "
                        f"and compressed passes, outputs blended), got {blend!r}.")
     check_transform(transform)
-    _validate.check_step_schedule(schedule)
+    if not isinstance(schedule, FittedVanish):  # measured at init; a linear_vanish then
+      _validate.check_step_schedule(schedule)
     optimizer = optax.adamw(1e-4, weight_decay=0.0) if optimizer is None else optimizer
     _validate.check_optimizer(optimizer)
     loss_fn = softmax_cross_entropy if loss_fn is None else loss_fn
@@ -125,7 +128,8 @@ class TrainStep:
     target = NamedSharding(self.mesh, spec)
     return x if sharding == target else jax.device_put(x, target)
 
-  def init(self, params: Any = None, *, seed: int | None = None) -> TrainState:
+  def init(self, params: Any = None, *, seed: int | None = None,
+           batch: Mapping | None = None) -> TrainState:
     """Builds the initial state from the model's params (validates the selection).
 
     Params placed on the step's mesh with a ``NamedSharding`` keep their split (the masks,
@@ -135,13 +139,40 @@ class TrainStep:
       params: Linen: ``model.init(...)`` variables (or their ``'params'``). NNX: the
         module's ``nnx.Param`` state, or ``None`` to take it from the module.
       seed: overrides the step's seed for the per-step rng.
+      batch: a training batch on which a :func:`~vcon_jax.fitted_vanish` schedule
+        measures the jump of the compressed model (needed then, ignored otherwise); the
+        step keeps the fitted schedule (``step.schedule``). The measurement depends only
+        on the params and the batch, so a resumed run that calls ``init`` the same way
+        fits the same transition.
     """
+    if isinstance(self.schedule, FittedVanish) and (batch is not None
+                                                     or self.schedule.jump is None):
+      return self._init_fitted(params, seed, batch)
+    return self._init(params, seed)
+
+  def _init_fitted(self, params, seed, batch) -> TrainState:
+    if batch is None:
+      raise ValueError("this step's schedule is fitted_vanish(total_steps) with no jump "
+                       "yet: pass a training batch, step.init(params, batch=first_batch), "
+                       "to measure it.")
+    self.check_batch(batch, training=False)
+    unmeasured = dataclasses.replace(self.schedule, jump=None)
+    probe = self._init(params, seed, schedule=linear_vanish(0))
+    fitted = unmeasured.measured(jump_of_step(self, probe, batch))
+    if fitted != self.schedule:
+      self._jitted.clear()  # compiled with another transition
+    self.schedule = fitted
+    return dataclasses.replace(probe, schedule=fitted)
+
+  def _init(self, params: Any, seed: int | None, schedule: Callable | None = None
+            ) -> TrainState:
     if params is None and self.adapter.kind == "linen":
       raise ValueError("init() needs the Linen model's params (model.init(...)).")
     params, model_state = self.adapter.split(params)
     if self.mesh is not None:
       params = jax.tree.map(self._on_mesh, params)
-    state = _core.init_state(self.optimizer, self.transform, self.schedule, params)
+    state = _core.init_state(self.optimizer, self.transform,
+                             self.schedule if schedule is None else schedule, params)
     seed = self.seed if seed is None else seed
     teacher = None
     if self.distillation and self.distillation.teacher == "initial":
