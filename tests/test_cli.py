@@ -75,7 +75,7 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
       assert r["curve"] and all("beta" in row for row in r["curve"])
   assert "| vcon |" in (out / "table.md").read_text()
   assert list(out.glob("*.png"))
-  run = next((tmp_path / "w").glob("*/same-task/s*/prune90/vcon-Q20/seed0"))
+  run = next((tmp_path / "w").glob("*/same-task/s*/prune90/vcon-fitQ20/seed0"))
   assert (run / "config.json").exists() and list((run / "tensorboard").iterdir())
   # a second call reuses every finished run: nothing a run writes is written again
   written = lambda: {f: f.stat().st_mtime_ns for f in (tmp_path / "w").rglob("*")
@@ -88,7 +88,7 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
 
 
 def _final(workdir):
-  run = next(pathlib.Path(workdir).glob("*/same-task/s*/prune90/vcon-Q20/seed0"))
+  run = next(pathlib.Path(workdir).glob("*/same-task/s*/prune90/vcon-fitQ20/seed0"))
   result = json.loads((run / "result.json").read_text())
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   return result, rows
@@ -105,7 +105,7 @@ def test_compress_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
   deadline = time.time() + 1200  # only a hang reaches it
   ckpt = None
   while time.time() < deadline and proc.poll() is None:
-    found = list(cut_dir.glob("*/same-task/s*/prune90/vcon-Q20/seed0/checkpoints/12"))
+    found = list(cut_dir.glob("*/same-task/s*/prune90/vcon-fitQ20/seed0/checkpoints/12"))
     if found:
       ckpt = found[0]
       break
@@ -135,7 +135,7 @@ def test_compress_killed_during_a_checkpoint_write_resumes(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline, hit = time.time() + 1200, None  # only a hang reaches the deadline
   while time.time() < deadline and proc.poll() is None and hit is None:
-    for ck in cut_dir.glob("*/same-task/s*/prune90/vcon-Q20/seed0/checkpoints/*"):
+    for ck in cut_dir.glob("*/same-task/s*/prune90/vcon-fitQ20/seed0/checkpoints/*"):
       if not ck.name.isdigit() and int(ck.name.split(".")[0] or 0) >= 8:
         hit = ck.name
         break

@@ -53,9 +53,9 @@ def test_registries_name_each_compression_as_run_dirs_and_tables_always_have():
            ({"compression": "prune-units", "sparsity": 0.5}, "units50", "units 50%")]
   for changes, name, severity in cases:
     c = cfg.replace(**changes)
-    assert c.run_name() == f"same-task/s100/{name}/vcon-Q20/seed0"
+    assert c.run_name() == f"same-task/s100/{name}/vcon-fitQ20/seed0"
     assert severity_name(c) == severity_name(c.to_dict()) == severity
-  assert cfg.replace(update_every=5).run_name() == "same-task/s100/prune90/vcon-Q20-every5/seed0"
+  assert cfg.replace(update_every=5).run_name() == "same-task/s100/prune90/vcon-fitQ20-every5/seed0"
   assert "every" not in cfg.replace(compression="prune-units", update_every=5).run_name()
 
 
@@ -79,13 +79,16 @@ def test_the_fields_come_in_six_sections_each_declared_once():
                             "method"]
   assert [n for s in sections.values() for n in s.fields] == list(config_lib.FIELDS)
   assert sections["model"].fields == ("model", "model_kwargs")
-  assert sections["method"].fields == ("method", "transition", "beta_schedule", "beta_hold",
-                                       "distill_weight")
+  assert sections["method"].fields == ("method", "transition", "transition_rule",
+                                       "beta_schedule", "beta_hold", "distill_weight")
   # the fields added after runs were stored are left out at their defaults (old run
   # directories stay valid), and only they
   omitted = {n for n, info in config_lib.INFO.items() if info.omit_default}
   assert omitted == {"init_from", "pattern", "group_size", "beta_hold", "lr_schedule"}
   assert set(config_lib.FIELDS) - set(Config().to_dict()) == omitted
+  # the transition rule is stored only where beta vanishes (post-shot runs stay valid)
+  assert "transition_rule" not in Config(method="post-shot").to_dict()
+  assert Config(method="vcon-distill").to_dict()["transition_rule"] == "fitted"
   # the dense pretraining depends on the data, model and pretraining sections
   assert set(Config().dense_key()) == {
       "dataset", "model", "model_kwargs", "data_dir", "source_dir", "max_len",

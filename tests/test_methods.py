@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import vcon_jax as vj
 from vcon_experiments import compressions
 from vcon_experiments import config as config_lib
 from vcon_experiments import method_registry, methods
@@ -21,6 +22,9 @@ def test_method_builds_on_model(method, compression, model):
   example = np.zeros((2, 28, 28, 1), np.float32)
   transform, schedule, distill = methods.build(cfg, params, module, example)
   state = transform.init(params)
+  if method.startswith("vcon"):  # the default: fitted at init, a big jump here
+    assert schedule == vj.fitted_vanish(100)
+    schedule = schedule.measured(2.0)
   assert float(schedule(0)) == (1.0 if method.startswith("vcon") else 0.0)
   assert float(schedule(100)) == 0.0
   assert (distill > 0) == (method == "vcon-distill")
@@ -59,7 +63,7 @@ def test_beta_hold_and_lr_restart_levers():
   run directory and left out of the config dict at their defaults (old runs stay valid)."""
   from vcon_experiments import training  # pylint: disable=import-outside-toplevel
   cfg = config_lib.Config(method="vcon", steps=100, transition=0.2, beta_hold=0.1,
-                          lr_schedule="restart")
+                          lr_schedule="restart", transition_rule="fixed")
   assert cfg.run_name() == "same-task/s100/prune90/vcon-Q20-hold10-lrrestart/seed0"
   assert "beta_hold" not in config_lib.Config().to_dict()
   assert "lr_schedule" not in config_lib.Config().to_dict()
@@ -110,7 +114,8 @@ def test_each_method_entry_decides_its_run_name_transition_and_distillation(
   """A method's transition names Q and the LR schedule (beta's shape and hold only where
   beta vanishes), its distillation the weight; one without compression no severity."""
   cfg = config_lib.Config(method=method, steps=100, beta_hold=0.1, beta_schedule="cosine",
-                          lr_schedule="restart", distill_weight=0.7).replace()
+                          lr_schedule="restart", distill_weight=0.7,
+                          transition_rule="fixed").replace()
   assert cfg.run_name() == f"same-task/s100/{run}/seed0"
   assert methods.transition_end(cfg) == end
   _, schedule, weight = methods.build(cfg, {"w": np.zeros((4, 4), np.float32)})

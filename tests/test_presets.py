@@ -4,6 +4,7 @@ is listed once, and the committed map's runs are still the ones the map preset n
 import hashlib
 import json
 import pathlib
+import re
 import tomllib
 
 import pytest
@@ -17,15 +18,26 @@ FROZEN = json.loads((ROOT / "tests/data/presets_frozen.json").read_text())
 MAP = ROOT / "experiments/results/map"
 
 
+#: The presets that keep the committed records' fixed transition (issue 32).
+PINNED = ("map", "full")
+
+
 def _frozen(name: str) -> dict:
-  """The capture, with the one deliberate change since: no distillation methods in the
-  transfer regime (the suite refuses them; their teacher's target head is untrained)."""
+  """The capture, with the deliberate changes since: no distillation methods in the
+  transfer regime (the suite refuses them; their teacher's target head is untrained),
+  and VCON's transition rule: ``fixed`` in the presets of the committed records (their
+  runs keep their names), the fitted default elsewhere (``vcon-fitQ20``)."""
   frozen = FROZEN["presets"][name]
+  rule = "fixed" if name.split("/")[1] in PINNED else "fitted"
   suites = [{**s, "methods": [m for m in s["methods"]
                               if not method_registry.REGISTRY[m].distill]}
             if s["config"]["regime"] == "transfer" else s for s in frozen["suites"]]
+  suites = [{**s, "config": {**s["config"], "transition_rule": rule}} for s in suites]
   jobs = [j for j in frozen["jobs"]
           if not (j[1].startswith("transfer/") and "-distill" in j[1].split("/")[3])]
+  if rule == "fitted":
+    jobs = [[j[0], re.sub(r"/(vcon(-distill)?)-Q", r"/\1-fitQ", j[1]), *j[2:]]
+            for j in jobs]
   return {**frozen, "suites": suites, "jobs": jobs}
 
 
@@ -66,7 +78,9 @@ def test_jobs_are_the_frozen_jobs_each_run_once(base_name, preset):
   first = {}
   for job in _frozen(f"{base_name}/{preset}")["jobs"]:
     first.setdefault((job[0], job[1]), job)
-  assert jobs == list(first.values())
+  # VCON's configs now name their transition rule: their hashes changed on purpose
+  beta = lambda j: [j[0], j[1], None] if "/vcon" in j[1] else j  # noqa: E731
+  assert [beta(j) for j in jobs] == [beta(j) for j in first.values()]
   assert len({(j[0], j[1]) for j in jobs}) == len(jobs)
 
 

@@ -25,7 +25,7 @@ def test_run_names_carry_budget_regime_and_training_options():
            a.replace(regime="transfer").run_name(), a.replace(mixup=1.0).run_name(),
            a.replace(augment=True).run_name(), a.replace(lr=3e-3).run_name()}
   assert len(names) == 7
-  assert a.run_name() == "same-task/e4/prune90/vcon-Q20/seed0"
+  assert a.run_name() == "same-task/e4/prune90/vcon-fitQ20/seed0"
   # a dense run is shared by every severity of its budget
   d = runner.resolve(a.replace(method="dense", compression="low-rank"))
   assert d.run_name() == "same-task/e4/dense/seed0"
