@@ -1,0 +1,34 @@
+#!/bin/bash
+# usage: run2.sh SHARD (0 or 1) [WORKDIR]: the rest of the LM map on this machine's dense
+# LM (post-shot and the fixed Q = 20 % paired with the fitted default in every cell, both
+# budgets), and the fitted VCON + distillation for the recovered-share table. After run.sh.
+cd "$(dirname "$0")/../../.."
+PY=.venv/bin/python
+[ -x $PY ] || PY=/work/main/.venv/bin/python
+export PYTHONPATH=$PWD
+W=${2:-/work/expw/w}
+SHARD=$1
+D=experiments/results/fitted_transition
+run() {  # config, seeds, extra options...
+  local cell=$1 seeds=$2; shift 2
+  $PY -m vcon_experiments.cli compare --preset single --config $D/$cell.json --seeds $seeds \
+    --workdir $W --out /tmp/exp/out/fit_$cell --shard $SHARD/2 --no-progress "$@"
+}
+# 0.04 epochs
+for cell in lm_lowrank16 lm_lowrank8 lm_prune50; do
+  run $cell 3 --methods post-shot
+  run $cell 3 --methods vcon --transition-rule fixed
+  run $cell 1 --methods vcon
+done
+run lm_prune2of4 3 --methods post-shot
+run lm_prune2of4 3 --methods vcon --transition-rule fixed
+run lm_quantize3g32 1 --methods vcon
+run lm_quantize4g128 1 --methods vcon vcon-distill
+run lm_quantize2g32 3 --methods vcon-distill
+# 0.16 epochs
+for cell in lm_quantize4g32 lm_prune2of4 lm_lowrank8; do
+  run $cell 3 --methods post-shot --epochs 0.16
+  run $cell 3 --methods vcon --transition-rule fixed --epochs 0.16
+done
+run lm_lowrank8 1 --methods vcon --epochs 0.16
+run lm_prune2of4 1 --methods vcon --epochs 0.16
