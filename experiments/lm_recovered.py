@@ -9,9 +9,10 @@ in test bits per byte, ``dense`` being the pretrained model the fine-tuning star
 100 % is the dense model's quality, 0 % no better than RTN, below 0 worse than RTN.
 
 All three numbers must come from the same dense model and the same test texts. This
-script therefore reads one study, ``experiments/results/lm_baselines`` (one dense LM,
+script therefore reads the studies of one dense LM: ``experiments/results/lm_baselines`` (one dense LM,
 committed as ``runs/<key>/dense/result.json``; the suite's runs of every method there,
-``runs/.../<method>/seed<k>/result.json``), with the RTN of each format measured by
+``runs/.../<method>/seed<k>/result.json``) and the fitted VCON runs of
+``experiments/results/fitted_transition`` (same dense result, checked), with the RTN of each format measured by
 ``experiments/lm_gptq.py`` on the same ``test_limit`` texts as every ``test_bpb``
 (``rtn_ours_bpb``: our quantiser, the start of the QAT / VCON runs). A run's own
 ``compressed_at_start`` is measured on the first ``eval_examples`` texts only; it is used
@@ -36,8 +37,12 @@ import statistics
 STUDY = pathlib.Path(__file__).resolve().parent / "results" / "lm_baselines"
 # the field's comparison, as the suite (and lm_gptq.py) name their run directories
 METHODS = {"gptq": "GPTQ (qwix, no training)", "post-shot": "QAT (post-shot)",
-           "post-shot-distill": "QAT + KD", "vcon-Q20": "VCON",
-           "vcon-distill-Q20": "VCON + KD"}
+           "post-shot-distill": "QAT + KD", "vcon-fitQ20": "VCON (fitted, the default)",
+           "vcon-distill-fitQ20": "VCON + KD (fitted)", "vcon-Q20": "VCON (fixed Q = 20 %)",
+           "vcon-distill-Q20": "VCON + KD (fixed Q = 20 %)"}
+#: The fitted-transition study (issue 32) trained the fitted VCON runs from the same dense
+#: LM; its dense result must equal this study's.
+FITTED = STUDY.parent / "fitted_transition"
 COMPRESSIONS = {"quantize4g128": "int4 g128", "quantize4g32": "int4 g32",
                 "quantize3g32": "int3 g32", "quantize2g32": "int2 g32"}
 RUN = re.compile(r"same-task/e(?P<budget>[\d.]+)/(?P<comp>[^/]+)/(?P<method>[^/]+)/"
@@ -48,16 +53,25 @@ def _stat(xs: list[float]) -> tuple[float, float]:
   return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def collect(study: pathlib.Path = STUDY) -> tuple[float, dict]:
-  """``(dense bpb, {(budget, compression, method): {seed: result}})``."""
-  (dense_path,) = sorted(study.glob("runs/*/dense/result.json"))
-  runs: dict = {}
-  for path in sorted(study.glob("runs/*/same-task/**/result.json")):
-    m = RUN.search(path.as_posix())
-    if m and m["method"] in METHODS and m["comp"] in COMPRESSIONS:
-      runs.setdefault((m["budget"], m["comp"], m["method"]), {})[int(m["seed"])] = \
-          json.loads(path.read_text())
-  return json.loads(dense_path.read_text())["test_bpb"], runs
+def collect(studies=(STUDY, FITTED)) -> tuple[float, dict]:
+  """``(dense bpb, {(budget, compression, method): {seed: result}})`` of the studies
+  trained from one dense LM (refused if their dense results differ)."""
+  dense, runs = None, {}
+  for study in studies:
+    if not study.exists():
+      continue
+    key = sorted(p.parent.parent.name for p in study.glob("runs/*/dense/result.json"))
+    for name in key:
+      d = json.loads((study / "runs" / name / "dense" / "result.json").read_text())["test_bpb"]
+      if dense is not None and d != dense:
+        raise ValueError(f"{study} holds another dense LM ({d} != {dense})")
+      dense = d
+    for path in sorted(study.glob("runs/*/same-task/**/result.json")):
+      m = RUN.search(path.as_posix())
+      if m and m["method"] in METHODS and m["comp"] in COMPRESSIONS:
+        runs.setdefault((m["budget"], m["comp"], m["method"]), {})[int(m["seed"])] = \
+            json.loads(path.read_text())
+  return dense, runs
 
 
 def rtn_of(runs: dict) -> dict:
