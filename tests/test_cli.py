@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import vcon_jax as vj
 from vcon_experiments import cli
 
 TINY = ["--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--train-limit", "1024",
@@ -77,6 +78,11 @@ def test_compare_quick_writes_table_json_plots(tmp_path):
   assert list(out.glob("*.png"))
   run = next((tmp_path / "w").glob("*/same-task/s*/prune90/vcon-fitQ20/seed0"))
   assert (run / "config.json").exists() and list((run / "tensorboard").iterdir())
+  # the default transition is fitted: the run records what it measured and chose
+  fitted = json.loads((run / "result.json").read_text())
+  assert fitted["output_jump"] > 0
+  assert fitted["transition_steps"] == vj.fitted_transition(
+      fitted["output_jump"], fitted["steps"])
   # a second call reuses every finished run: nothing a run writes is written again
   written = lambda: {f: f.stat().st_mtime_ns for f in (tmp_path / "w").rglob("*")
                      if f.is_file() and f.name in ("result.json", "metrics.jsonl")}
