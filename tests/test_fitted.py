@@ -144,3 +144,27 @@ def test_wrap_optax_needs_the_jump(setup):
                         MLP().apply({"params": cparams}, x))
   tx = vj.wrap_optax(optax.sgd(0.1), vj.binarize(), vj.fitted_vanish(100, jump=jump))
   assert tx.init(params) is not None
+
+
+def test_nnx_module_with_batch_norm():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(32, 64, rngs=rngs)
+      self.bn = nnx.BatchNorm(64, rngs=rngs)
+      self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.bn(self.hidden(x))))
+
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(16, 32)).astype(np.float32)
+  batch = {"inputs": x, "labels": rng.integers(0, 10, 16)}
+  module = Net(nnx.Rngs(0))
+  step = vj.make_train_step(module, vj.quantize(bits=2), vj.fitted_vanish(40),
+                            optimizer=optax.sgd(0.01), example=x)
+  state = step.init(batch=batch)
+  assert step.schedule.jump > 0
+  state, metrics = step(state, batch)
+  assert float(metrics["beta"]) == float(vj.linear_vanish(step.schedule.transition_steps)(0))
