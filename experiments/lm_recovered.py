@@ -76,11 +76,15 @@ def collect(studies=(STUDY, FITTED)) -> tuple[float, dict]:
 
 def rtn_of(runs: dict) -> dict:
   """``{(budget, compression): (RTN bpb, on the test texts?)}``: ``rtn_ours_bpb`` of the
-  GPTQ runs (same texts as ``test_bpb``), else the runs' ``compressed_at_start``."""
-  out = {}
-  for (budget, comp, method), seeds in runs.items():
-    if method == "gptq":
-      out[(budget, comp)] = (_stat([r["rtn_ours_bpb"] for r in seeds.values()])[0], True)
+  GPTQ runs of that format (same texts as ``test_bpb``; no training, so any budget),
+  else the runs' ``compressed_at_start``."""
+  out, rtn = {}, {}
+  for (_, comp, method), seeds in runs.items():
+    if method == "gptq":  # RTN needs no training: the same at every budget
+      rtn[comp] = (_stat([r["rtn_ours_bpb"] for r in seeds.values()])[0], True)
+  for budget, comp, _ in runs:
+    if comp in rtn:
+      out[(budget, comp)] = rtn[comp]
   for (budget, comp, method), seeds in runs.items():
     if (budget, comp) not in out and method in ("post-shot", "post-shot-distill"):
       out[(budget, comp)] = (_stat([r["compressed_at_start"] for r in seeds.values()])[0],
