@@ -206,7 +206,7 @@ def plot(rs: list[dict], path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from vcon_jax import _fitted  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(8, 4.8))
+  fig, ax = plt.subplots(figsize=(10, 4.8))
   styles = {"wordnet/lm": ("tab:red", "o"), "fashion_mnist/vit same": ("tab:blue", "s"),
             "fashion_mnist/vit transfer": ("tab:cyan", "D"),
             "wordnet/transformer same": ("tab:green", "^"),
@@ -222,13 +222,15 @@ def plot(rs: list[dict], path: pathlib.Path) -> None:
                label=key)
   handles, labels = ax.get_legend_handles_labels()
   seen = dict(zip(labels, handles))
-  ax.legend(seen.values(), seen.keys(), fontsize=8, loc="upper left")
+  ax.legend(seen.values(), seen.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
   ax.axhline(0, color="gray", lw=0.8)
   for x in (_fitted.JUMP_LOW, _fitted.JUMP_HIGH):
     ax.axvline(x, color="gray", ls="--", lw=0.8)
   ax.axvspan(0, _fitted.JUMP_LOW, color="tab:red", alpha=0.06)
-  ax.text(0.02, -11, "fitted Q = 0\n(post-shot)", fontsize=8)
-  ax.text(_fitted.JUMP_HIGH + 0.02, -11, "fitted Q = 20 %", fontsize=8)
+  where = ax.get_xaxis_transform()  # x in data, y in axes fraction
+  ax.text(0.02, 0.03, "fitted Q = 0\n(post-shot)", fontsize=8, transform=where)
+  ax.text(_fitted.JUMP_HIGH + 0.02, 0.03, "fitted Q = 20 % of the budget", fontsize=8,
+          transform=where)
   ax.set_xlabel("output jump of the compressed model at the start (vj.output_jump)")
   ax.set_ylabel("VCON (fixed Q = 20 %) - post-shot\nin paired standard deviations")
   ax.set_title("What the rule reads, and what the fixed transition gained "
