@@ -9,17 +9,17 @@ in test bits per byte, ``dense`` being the pretrained model the fine-tuning star
 100 % is the dense model's quality, 0 % no better than RTN, below 0 worse than RTN.
 
 All three numbers must come from the same dense model and the same test texts. This
-script therefore reads the studies of one dense LM: ``experiments/results/lm_baselines`` (one dense LM,
-committed as ``runs/<key>/dense/result.json``; the suite's runs of every method there,
+script therefore reads the studies of one dense LM: ``experiments/results/lm_baselines``
+(its ``runs/<key>/dense/result.json``; the suite's runs of every method,
 ``runs/.../<method>/seed<k>/result.json``) and the fitted VCON runs of
-``experiments/results/fitted_transition`` (same dense result, checked), with the RTN of each format measured by
-``experiments/lm_gptq.py`` on the same ``test_limit`` texts as every ``test_bpb``
+``experiments/results/fitted_transition`` (same dense result, checked), with the RTN of
+each format measured by ``experiments/lm_gptq.py`` on the same ``test_limit`` texts as every ``test_bpb``
 (``rtn_ours_bpb``: our quantiser, the start of the QAT / VCON runs). A run's own
 ``compressed_at_start`` is measured on the first ``eval_examples`` texts only; it is used
-(and the row marked) only where no GPTQ run gives the RTN. The older maps
-(``lm_map``, ``levers_study``) were trained from another pretraining of the same LM
-(1.768 vs 1.775 bits per byte: pretraining is not bit-reproducible across machines), so
-they are not mixed in.
+(and the row marked) only where no GPTQ run gives the RTN. ``lm_map``'s 0.04-epoch runs
+come from the same dense LM (they reproduce bit for bit), but its dense row was scored on
+all 11,790 test texts (1.7678) instead of the runs' 4000 (1.7754); its 0.16-epoch runs
+and ``levers_study`` came from other pretrainings. None of them is mixed in.
 
 Mean +- std over the seeds each cell has; a method without committed runs is absent, not
 guessed. Command (seconds, any machine):
