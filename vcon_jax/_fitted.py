@@ -136,9 +136,6 @@ class FittedVanish:
   def __call__(self, count):
     return linear_vanish(self.transition_steps)(count)
 
-  def __hash__(self):  # static in the state: equal when Q is
-    return hash((FittedVanish, self.total_steps, self.jump, self.max_fraction))
-
 
 _UNMEASURED = ("fitted_vanish(total_steps) has no jump yet: give make_train_step's init "
                "a batch (step.init(params, batch=first_batch)) to measure it, or pass "

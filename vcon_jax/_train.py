@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vcon_jax import _checks, _core, _model, _sharding, _trace, _validate
 from vcon_jax._blend import blend_outputs
-from vcon_jax._fitted import FittedVanish, jump_of_step
+from vcon_jax._fitted import FittedVanish, check_measured, jump_of_step
 from vcon_jax._core import TrainState, VconState
 from vcon_jax._losses import Distillation, accuracy, softmax_cross_entropy
 from vcon_jax._schedules import linear_vanish
@@ -152,13 +152,10 @@ class TrainStep:
 
   def _init_fitted(self, params, seed, batch) -> TrainState:
     if batch is None:
-      raise ValueError("this step's schedule is fitted_vanish(total_steps) with no jump "
-                       "yet: pass a training batch, step.init(params, batch=first_batch), "
-                       "to measure it.")
+      check_measured(self.schedule)  # no jump and no batch to measure it on
     self.check_batch(batch, training=False)
-    unmeasured = dataclasses.replace(self.schedule, jump=None)
     probe = self._init(params, seed, schedule=linear_vanish(0))
-    fitted = unmeasured.measured(jump_of_step(self, probe, batch))
+    fitted = self.schedule.measured(jump_of_step(self, probe, batch))
     if fitted != self.schedule:
       self._jitted.clear()  # compiled with another transition
     self.schedule = fitted
