@@ -77,9 +77,8 @@ def classifier_runs() -> dict:
     for root in (RESULTS / study / "runs").iterdir():
       if root.name.startswith("wordnet-lm"):
         continue
-      model = root.name.rsplit("-", 1)[0]  # fashion_mnist-vit-same-task
       for (budget, comp, method), seeds in _runs(root).items():
-        runs.setdefault((model, budget, comp), {})[method] = seeds
+        runs.setdefault((root.name, budget, comp), {})[method] = seeds
   return runs
 
 
@@ -102,12 +101,20 @@ def _identity(cell: dict, how: str) -> bool | None:
   return _metric(cell[FITTED][0]) == _metric(cell[ref][0])
 
 
+def _measured() -> dict:
+  """``{cell's run directory (data key/regime/budget/compression): [measurements]}``."""
+  out: dict = {}
+  for entries in json.loads((OUT / "jumps.json").read_text()).values():
+    for e in entries:
+      out.setdefault(e["cell"], []).append(e)
+  return out
+
+
 def rows() -> list[dict]:
-  jumps = json.loads((OUT / "jumps.json").read_text())
+  measured = _measured()
   out = []
   lm = lm_runs()
-  cells = sorted({(b, c) for b, c, _ in lm},
-                 key=lambda bc: (float(bc[0]), list(_SEVERITY).index(bc[1])))
+  cells = sorted({(b, c) for b, c, _ in lm}, key=lambda bc: (float(bc[0]), ORDER.index(bc[1])))
   for budget, comp in cells:
     cell = {m: seeds for (b, c, m), seeds in lm.items() if (b, c) == (budget, comp)}
     if POST not in cell or (FIXED not in cell and FITTED not in cell):
@@ -117,44 +124,36 @@ def rows() -> list[dict]:
     q_fitted = [r["transition_steps"] for r in fitted.values()]
     j = [r["output_jump"] for r in fitted.values()]
     if not fitted:  # not run: the measured Q of the map cell
-      match = [v for k, v in jumps.items() if k.startswith("lm_map|") and
-               _lm_cell_matches(k, budget, comp)]
-      q_fitted = [v["transition_steps"] for m in match for v in m]
-      j = [v["output_jump"] for m in match for v in m]
+      match = measured.get(f"{LM_KEY}/same-task/e{budget}/{comp}", [])
+      q_fitted = [v["transition_steps"] for v in match]
+      j = [v["output_jump"] for v in match]
     after, how = _after(cell, q_fitted, round(0.2 * steps))
     out.append(_row("wordnet/lm same-task", budget, comp, steps, j, q_fitted, cell,
                     after, how, "bits per byte"))
   order = lambda kv: (kv[0][0], float(kv[0][1]), kv[0][2])  # noqa: E731
-  for (model, budget, comp), cell in sorted(classifier_runs().items(), key=order):
+  for (key, budget, comp), cell in sorted(classifier_runs().items(), key=order):
     if POST not in cell or FIXED not in cell:
       continue
     steps = next(iter(cell[POST].values()))["steps"]
-    measured = [v for k, vs in jumps.items() for v in vs
-                if v["steps"] == steps and _classifier_matches(k, model, budget, comp)]
-    q_fitted = [v["transition_steps"] for v in measured]
-    j = [v["output_jump"] for v in measured]
+    match = [v for v in measured.get(f"{key}/{_regime(key)}/e{budget}/{comp}", [])
+             if v["steps"] == steps]
+    q_fitted = [v["transition_steps"] for v in match]
+    j = [v["output_jump"] for v in match]
     after, how = _after(cell, q_fitted, round(0.2 * steps))
-    data, arch, regime = model.split("-", 2)
+    data, arch, regime = key.rsplit("-", 1)[0].split("-", 2)
     out.append(_row(f"{data}/{arch} {regime}", budget, comp, steps, j, q_fitted, cell,
                     after, how, "points"))
   return out
 
 
-_SEVERITY = {"quantize4g128": "4-bit g128", "quantize4g32": "4-bit g32",
-             "quantize3g32": "3-bit g32", "prune50": "prune 50%", "prune2of4": "prune 2:4",
-             "quantize2g32": "2-bit g32", "binarize": "binary", "units50": "units 50%",
-             "lowrank16": "rank 16", "lowrank8": "rank 8", "prune90": "prune 90%",
-             "prune98": "prune 98%", "lowrank4": "rank 4"}
+#: The LM cells in the table's order (run-directory compression names).
+ORDER = ("quantize4g128", "quantize4g32", "quantize3g32", "prune50", "prune2of4",
+         "quantize2g32", "binarize", "units50", "lowrank16", "lowrank8")
 
 
-def _lm_cell_matches(key: str, budget: str, comp: str) -> bool:
-  return f" {_SEVERITY.get(comp, comp)} {float(budget):g} ep" in key
-
-
-def _classifier_matches(key: str, model: str, budget: str, comp: str) -> bool:
-  data, arch, *regime = model.split("-")
-  return (f"{data}/{arch} {'-'.join(regime)} {_SEVERITY[comp]} {float(budget):g} ep"
-          in key)
+def _regime(key: str) -> str:
+  """``same-task`` or ``transfer`` of a data key (``fashion_mnist-vit-same-task-781319``)."""
+  return key.rsplit("-", 1)[0].split("-", 2)[2]
 
 
 def _row(model, budget, comp, steps, j, q_fitted, cell, after, how, unit) -> dict:

@@ -32,9 +32,7 @@ def jump_of(cfg: Config, root: pathlib.Path) -> tuple[float, int]:
   loss_fn = tasks.token_loss if tasks.is_lm(cfg) else None
   step = vj.make_train_step(model, transform, schedule,
                             training.optimizer(cfg.lr, cfg.steps), loss_fn=loss_fn)
-  first = tasks.finetune_batch(cfg, tasks.batch_at(train, 0, cfg.batch_size, cfg.seed), 0,
-                               cfg.seed)
-  step.init(batch=first)
+  step.init(batch=runner.first_batch(cfg, train))
   return step.schedule.jump, step.schedule.transition_steps
 
 
@@ -53,9 +51,11 @@ def main() -> None:
       for seed in range(args.seeds):
         jump, q = jump_of(cfg.replace(seed=seed), root)
         steps = runner.resolve(cfg).steps
+        # the run directory of the cell without method and seed, as fitted_table.py reads it
+        cell = "/".join([compare.data_key(cfg), *runner.resolve(cfg).run_name().split("/")[:3]])
         out.setdefault(f"{preset}|{name}", []).append(
             {"seed": seed, "output_jump": jump, "transition_steps": q, "steps": steps,
-             "fixed_steps": int(round(cfg.transition * steps))})
+             "fixed_steps": int(round(cfg.transition * steps)), "cell": cell})
         print(f"{preset:9s} {name:45s} seed {seed}: jump {jump:.3f} -> Q {q} of {steps}",
               flush=True)
   pathlib.Path(args.out).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")

@@ -49,6 +49,13 @@ def metrics_of(cfg: Config, root) -> list[dict]:
   return RunDir(pathlib.Path(root) / cfg.run_name(), cfg.to_dict()).metrics()
 
 
+def first_batch(cfg: Config, train) -> dict:
+  """The batch of the run's first step (seed ``cfg.seed``), on which a fitted transition
+  measures the jump."""
+  return tasks.finetune_batch(cfg, tasks.batch_at(train, 0, cfg.batch_size, cfg.seed), 0,
+                              cfg.seed)
+
+
 def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool = True,
                        on_nonfinite: str = "stop") -> dict:
   """One whole run: fine-tunes the dense model into the compressed one with ``cfg.method``
@@ -84,9 +91,7 @@ def train_and_evaluate(cfg: Config, root: str | os.PathLike, *, progress: bool =
         methods.transition_end(cfg) if cfg.lr_schedule == "restart" else 0),
                               loss_fn=loss_fn, seed=cfg.seed,
                               skip_nonfinite=on_nonfinite == "skip")
-    first = tasks.finetune_batch(cfg, tasks.batch_at(train, 0, cfg.batch_size, cfg.seed),
-                                 0, cfg.seed)
-    state = step.init(batch=first)  # a fitted_vanish schedule measures the jump here
+    state = step.init(batch=first_batch(cfg, train))  # fitted_vanish measures the jump
     fitted = step.schedule if isinstance(step.schedule, vj.FittedVanish) else None
     if fitted is not None and progress:
       print(f"{cfg.run_name()}: {fitted.describe()}")
