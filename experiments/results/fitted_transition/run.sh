@@ -3,18 +3,8 @@
 # it changes a run, on the dense models of this machine. Both shards share the workdir.
 # Copy the committed runs this reuses into WORKDIR first (see README.md). Run from a
 # worktree at a fixed commit; experiments/fitted_table.py reads the runs.
-cd "$(dirname "$0")/../../.."
-PY=.venv/bin/python
-[ -x $PY ] || PY=/work/main/.venv/bin/python
-export PYTHONPATH=$PWD
-W=${2:-/work/expw/w}
-SHARD=$1
-D=experiments/results/fitted_transition
-run() {  # config, seeds, extra options...
-  local cell=$1 seeds=$2; shift 2
-  $PY -m vcon_experiments.cli compare --preset single --config $D/$cell.json --seeds $seeds \
-    --workdir $W --out /tmp/exp/out/fit_$cell --shard $SHARD/2 --no-progress "$@"
-}
+STUDY=fitted_transition SHARD=$1 W=${2:-/work/expw/w}
+source "$(dirname "$0")/../study.sh"
 # 1. where the fitted Q is 20 % (every classifier cell): the same run as 0.3's vcon-Q20
 run vit_prune90 1 --methods vcon
 # 2. where it is 0 (int4, 2:4): the post-shot run, bit for bit

@@ -2,18 +2,8 @@
 # usage: run2.sh SHARD (0 or 1) [WORKDIR]: the rest of the LM map on this machine's dense
 # LM (post-shot and the fixed Q = 20 % paired with the fitted default in every cell, both
 # budgets), and the fitted VCON + distillation for the recovered-share table. After run.sh.
-cd "$(dirname "$0")/../../.."
-PY=.venv/bin/python
-[ -x $PY ] || PY=/work/main/.venv/bin/python
-export PYTHONPATH=$PWD
-W=${2:-/work/expw/w}
-SHARD=$1
-D=experiments/results/fitted_transition
-run() {  # config, seeds, extra options...
-  local cell=$1 seeds=$2; shift 2
-  $PY -m vcon_experiments.cli compare --preset single --config $D/$cell.json --seeds $seeds \
-    --workdir $W --out /tmp/exp/out/fit_$cell --shard $SHARD/2 --no-progress "$@"
-}
+STUDY=fitted_transition SHARD=$1 W=${2:-/work/expw/w}
+source "$(dirname "$0")/../study.sh"
 # 0.04 epochs
 for cell in lm_lowrank16 lm_lowrank8 lm_prune50; do
   run $cell 3 --methods post-shot
